@@ -1,0 +1,3 @@
+from makeusrich.cli import main
+
+main()

@@ -1,0 +1,61 @@
+"""The FastAPI application: ``create_app(settings)``.
+
+The lifespan opens the Redis store and starts the live-event broadcaster; both are kept on
+``app.state`` next to the Settings and reached through :mod:`makeusrich.api.deps`.
+"""
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from redis.exceptions import RedisError
+
+from makeusrich import __version__
+from makeusrich.api.broadcast import Broadcaster
+from makeusrich.api.routes import candles, health, predictions, stream
+from makeusrich.core.errors import ConfigError
+from makeusrich.core.settings import Settings
+from makeusrich.core.store import RedisStore
+
+__all__ = ["create_app"]
+
+log = logging.getLogger(__name__)
+
+
+async def _storage_unavailable(request: Request, exc: Exception) -> JSONResponse:
+    log.warning("redis error serving %s: %r", request.url.path, exc)
+    return JSONResponse({"detail": f"storage unavailable: {exc}"}, status_code=503)
+
+
+def create_app(settings: Settings) -> FastAPI:
+    """Build the app for ``settings`` (``redis_url`` must be set)."""
+    if not settings.redis_url:
+        raise ConfigError("the API needs redis_url; pass --redis-url or set MUR_REDIS_URL")
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        store = RedisStore.from_settings(settings)
+        broadcaster = Broadcaster(store, queue_max=settings.sse_client_queue_max)
+        await broadcaster.start()
+        app.state.store = store
+        app.state.broadcaster = broadcaster
+        try:
+            yield
+        finally:
+            await broadcaster.stop()
+            await store.aclose()
+
+    app = FastAPI(
+        title="make-us-rich",
+        version=__version__,
+        description="Closed candles and next-candle forecasts, over REST and Server-Sent Events.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.add_exception_handler(RedisError, _storage_unavailable)
+    app.include_router(health.router)
+    for module in (candles, predictions, stream):
+        app.include_router(module.router, prefix="/v1")
+    return app

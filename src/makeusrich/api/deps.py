@@ -1,0 +1,182 @@
+"""Request dependencies: the app's Settings/store/broadcaster and validated query values.
+
+Everything comes from ``app.state`` (filled by :func:`makeusrich.api.app.create_app`), so
+handlers never read the environment.
+"""
+
+from dataclasses import dataclass
+from typing import Annotated, Final, cast
+
+from fastapi import Depends, HTTPException, Path, Query, Request
+from fastapi.exceptions import RequestValidationError
+
+from makeusrich.api.broadcast import Broadcaster
+from makeusrich.core.intervals import SUPPORTED_INTERVALS
+from makeusrich.core.settings import Settings
+from makeusrich.core.store import RedisStore
+
+__all__ = [
+    "DEFAULT_LIMIT",
+    "BroadcasterDep",
+    "IntervalDep",
+    "LimitDep",
+    "OptionalIntervalDep",
+    "SettingsDep",
+    "StoreDep",
+    "SymbolDep",
+    "SymbolsDep",
+    "TimeRange",
+    "TimeRangeDep",
+    "all_symbols",
+    "check_interval",
+    "check_symbol",
+]
+
+DEFAULT_LIMIT: Final = 500
+
+
+def _settings(request: Request) -> Settings:
+    return cast(Settings, request.app.state.settings)
+
+
+def _store(request: Request) -> RedisStore:
+    return cast(RedisStore, request.app.state.store)
+
+
+def _broadcaster(request: Request) -> Broadcaster:
+    return cast(Broadcaster, request.app.state.broadcaster)
+
+
+SettingsDep = Annotated[Settings, Depends(_settings)]
+StoreDep = Annotated[RedisStore, Depends(_store)]
+BroadcasterDep = Annotated[Broadcaster, Depends(_broadcaster)]
+
+
+async def all_symbols(settings: Settings, store: RedisStore) -> list[str]:
+    """Configured symbols first, then any other symbol the worker has written."""
+    configured = list(settings.symbols)
+    extra = [symbol for symbol in await store.known_symbols() if symbol not in configured]
+    return configured + extra
+
+
+async def check_symbol(raw: str, settings: Settings, store: RedisStore) -> str:
+    """Upper-cased symbol, or 404 naming the known ones."""
+    symbol = raw.strip().upper()
+    if symbol in settings.symbols:
+        return symbol  # no Redis round trip for the common case
+    known = await all_symbols(settings, store)
+    if symbol not in known:
+        raise HTTPException(404, f"unknown symbol '{symbol}'; known: {', '.join(known)}")
+    return symbol
+
+
+def check_interval(interval: str, settings: Settings) -> str:
+    """422 for an interval Binance/this code does not support, 404 for one not built here."""
+    if interval not in SUPPORTED_INTERVALS:
+        raise HTTPException(
+            422,
+            f"unsupported interval '{interval}'; use one of {', '.join(SUPPORTED_INTERVALS)}",
+        )
+    if interval not in settings.intervals:
+        raise HTTPException(
+            404,
+            f"interval '{interval}' is not built by this service; "
+            f"it builds: {', '.join(settings.intervals)}",
+        )
+    return interval
+
+
+async def _symbol_path(
+    symbol: Annotated[str, Path(description="trading pair, case-insensitive, e.g. BTCUSDT")],
+    settings: SettingsDep,
+    store: StoreDep,
+) -> str:
+    return await check_symbol(symbol, settings, store)
+
+
+async def _symbols_query(
+    settings: SettingsDep,
+    store: StoreDep,
+    symbols: Annotated[
+        str | None,
+        Query(description="comma-separated symbols, case-insensitive; default: all known"),
+    ] = None,
+) -> tuple[str, ...] | None:
+    if symbols is None or not symbols.strip():
+        return None
+    wanted = dict.fromkeys(part.strip() for part in symbols.split(",") if part.strip())
+    return tuple([await check_symbol(part, settings, store) for part in wanted])
+
+
+def _interval_query(
+    settings: SettingsDep,
+    interval: Annotated[
+        str | None,
+        Query(description="candle interval, e.g. 1m; default: the first configured one"),
+    ] = None,
+) -> str:
+    return settings.intervals[0] if interval is None else check_interval(interval, settings)
+
+
+def _optional_interval_query(
+    settings: SettingsDep,
+    interval: Annotated[
+        str | None, Query(description="only events of this interval; default: all")
+    ] = None,
+) -> str | None:
+    return None if interval is None else check_interval(interval, settings)
+
+
+def _limit_query(
+    request: Request,
+    settings: SettingsDep,
+    limit: Annotated[
+        int, Query(ge=1, description="maximum number of records (at most max_limit, 5000)")
+    ] = DEFAULT_LIMIT,
+) -> int:
+    if "limit" not in request.query_params:
+        return min(limit, settings.max_limit)
+    if limit > settings.max_limit:
+        # The bound comes from Settings at run time, so Query(le=...) cannot express it;
+        # answer exactly like FastAPI's own validation would.
+        raise RequestValidationError(
+            [
+                {
+                    "type": "less_than_equal",
+                    "loc": ("query", "limit"),
+                    "msg": f"Input should be less than or equal to {settings.max_limit}",
+                    "input": request.query_params["limit"],
+                    "ctx": {"le": settings.max_limit},
+                }
+            ]
+        )
+    return limit
+
+
+@dataclass(frozen=True, slots=True)
+class TimeRange:
+    """Inclusive bounds on open_time (epoch ms); None = unbounded."""
+
+    start_ms: int | None
+    end_ms: int | None
+
+
+def _time_range_query(
+    start: Annotated[
+        int | None, Query(ge=0, description="first open_time to include, epoch ms")
+    ] = None,
+    end: Annotated[
+        int | None, Query(ge=0, description="last open_time to include, epoch ms")
+    ] = None,
+) -> TimeRange:
+    if start is not None and end is not None and start > end:
+        raise HTTPException(400, f"start ({start}) is after end ({end})")
+    return TimeRange(start, end)
+
+
+SymbolDep = Annotated[str, Depends(_symbol_path)]
+SymbolsDep = Annotated[tuple[str, ...] | None, Depends(_symbols_query)]
+IntervalDep = Annotated[str, Depends(_interval_query)]
+OptionalIntervalDep = Annotated[str | None, Depends(_optional_interval_query)]
+LimitDep = Annotated[int, Depends(_limit_query)]
+TimeRangeDep = Annotated[TimeRange, Depends(_time_range_query)]

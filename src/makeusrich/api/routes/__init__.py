@@ -1,0 +1,5 @@
+"""One router per resource; :func:`makeusrich.api.app.create_app` mounts them."""
+
+from makeusrich.api.routes import candles, health, predictions, stream
+
+__all__ = ["candles", "health", "predictions", "stream"]

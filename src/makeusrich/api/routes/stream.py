@@ -1,0 +1,186 @@
+"""``GET /v1/stream``: Server-Sent Events of new candles and predictions.
+
+Resuming with ``Last-Event-ID`` delivers exactly the missed events: the client subscribes
+to the broadcaster *first*, then reads the backlog from the Redis events stream, then
+drains live events while skipping every id it has already passed. An event published
+while the backlog is read is thus in the backlog, in the live queue, or both, and is sent
+once.
+"""
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Annotated, Final
+
+import anyio
+from fastapi import APIRouter, Depends, Header, HTTPException, Query
+from redis.exceptions import RedisError
+from sse_starlette import EventSourceResponse, ServerSentEvent
+
+from makeusrich.api.broadcast import Broadcaster, Subscription
+from makeusrich.api.deps import (
+    BroadcasterDep,
+    OptionalIntervalDep,
+    SettingsDep,
+    StoreDep,
+    SymbolsDep,
+)
+from makeusrich.core.store import RedisStore, StoredEvent, parse_stream_id
+
+__all__ = ["EVENT_TYPES", "router"]
+
+log = logging.getLogger(__name__)
+
+router = APIRouter(tags=["stream"])
+
+EVENT_TYPES: Final = ("candle", "prediction")
+_BACKLOG_PAGE: Final = 500
+# A client whose socket accepts nothing for this long is dropped.
+_SEND_TIMEOUT_S: Final = 30.0
+# On server shutdown streams end by themselves (so the response completes cleanly) and
+# are cancelled after this long; it must stay below serve()'s graceful-shutdown timeout.
+_SHUTDOWN_GRACE_S: Final = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class _Filter:
+    symbols: frozenset[str] | None
+    types: frozenset[str]
+    interval: str | None
+
+    def accepts(self, event: StoredEvent) -> bool:
+        return (
+            event.type in self.types
+            and (self.symbols is None or event.symbol in self.symbols)
+            and (self.interval is None or event.interval == self.interval)
+        )
+
+
+def _events_query(
+    events: Annotated[
+        str | None,
+        Query(description="comma-separated event types: candle, prediction; default: both"),
+    ] = None,
+) -> frozenset[str]:
+    if events is None or not events.strip():
+        return frozenset(EVENT_TYPES)
+    wanted = frozenset(part.strip().lower() for part in events.split(",") if part.strip())
+    unknown = sorted(wanted - set(EVENT_TYPES))
+    if unknown:
+        raise HTTPException(
+            422, f"unknown event type '{unknown[0]}'; use one of {', '.join(EVENT_TYPES)}"
+        )
+    return wanted
+
+
+def _sse(event: StoredEvent) -> ServerSentEvent:
+    return ServerSentEvent(data=event.data.decode(), id=event.id, event=event.type)
+
+
+async def _end_on_shutdown(
+    shutdown: anyio.Event, broadcaster: Broadcaster, subscription: Subscription
+) -> None:
+    await shutdown.wait()
+    broadcaster.unsubscribe(subscription)  # its get() now returns None: the stream ends
+
+
+async def _event_stream(
+    store: RedisStore,
+    broadcaster: Broadcaster,
+    event_filter: _Filter,
+    resume_from: str | None,
+    shutdown: anyio.Event,
+) -> AsyncIterator[ServerSentEvent]:
+    subscription = broadcaster.subscribe()
+    watcher = asyncio.create_task(_end_on_shutdown(shutdown, broadcaster, subscription))
+    try:
+        last_key: tuple[int, int] | None = None
+        if resume_from is not None:
+            cursor = resume_from
+            last_key = parse_stream_id(resume_from)
+            while True:
+                try:
+                    page = await store.events_after(cursor, _BACKLOG_PAGE)
+                except RedisError as exc:
+                    # Headers are already sent: end the stream; the client retries later.
+                    log.warning("cannot read the SSE backlog: %r", exc)
+                    return
+                for stored in page:
+                    last_key = stored.key
+                    if event_filter.accepts(stored):
+                        yield _sse(stored)
+                if len(page) < _BACKLOG_PAGE:
+                    break
+                cursor = page[-1].id
+        while True:
+            event = await subscription.get()
+            if event is None:
+                return  # overflowed or shutting down: the client resumes with Last-Event-ID
+            if last_key is not None and event.key <= last_key:
+                continue  # already sent from the backlog
+            last_key = event.key
+            if event_filter.accepts(event):
+                yield _sse(event)
+    finally:
+        watcher.cancel()
+        broadcaster.unsubscribe(subscription)
+
+
+@router.get(
+    "/stream",
+    response_class=EventSourceResponse,
+    responses={
+        200: {
+            "content": {"text/event-stream": {}},
+            "description": "SSE: `id` = events-stream id, `event` = candle|prediction, "
+            "`data` = the record JSON",
+        },
+        400: {"description": "malformed Last-Event-ID"},
+        404: {"description": "unknown symbol, or interval not built here"},
+        503: {"description": "the live-event subscription to Redis is down"},
+    },
+)
+async def stream(
+    settings: SettingsDep,
+    store: StoreDep,
+    broadcaster: BroadcasterDep,
+    symbols: SymbolsDep,
+    interval: OptionalIntervalDep,
+    events: Annotated[frozenset[str], Depends(_events_query)],
+    last_event_id_header: Annotated[
+        str | None, Header(alias="Last-Event-ID", description="resume after this event id")
+    ] = None,
+    last_event_id: Annotated[
+        str | None,
+        Query(description="same as the Last-Event-ID header, for clients that cannot set it"),
+    ] = None,
+) -> EventSourceResponse:
+    """Live events; with ``Last-Event-ID`` first the events missed since that id.
+
+    Heartbeat comments keep idle connections open. Without ``Last-Event-ID`` only events
+    from now on are sent.
+    """
+    # The header wins: a browser reconnecting a `?last_event_id=` URL sends a newer one.
+    resume_from = last_event_id_header or last_event_id
+    if resume_from is not None:
+        try:
+            parse_stream_id(resume_from)
+        except ValueError as exc:
+            raise HTTPException(400, f"invalid Last-Event-ID: {exc}") from exc
+        resume_from = resume_from.strip()
+    if not broadcaster.ready:
+        raise HTTPException(503, "live events unavailable: the Redis subscription is down")
+    event_filter = _Filter(
+        symbols=None if symbols is None else frozenset(symbols),
+        types=events,
+        interval=interval,
+    )
+    shutdown = anyio.Event()
+    return EventSourceResponse(
+        _event_stream(store, broadcaster, event_filter, resume_from, shutdown),
+        ping=settings.sse_heartbeat_s,
+        send_timeout=_SEND_TIMEOUT_S,
+        shutdown_event=shutdown,
+        shutdown_grace_period=_SHUTDOWN_GRACE_S,
+    )

@@ -1,0 +1,76 @@
+"""Every Redis key and Kafka topic name, in one place.
+
+Redis (``{p}`` is ``Settings.redis_prefix``, ``mur`` by default):
+
+- ``{p}:symbols`` — set of symbols the worker has seen.
+- ``{p}:candle:{symbol}:{interval}`` — stream of closed candles; entry id is
+  ``{open_time}-0``, so a re-delivered candle is refused (idempotent writes) and
+  ``XRANGE`` by time needs no index. Field ``d`` holds the JSON record. Capped (MAXLEN ~).
+- ``{p}:prediction:{symbol}:{interval}`` — same, for predictions, id ``{candle_open_time}-0``.
+- ``{p}:latest:candle:{symbol}:{interval}`` / ``{p}:latest:prediction:{symbol}:{interval}``
+  — string with the newest record's JSON.
+- ``{p}:events`` — stream of every candle/prediction event (auto ids); the ids are the SSE
+  event ids, so ``Last-Event-ID`` resumes with ``XRANGE (id +``. Fields ``type``,
+  ``symbol``, ``interval``, ``d``.
+- ``{p}:events:live`` — pub/sub channel carrying ``{id}\\n{type}\\n{symbol}\\n{interval}\\n{d}``
+  for each new event, fanned out to SSE clients by each API process.
+- ``{p}:model`` — hash describing the model the worker serves (version, loaded_at).
+- ``{p}:worker:{worker_id}`` — hash of the worker's counters (trades, candles, predictions,
+  dead_letters, late, duplicates), refreshed every second.
+
+Kafka topics (``{t}`` is ``Settings.topic_prefix``, empty by default): ``{t}trades``
+(keyed by symbol), ``{t}candles``, ``{t}predictions``, ``{t}trades-dlq``.
+"""
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class RedisKeys:
+    prefix: str = "mur"
+
+    @property
+    def symbols(self) -> str:
+        return f"{self.prefix}:symbols"
+
+    @property
+    def events(self) -> str:
+        return f"{self.prefix}:events"
+
+    @property
+    def events_channel(self) -> str:
+        return f"{self.prefix}:events:live"
+
+    @property
+    def model(self) -> str:
+        return f"{self.prefix}:model"
+
+    def worker_stats(self, worker_id: str) -> str:
+        return f"{self.prefix}:worker:{worker_id}"
+
+    def history(self, kind: str, symbol: str, interval: str) -> str:
+        return f"{self.prefix}:{kind}:{symbol}:{interval}"
+
+    def latest(self, kind: str, symbol: str, interval: str) -> str:
+        return f"{self.prefix}:latest:{kind}:{symbol}:{interval}"
+
+
+@dataclass(frozen=True, slots=True)
+class Topics:
+    prefix: str = ""
+
+    @property
+    def trades(self) -> str:
+        return f"{self.prefix}trades"
+
+    @property
+    def candles(self) -> str:
+        return f"{self.prefix}candles"
+
+    @property
+    def predictions(self) -> str:
+        return f"{self.prefix}predictions"
+
+    @property
+    def dead_letter(self) -> str:
+        return f"{self.prefix}trades-dlq"

@@ -1,0 +1,115 @@
+"""The one configuration object. Built once in the entry point and passed down."""
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from makeusrich.core.errors import ConfigError
+from makeusrich.core.intervals import parse_intervals
+from makeusrich.core.keys import RedisKeys, Topics
+
+SourceSpec = str  # "auto" | "binance" | "sim" | "replay:PATH"
+
+
+def _split_csv(value: object) -> object:
+    if isinstance(value, str):
+        return tuple(part.strip() for part in value.split(",") if part.strip())
+    return value
+
+
+class Settings(BaseSettings):
+    """Every option, read from ``MUR_*`` environment variables (or ``.env``) and CLI flags."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="MUR_", env_file=".env", frozen=True, extra="ignore"
+    )
+
+    # Where the services are. None = `mur up` starts embedded ones on free ports.
+    kafka_bootstrap: str | None = None
+    redis_url: str | None = None
+    kafka_port: int | None = Field(default=None, description="embedded broker port")
+    redis_port: int | None = Field(default=None, description="embedded redis-server port")
+
+    # What to follow.
+    symbols: Annotated[tuple[str, ...], NoDecode] = ("BTCUSDT", "ETHUSDT")
+    intervals: Annotated[tuple[str, ...], NoDecode] = ("1m",)
+    source: SourceSpec = "auto"
+    replay_speed: float | None = Field(
+        default=None, description="replay speed multiple of real time; None = as fast as possible"
+    )
+    sim_trades_per_s: float = 20.0
+    sim_seed: int = 7
+
+    # Binance endpoints (overridden by tests to a local fake Binance).
+    binance_ws_url: str = "wss://stream.binance.com:9443"
+    binance_rest_url: str = "https://api.binance.com/api"
+    binance_connect_timeout_s: float = 5.0
+    reconnect_max_backoff_s: float = 30.0
+
+    # Candles.
+    grace_ms: int = 2_000
+
+    # Models.
+    model_dir: Path | None = Field(
+        default=None, description="model version directory or registry; None = bundled model"
+    )
+
+    # Storage.
+    redis_prefix: str = "mur"
+    topic_prefix: str = ""
+    trades_partitions: int = 4
+    history_maxlen: int = 200_000
+    events_maxlen: int = 100_000
+    state_dir: Path = Path(".mur")
+
+    # Worker (Faust). Tansu's group join takes ~30 s with Faust's default timeouts.
+    worker_id: str = "makeusrich"
+    broker_rebalance_timeout_s: float = 5.0
+    broker_session_timeout_s: float = 6.0
+    worker_batch_max: int = 2_000
+    worker_batch_within_s: float = 0.05
+
+    # API.
+    api_host: str = "127.0.0.1"
+    api_port: int = 8000
+    sse_heartbeat_s: float = 15.0
+    sse_client_queue_max: int = 2_000
+    max_limit: int = 5_000
+
+    log_level: str = "INFO"
+
+    @field_validator("symbols", mode="before")
+    @classmethod
+    def _symbols(cls, value: object) -> object:
+        value = _split_csv(value)
+        if isinstance(value, tuple | list):
+            return tuple(str(item).upper() for item in value)
+        return value
+
+    @field_validator("intervals", mode="before")
+    @classmethod
+    def _intervals(cls, value: object) -> object:
+        if isinstance(value, str):
+            return parse_intervals(value)
+        if isinstance(value, tuple | list):
+            return parse_intervals(",".join(str(item) for item in value))
+        return value
+
+    @property
+    def redis_keys(self) -> RedisKeys:
+        return RedisKeys(self.redis_prefix)
+
+    @property
+    def topics(self) -> Topics:
+        return Topics(self.topic_prefix)
+
+    @property
+    def source_kind(self) -> Literal["auto", "binance", "sim", "replay"]:
+        kind = self.source.split(":", 1)[0]
+        if kind not in ("auto", "binance", "sim", "replay"):
+            raise ConfigError(
+                f"unknown source {self.source!r}; use auto, binance, sim or replay:PATH"
+            )
+        return kind  # type: ignore[return-value]

@@ -1,0 +1,185 @@
+"""Event-time OHLCV candles with the exact semantics of Binance klines.
+
+Pure code, no broker: ``CandleBuilder.update(trade)`` folds one trade in, ``closed()``
+hands back the candles that event time has closed since the last call. The Faust agent is
+a thin adapter around this (see ``stream.app``).
+
+Semantics (per symbol and interval):
+
+- ``open_time`` is aligned to the interval in UTC; ``close_time = open_time + interval - 1``.
+- open/close are the first/last trade by trade id (ids increase per symbol on Binance, and the
+  ingestor publishes in id order), high/low the extremes, volume/quote volume the sums,
+  taker-buy volumes the sums over trades whose buyer was the taker (``is_buyer_maker`` false).
+- A candle closes once the watermark (highest ``ts_event`` seen) passes its end plus
+  ``grace_ms``; until then out-of-order trades still land in it.
+- A trade for an already closed candle is *late*: counted and reported to the caller (which
+  dead-letters it), never folded in silently.
+- An interval without trades still yields a candle: open=high=low=close=previous close,
+  zero volume and zero trades.
+"""
+
+import enum
+from typing import Any
+
+from makeusrich.core.intervals import interval_ms as _interval_ms
+from makeusrich.core.schemas import Candle, Source, Trade, now_ms
+
+__all__ = ["CandleBuilder", "UpdateResult"]
+
+
+class UpdateResult(enum.Enum):
+    ACCEPTED = "accepted"
+    DUPLICATE = "duplicate"
+    LATE = "late"
+
+
+class _OpenCandle:
+    """Mutable accumulator; slots keep the per-trade update to a few attribute writes."""
+
+    __slots__ = (
+        "close", "high", "low", "open", "quote_volume", "taker_buy_quote_volume",
+        "taker_buy_volume", "trades", "volume",
+    )
+
+    def __init__(self, price: float) -> None:
+        self.open = self.high = self.low = self.close = price
+        self.volume = self.quote_volume = 0.0
+        self.taker_buy_volume = self.taker_buy_quote_volume = 0.0
+        self.trades = 0
+
+
+class CandleBuilder:
+    """Builds the candles of one symbol at one interval from its trades."""
+
+    def __init__(self, symbol: str, interval: str, grace_ms: int) -> None:
+        self.symbol = symbol
+        self.interval = interval
+        self.interval_ms = _interval_ms(interval)
+        self.grace_ms = grace_ms
+        self.watermark_ms = -1
+        self.last_trade_id = -1
+        self.late_trades = 0
+        self.duplicate_trades = 0
+        self._open: dict[int, _OpenCandle] = {}
+        self._next_open_ms: int | None = None  # open_time of the oldest candle not yet closed
+        self._last_close: float | None = None
+        self._source: Source = "live"
+        self._closed: list[Candle] = []
+
+    def update(self, trade: Trade) -> UpdateResult:
+        """Fold one trade in. Candles it closes are returned by the next ``closed()``."""
+        if trade.trade_id <= self.last_trade_id:
+            self.duplicate_trades += 1
+            return UpdateResult.DUPLICATE
+        self.last_trade_id = trade.trade_id
+        ts = trade.ts_event
+        open_ms = ts - ts % self.interval_ms
+        next_open = self._next_open_ms
+        if next_open is None or open_ms < next_open:
+            if open_ms + self.interval_ms + self.grace_ms <= self.watermark_ms:
+                self.late_trades += 1
+                return UpdateResult.LATE
+            # Earlier than the first candle but still within grace: start the series there.
+            self._next_open_ms = next_open = open_ms
+
+        candle = self._open.get(open_ms)
+        price = trade.price
+        if candle is None:
+            candle = self._open[open_ms] = _OpenCandle(price)
+        elif price > candle.high:
+            candle.high = price
+        elif price < candle.low:
+            candle.low = price
+        candle.close = price
+        candle.volume += trade.qty
+        candle.quote_volume += trade.quote_qty
+        candle.trades += 1
+        if not trade.is_buyer_maker:
+            candle.taker_buy_volume += trade.qty
+            candle.taker_buy_quote_volume += trade.quote_qty
+        self._source = trade.source
+
+        if ts > self.watermark_ms:
+            self.watermark_ms = ts
+            if next_open + self.interval_ms + self.grace_ms <= ts:
+                self._close_until(ts - self.grace_ms)
+        return UpdateResult.ACCEPTED
+
+    def advance(self, ts_event: int) -> None:
+        """Move event time forward without a trade (e.g. an end-of-stream marker's time)."""
+        if ts_event > self.watermark_ms:
+            self.watermark_ms = ts_event
+            self._close_until(ts_event - self.grace_ms)
+
+    def flush(self) -> None:
+        """Close every open candle now (end of a replay)."""
+        if self._open:
+            self._close_until(max(self._open) + self.interval_ms)
+
+    def closed(self) -> list[Candle]:
+        """Candles closed since the last call, oldest first."""
+        out, self._closed = self._closed, []
+        return out
+
+    def _close_until(self, end_ms: int) -> None:
+        """Close every candle whose end (open_time + interval) is <= ``end_ms``."""
+        next_open = self._next_open_ms
+        if next_open is None:
+            return
+        step = self.interval_ms
+        now = now_ms()
+        while next_open + step <= end_ms:
+            self._closed.append(self._finish(next_open, self._open.pop(next_open, None), now))
+            next_open += step
+        self._next_open_ms = next_open
+
+    def _finish(self, open_ms: int, candle: _OpenCandle | None, now: int) -> Candle:
+        close_ms = open_ms + self.interval_ms - 1
+        if candle is None:
+            price = self._last_close
+            assert price is not None, "a series starts at a candle with trades"
+            return Candle(
+                self.symbol, self.interval, open_ms, close_ms, price, price, price, price,
+                0.0, 0.0, 0, 0.0, 0.0, self._source, close_ms, now,
+            )
+        self._last_close = candle.close
+        return Candle(
+            self.symbol, self.interval, open_ms, close_ms, candle.open, candle.high,
+            candle.low, candle.close, candle.volume, candle.quote_volume, candle.trades,
+            candle.taker_buy_volume, candle.taker_buy_quote_volume, self._source, close_ms, now,
+        )
+
+    # Snapshots let a restarted worker resume mid-candle (stored in a Faust table).
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "watermark_ms": self.watermark_ms,
+            "last_trade_id": self.last_trade_id,
+            "late_trades": self.late_trades,
+            "duplicate_trades": self.duplicate_trades,
+            "next_open_ms": self._next_open_ms,
+            "last_close": self._last_close,
+            "source": self._source,
+            "open": {
+                str(open_ms): [getattr(c, name) for name in _OpenCandle.__slots__]
+                for open_ms, c in self._open.items()
+            },
+        }
+
+    @classmethod
+    def restore(
+        cls, symbol: str, interval: str, grace_ms: int, state: dict[str, Any]
+    ) -> "CandleBuilder":
+        builder = cls(symbol, interval, grace_ms)
+        builder.watermark_ms = state["watermark_ms"]
+        builder.last_trade_id = state["last_trade_id"]
+        builder.late_trades = state["late_trades"]
+        builder.duplicate_trades = state["duplicate_trades"]
+        builder._next_open_ms = state["next_open_ms"]
+        builder._last_close = state["last_close"]
+        builder._source = state["source"]
+        for open_ms, values in state["open"].items():
+            candle = _OpenCandle(0.0)
+            for name, value in zip(_OpenCandle.__slots__, values, strict=True):
+                setattr(candle, name, value)
+            builder._open[int(open_ms)] = candle
+        return builder

@@ -1,0 +1,159 @@
+"""Broker-free core of the worker: trades in, closed candles and predictions out.
+
+``TradePipeline`` owns one ``CandleBuilder`` per (symbol, interval) and the recent candles
+the forecaster needs. The Faust agent feeds it decoded messages and ships what
+``drain()`` returns; tests and benchmarks drive it directly.
+"""
+
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+
+from makeusrich.core.schemas import Candle, EndOfStream, Prediction, Trade, now_ms
+from makeusrich.inference import Forecaster, NaiveForecaster
+from makeusrich.stream.candles import CandleBuilder, UpdateResult
+
+__all__ = ["Outputs", "TradePipeline"]
+
+_HISTORY_MIN = 64  # candles kept per series even for small model windows
+
+
+@dataclass
+class Outputs:
+    candles: list[Candle] = field(default_factory=list)
+    predictions: list[Prediction] = field(default_factory=list)
+    late: list[Trade] = field(default_factory=list)
+
+
+class TradePipeline:
+    """Per-symbol candle building and inference for a set of intervals."""
+
+    def __init__(
+        self, intervals: Iterable[str], grace_ms: int, forecaster: Forecaster
+    ) -> None:
+        self.intervals = tuple(intervals)
+        self.grace_ms = grace_ms
+        self.forecaster = forecaster
+        # Until a series has a model's full window, and for intervals the model was not
+        # trained on, the persistence baseline answers (labelled model_version "naive").
+        self._baseline = NaiveForecaster()
+        self.duplicates = 0
+        self._builders: dict[str, tuple[CandleBuilder, ...]] = {}
+        self._history: dict[tuple[str, str], deque[Candle]] = {}
+        self._out = Outputs()
+
+    def _builders_for(self, symbol: str) -> tuple[CandleBuilder, ...]:
+        builders = self._builders.get(symbol)
+        if builders is None:
+            builders = self._builders[symbol] = tuple(
+                CandleBuilder(symbol, interval, self.grace_ms) for interval in self.intervals
+            )
+        return builders
+
+    def process(self, message: Trade | EndOfStream) -> None:
+        """Fold one message in; results accumulate until ``drain()``."""
+        builders = self._builders_for(message.symbol)
+        if isinstance(message, EndOfStream):
+            for builder in builders:
+                builder.advance(message.ts_event)
+                builder.flush()
+                self._collect(builder)
+            return
+        late = duplicate = False
+        for builder in builders:
+            result = builder.update(message)
+            if result is UpdateResult.ACCEPTED:
+                self._collect(builder)
+            elif result is UpdateResult.LATE:
+                late = True
+            else:
+                duplicate = True
+        if late:
+            self._out.late.append(message)
+        if duplicate:
+            self.duplicates += 1
+
+    def _collect(self, builder: CandleBuilder) -> None:
+        closed = builder.closed()
+        if not closed:
+            return
+        key = (builder.symbol, builder.interval)
+        history = self._history.get(key)
+        if history is None:
+            history = self._history[key] = deque(maxlen=self._history_len())
+        for candle in closed:
+            history.append(candle)
+            self._out.candles.append(candle)
+            prediction = self._predict(candle, history)
+            if prediction is not None:
+                self._out.predictions.append(prediction)
+
+    def _history_len(self) -> int:
+        return max(_HISTORY_MIN, self.forecaster.window + 1)
+
+    def _predict(self, candle: Candle, history: deque[Candle]) -> Prediction | None:
+        forecaster: Forecaster = self.forecaster
+        if forecaster.interval not in (None, candle.interval):
+            forecaster = self._baseline
+        recent = list(history)[-(forecaster.window + 1) :]
+        forecast = forecaster.predict(recent)
+        if forecast is None:
+            forecaster = self._baseline
+            forecast = forecaster.predict(recent)
+        if forecast is None:
+            return None
+        made_at = now_ms()
+        step_ms = candle.close_time + 1 - candle.open_time
+        return Prediction(
+            symbol=candle.symbol,
+            interval=candle.interval,
+            candle_open_time=candle.open_time,
+            target_open_time=candle.open_time + step_ms,
+            last_close=candle.close,
+            predicted_close=forecast.predicted_close,
+            lower=forecast.lower,
+            upper=forecast.upper,
+            model_version=forecaster.version,
+            made_at=made_at,
+            source=candle.source,
+            ts_event=candle.close_time,
+            ts_ingest=made_at,
+        )
+
+    @property
+    def has_output(self) -> bool:
+        return bool(self._out.candles or self._out.late)
+
+    def drain(self) -> Outputs:
+        out, self._out = self._out, Outputs()
+        return out
+
+    def late_count(self, symbol: str) -> int:
+        return sum(b.late_trades for b in self._builders.get(symbol, ()))
+
+    # Snapshots of one symbol's state, for the worker's Faust table.
+    def snapshot(self, symbol: str) -> dict[str, Any]:
+        return {
+            "builders": {b.interval: b.snapshot() for b in self._builders_for(symbol)},
+            "history": {
+                interval: msgspec.to_builtins(list(self._history.get((symbol, interval), ())))
+                for interval in self.intervals
+            },
+        }
+
+    def restore(self, symbol: str, state: dict[str, Any]) -> None:
+        saved = state.get("builders", {})
+        self._builders[symbol] = tuple(
+            CandleBuilder.restore(symbol, interval, self.grace_ms, saved[interval])
+            if interval in saved
+            else CandleBuilder(symbol, interval, self.grace_ms)
+            for interval in self.intervals
+        )
+        for interval, candles in state.get("history", {}).items():
+            if interval in self.intervals:
+                self._history[(symbol, interval)] = deque(
+                    msgspec.convert(candles, list[Candle]), maxlen=self._history_len()
+                )

@@ -1,0 +1,10 @@
+"""Offline training of the forecaster: candles in, an ONNX model version directory out.
+
+Importing this package does not import torch; :func:`train` does, and raises
+TrainingError when it is missing.
+"""
+
+from makeusrich.trainer.data import CandleSeries, load_series
+from makeusrich.trainer.train import EXPORT_TOLERANCE, train
+
+__all__ = ["EXPORT_TOLERANCE", "CandleSeries", "load_series", "train"]

@@ -1,0 +1,382 @@
+"""Train the LSTM quantile forecaster on candles and write a model version directory.
+
+``train(data_paths, out_dir)`` reads candles (see :func:`load_series`), builds windows with
+the serving feature code, splits them in time (the last ``validation_fraction`` is
+validation, normalisation is fitted on the training part only), trains with Adam on the
+pinball loss, exports ONNX, checks onnxruntime against torch, measures validation metrics
+with the exported model and writes ``<out_dir>/<version>/{model.onnx,manifest.json}``.
+"""
+
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import msgspec
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+from numpy.typing import NDArray
+
+from makeusrich.core.errors import TrainingError
+from makeusrich.inference.features import (
+    FEATURES,
+    OHLCV_COLUMNS,
+    FloatArray,
+    Normalisation,
+    compute_features,
+    prepare_windows,
+)
+from makeusrich.inference.model import (
+    MANIFEST_FILE,
+    MODEL_FILE,
+    QUANTILES,
+    Architecture,
+    Manifest,
+    NormalisationStats,
+    OnnxForecaster,
+    OnnxIO,
+    TrainingData,
+    naive_log_quantiles,
+    sha256_of,
+)
+from makeusrich.trainer.data import CandleSeries, load_series
+
+if TYPE_CHECKING:
+    from makeusrich.trainer.model import QuantileLSTM
+
+log = logging.getLogger(__name__)
+
+#: Largest accepted |onnxruntime - torch| on validation outputs (log-return units).
+EXPORT_TOLERANCE = 1e-4
+_CLOSE = OHLCV_COLUMNS.index("close")
+_RETURN = FEATURES.index("log_return")
+_CHUNK = 4096  # windows per inference call; bounds memory on long validation sets
+
+
+@dataclass
+class _Part:
+    """Windows of one side of the split, as raw (un-normalised) features."""
+
+    windows: FloatArray
+    target: FloatArray
+    last_close: FloatArray
+    next_close: FloatArray
+    first_target_open_time: int
+
+
+@dataclass
+class _Index:
+    series: CandleSeries
+    features: FloatArray
+    end: NDArray[np.int64]  # feature row of each window's last candle
+
+
+def _window_index(all_series: Sequence[CandleSeries], window: int) -> list[_Index]:
+    # Feature row j describes candle j + 1; a window ending at row j targets row j + 1.
+    indexes = []
+    for series in all_series:
+        features = compute_features(series.ohlcv)
+        count = len(features) - window
+        if count > 0:
+            indexes.append(_Index(series, features, np.arange(window - 1, window - 1 + count)))
+    if not indexes:
+        raise TrainingError(f"too few candles: need more than {window + 2} consecutive ones")
+    return indexes
+
+
+def _gather(indexes: Sequence[_Index], picks: Sequence[NDArray[np.int64]], window: int) -> _Part:
+    windows, target, last_close, next_close, first = [], [], [], [], []
+    for index, ends in zip(indexes, picks, strict=True):
+        if not len(ends):
+            continue
+        view = sliding_window_view(index.features, window, axis=0)  # (rows, features, window)
+        windows.append(view[ends - (window - 1)].transpose(0, 2, 1))
+        target.append(index.features[ends + 1, _RETURN])
+        last_close.append(index.series.ohlcv[ends + 1, _CLOSE])
+        next_close.append(index.series.ohlcv[ends + 2, _CLOSE])
+        first.append(int(index.series.open_time[ends[0] + 2]))
+    if not windows:
+        raise TrainingError("a split side has no windows; pass more candles")
+    return _Part(
+        windows=np.concatenate(windows),
+        target=np.concatenate(target),
+        last_close=np.concatenate(last_close),
+        next_close=np.concatenate(next_close),
+        first_target_open_time=min(first),
+    )
+
+
+def _split(
+    indexes: Sequence[_Index], window: int, validation_fraction: float, stride: int
+) -> tuple[_Part, _Part]:
+    # One cut-off time for all series: training targets lie before it, validation after.
+    end_times = np.concatenate([ix.series.open_time[ix.end + 1] for ix in indexes])
+    cutoff = int(np.quantile(end_times, 1.0 - validation_fraction))
+    train_picks, validation_picks = [], []
+    for ix in indexes:
+        last_time = ix.series.open_time[ix.end + 1]
+        target_time = ix.series.open_time[ix.end + 2]
+        train_picks.append(ix.end[target_time < cutoff][::stride])
+        validation_picks.append(ix.end[last_time >= cutoff])
+    return _gather(indexes, train_picks, window), _gather(indexes, validation_picks, window)
+
+
+def _pinball(quantiles: FloatArray, target: FloatArray) -> float:
+    error = target[:, None] - quantiles
+    levels = np.asarray(QUANTILES)
+    return float(np.mean(np.maximum(levels * error, (levels - 1) * error)))
+
+
+def _metrics(validation: _Part, quantiles: FloatArray) -> dict[str, float]:
+    """Validation metrics of the next close: MAE in quote currency against persistence
+    (``skill`` = 1 - mae / mae_persistence), 80% interval coverage and mean width in basis
+    points, and the pinball loss of the log-return quantiles; ``*_naive`` are the same for
+    the naive forecaster."""
+    quantiles = np.sort(quantiles, axis=1)
+    closes = validation.last_close[:, None] * np.exp(quantiles)
+    lower, predicted, upper = closes[:, 0], closes[:, 1], closes[:, 2]
+    actual, last = validation.next_close, validation.last_close
+    mae = float(np.mean(np.abs(predicted - actual)))
+    mae_persistence = float(np.mean(np.abs(last - actual)))
+    naive = naive_log_quantiles(validation.windows[:, :, _RETURN])
+    naive_closes = last[:, None] * np.exp(naive)
+    return {
+        "mae": mae,
+        "mae_persistence": mae_persistence,
+        "skill": 1.0 - mae / mae_persistence if mae_persistence > 0 else 0.0,
+        "coverage_80": float(np.mean((actual >= lower) & (actual <= upper))),
+        "coverage_80_naive": float(
+            np.mean((actual >= naive_closes[:, 0]) & (actual <= naive_closes[:, 2]))
+        ),
+        "interval_width_bp": float(np.mean((upper - lower) / last) * 1e4),
+        "interval_width_bp_naive": float(
+            np.mean((naive_closes[:, 2] - naive_closes[:, 0]) / last) * 1e4
+        ),
+        "pinball": _pinball(quantiles, validation.target),
+        "pinball_naive": _pinball(naive, validation.target),
+    }
+
+
+def _fit(
+    train_part: _Part,
+    inputs: NDArray[np.float32],
+    *,
+    hidden: int,
+    layers: int,
+    epochs: int,
+    batch_size: int,
+    learning_rate: float,
+    seed: int,
+) -> tuple["QuantileLSTM", float]:
+    import torch
+
+    from makeusrich.trainer.model import QuantileLSTM, pinball_loss
+
+    torch.manual_seed(seed)
+    target = train_part.target.astype(np.float32)
+    scale = float(np.std(target)) or 1.0
+    model = QuantileLSTM(
+        len(FEATURES), hidden, layers, scale, np.quantile(target, QUANTILES).tolist()
+    )
+    optimiser = torch.optim.Adam(model.parameters(), lr=learning_rate)
+    x, y = torch.from_numpy(inputs), torch.from_numpy(target)
+    order = torch.Generator().manual_seed(seed)
+    loss_value = float("nan")
+    for epoch in range(epochs):
+        model.train()
+        total, batches = 0.0, 0
+        for batch in torch.split(torch.randperm(len(x), generator=order), batch_size):
+            # Divided by the scale so the loss (and Adam's steps) are O(1).
+            loss = pinball_loss(model(x[batch]), y[batch]) / scale
+            optimiser.zero_grad()
+            torch.autograd.backward(loss)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimiser.step()
+            total += loss.item()
+            batches += 1
+        loss_value = total / batches
+        log.info("epoch %d/%d: pinball loss %.5f target stds", epoch + 1, epochs, loss_value)
+    model.eval()
+    return model, loss_value
+
+
+def _in_chunks(
+    run: Callable[[NDArray[np.float32]], FloatArray], inputs: NDArray[np.float32]
+) -> FloatArray:
+    return np.concatenate([run(inputs[i : i + _CHUNK]) for i in range(0, len(inputs), _CHUNK)])
+
+
+def _check_export(
+    model: "QuantileLSTM", forecaster: OnnxForecaster, inputs: NDArray[np.float32]
+) -> float:
+    import torch
+
+    def torch_run(batch: NDArray[np.float32]) -> FloatArray:
+        with torch.no_grad():
+            return np.asarray(model(torch.from_numpy(batch)).numpy(), dtype=np.float64)
+
+    # A batch of one as well as full chunks: the exported batch axis must really be dynamic.
+    diff = max(
+        float(np.max(np.abs(_in_chunks(torch_run, part) - _in_chunks(forecaster.run, part))))
+        for part in (inputs[:1], inputs)
+    )
+    if not diff < EXPORT_TOLERANCE:
+        raise TrainingError(
+            f"onnxruntime and torch disagree by {diff:.3g} (limit {EXPORT_TOLERANCE}); "
+            "the ONNX export is wrong, do not ship it"
+        )
+    return diff
+
+
+def _training_data(
+    all_series: Sequence[CandleSeries], train_part: _Part, validation: _Part
+) -> TrainingData:
+    return TrainingData(
+        symbols=tuple(sorted({s.symbol for s in all_series})),
+        interval=all_series[0].interval,
+        first_open_time=min(int(s.open_time[0]) for s in all_series),
+        last_open_time=max(int(s.open_time[-1]) for s in all_series),
+        candles=sum(len(s) for s in all_series),
+        filled_candles=sum(s.filled for s in all_series),
+        train_windows=len(train_part.target),
+        validation_windows=len(validation.target),
+        validation_first_target_open_time=validation.first_target_open_time,
+    )
+
+
+def _write_manifest(directory: Path, manifest: Manifest) -> None:
+    (directory / MANIFEST_FILE).write_bytes(
+        msgspec.json.format(msgspec.json.encode(manifest)) + b"\n"
+    )
+
+
+def train(
+    data_paths: Path | str | Sequence[Path | str],
+    out_dir: Path | str,
+    *,
+    window: int = 30,
+    epochs: int = 10,
+    hidden: int = 32,
+    layers: int = 1,
+    stride: int = 1,
+    batch_size: int = 256,
+    learning_rate: float = 2e-3,
+    validation_fraction: float = 0.15,
+    seed: int = 7,
+    threads: int = 1,
+) -> Path:
+    """Train on candle files and return the new version directory inside ``out_dir``.
+
+    ``data_paths``: files, directories or glob patterns (see :func:`load_series`).
+    ``stride`` keeps every n-th training window (validation keeps all) to trade data for
+    time. Deterministic for a given seed and thread count. Raises :class:`TrainingError`
+    when torch is missing, the data is too short, or the ONNX export does not match torch.
+    """
+    try:
+        import torch
+    except ImportError as exc:
+        raise TrainingError(
+            "training needs torch: pip install 'makeusrich[train]' (torch==2.13.0)"
+        ) from exc
+    from makeusrich.trainer.model import INPUT_NAME, OPSET, OUTPUT_NAME, export_onnx
+
+    if window < 2 or epochs < 1 or stride < 1 or not 0 < validation_fraction < 1:
+        raise TrainingError("need window >= 2, epochs >= 1, stride >= 1, 0 < validation < 1")
+    started = time.perf_counter()
+    all_series = load_series(data_paths)
+    intervals = sorted({s.interval for s in all_series})
+    if len(intervals) != 1:
+        raise TrainingError(f"candles of several intervals {intervals}: train one at a time")
+    train_part, validation = _split(
+        _window_index(all_series, window), window, validation_fraction, stride
+    )
+    normalisation = Normalisation.fit(train_part.windows)
+    train_inputs = prepare_windows(train_part.windows, normalisation)
+    validation_inputs = prepare_windows(validation.windows, normalisation)
+    log.info(
+        "%d training windows, %d validation windows", len(train_inputs), len(validation_inputs)
+    )
+
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        model, train_loss = _fit(
+            train_part,
+            train_inputs,
+            hidden=hidden,
+            layers=layers,
+            epochs=epochs,
+            batch_size=batch_size,
+            learning_rate=learning_rate,
+            seed=seed,
+        )
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        # Build in a hidden directory, then rename: a watcher never sees half a version.
+        staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=out))
+        staging.chmod(0o755)  # mkdtemp's 0700 would hide the model from a service user
+        try:
+            export_onnx(model, staging / MODEL_FILE, window, len(FEATURES))
+            sha256 = sha256_of(staging / MODEL_FILE)
+            created = datetime.now(UTC)
+            manifest = Manifest(
+                version=f"lstm-{created:%Y%m%d-%H%M%S}-{sha256[:8]}",
+                architecture=Architecture(
+                    kind="lstm",
+                    hidden=hidden,
+                    layers=layers,
+                    parameters=sum(p.numel() for p in model.parameters()),
+                ),
+                window=window,
+                features=FEATURES,
+                normalisation=NormalisationStats(mean=normalisation.mean, std=normalisation.std),
+                quantiles=QUANTILES,
+                target="next_log_return",
+                training_data=_training_data(all_series, train_part, validation),
+                metrics={},
+                training={
+                    "epochs": epochs,
+                    "batch_size": batch_size,
+                    "learning_rate": learning_rate,
+                    "stride": stride,
+                    "seed": seed,
+                    "threads": threads,
+                    "final_train_loss": train_loss,
+                    "torch": str(torch.__version__),
+                },
+                sha256=sha256,
+                created_at=created.isoformat(timespec="seconds"),
+                onnx=OnnxIO(input=INPUT_NAME, output=OUTPUT_NAME, opset=OPSET),
+            )
+            _write_manifest(staging, manifest)
+            # Metrics come from the exported model through the serving code path.
+            forecaster = OnnxForecaster(staging)
+            diff = _check_export(model, forecaster, validation_inputs)
+            metrics = _metrics(validation, _in_chunks(forecaster.run, validation_inputs))
+            metrics["onnx_torch_max_abs_diff"] = diff
+            manifest = msgspec.structs.replace(
+                manifest,
+                metrics=metrics,
+                training={
+                    **manifest.training,
+                    "wall_time_s": round(time.perf_counter() - started, 1),
+                },
+            )
+            _write_manifest(staging, manifest)
+            target = out / manifest.version
+            if target.exists():
+                raise TrainingError(f"{target} already exists")
+            os.replace(staging, target)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+    finally:
+        torch.set_num_threads(previous_threads)
+    log.info("wrote %s: %s", target, metrics)
+    return target

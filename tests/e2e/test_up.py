@@ -1,0 +1,193 @@
+"""`mur up` as a user runs it: embedded broker and Redis, a real replay, real HTTP and SSE."""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+from httpx_sse import connect_sse
+
+from makeusrich.core.embedded import free_port
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+DATA = Path(__file__).parent.parent / "data"
+TRADES = DATA / "BTCUSDT-trades-2019-04-01-0000-0029.csv"
+KLINES_1M = DATA / "BTCUSDT-1m-2019-04-01-0000-0029.csv"
+MINUTES = 30
+KLINE_FIELDS = ["open_time", "open", "high", "low", "close", "volume", "close_time",
+                "quote_volume", "trades", "taker_buy_volume", "taker_buy_quote_volume"]
+
+
+@dataclass
+class Running:
+    base_url: str
+    process: subprocess.Popen[bytes]
+    state_dir: Path
+
+
+def _wait_http(url: str, process: subprocess.Popen[bytes], timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        assert process.poll() is None, "mur up exited early"
+        try:
+            if httpx.get(url, timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise AssertionError(f"{url} did not answer within {timeout_s} s")
+
+
+def _pids_with_env(marker: str) -> list[int]:
+    """Processes whose environment holds ``marker`` (our children, if any survived)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if marker.encode() in (entry / "environ").read_bytes():
+                    pids.append(int(entry.name))
+            except OSError:
+                continue
+    return pids
+
+
+@pytest.fixture(scope="module")
+def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
+    state_dir = tmp_path_factory.mktemp("mur-up")
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MUR_")}
+    env["MUR_STATE_DIR"] = str(state_dir)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "makeusrich", "up", "--source", f"replay:{TRADES}",
+         "--speed", "max", "--symbols", "BTCUSDT", "--intervals", "1m,5m",
+         "--api-port", str(port)],
+        env=env, stdin=subprocess.DEVNULL,
+    )
+    try:
+        base = f"http://127.0.0.1:{port}"
+        _wait_http(f"{base}/healthz", process, 60)
+        yield Running(base, process, state_dir)
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            process.wait(30)
+
+
+def _wait_candles(base: str, interval: str, count: int, timeout_s: float = 90) -> list[dict]:
+    deadline = time.monotonic() + timeout_s
+    candles: list[dict] = []
+    while time.monotonic() < deadline:
+        r = httpx.get(f"{base}/v1/candles/BTCUSDT", params={"interval": interval, "limit": 5000})
+        if r.status_code == 200:
+            candles = r.json()
+            if len(candles) >= count:
+                return candles
+        time.sleep(0.5)
+    raise AssertionError(f"only {len(candles)} {interval} candles after {timeout_s} s")
+
+
+def _binance_klines() -> list[dict]:
+    with KLINES_1M.open() as fh:
+        rows = [dict(zip(KLINE_FIELDS, row, strict=False)) for row in csv.reader(fh)]
+    return [{k: (int(v) if k in ("open_time", "close_time", "trades") else float(v))
+             for k, v in row.items()} for row in rows]
+
+
+def _aggregate(klines: list[dict], n: int) -> list[dict]:
+    """Binance's own 1m klines rolled up into n-minute klines (exact for OHLCV sums)."""
+    out = []
+    for i in range(0, len(klines), n):
+        group = klines[i:i + n]
+        out.append({
+            "open_time": group[0]["open_time"], "close_time": group[-1]["close_time"],
+            "open": group[0]["open"], "close": group[-1]["close"],
+            "high": max(k["high"] for k in group), "low": min(k["low"] for k in group),
+            **{f: sum(k[f] for k in group) for f in
+               ("volume", "quote_volume", "trades", "taker_buy_volume",
+                "taker_buy_quote_volume")},
+        })
+    return out
+
+
+def _assert_same(ours: list[dict], binance: list[dict]) -> None:
+    assert [c["open_time"] for c in ours] == [k["open_time"] for k in binance]
+    for mine, theirs in zip(ours, binance, strict=True):
+        for field in KLINE_FIELDS:
+            assert mine[field] == pytest.approx(theirs[field], rel=1e-9, abs=1e-8), (
+                field, mine["open_time"])
+        assert mine["source"] == "replay" and mine["symbol"] == "BTCUSDT"
+
+
+@pytest.mark.parametrize(("interval", "minutes"), [("1m", 1), ("5m", 5)])
+def test_candles_equal_binance_klines(running: Running, interval: str, minutes: int) -> None:
+    expected = _aggregate(_binance_klines(), minutes)
+    candles = _wait_candles(running.base_url, interval, len(expected))
+    _assert_same(candles, expected)
+
+
+def _read_events(base: str, last_id: str, stop_after: int) -> list[tuple[str, str, dict]]:
+    events = []
+    with httpx.Client(timeout=httpx.Timeout(30, read=30)) as client, connect_sse(
+        client, "GET", f"{base}/v1/stream", headers={"Last-Event-ID": last_id},
+    ) as source:
+        for sse in source.iter_sse():
+            events.append((sse.id, sse.event, json.loads(sse.data)))
+            if len(events) >= stop_after:
+                break
+    return events
+
+
+def test_sse_one_prediction_per_closed_candle_and_resume(running: Running) -> None:
+    _wait_candles(running.base_url, "1m", MINUTES)
+    _wait_candles(running.base_url, "5m", MINUTES // 5)
+    total = 2 * (MINUTES + MINUTES // 5)  # a candle and a prediction per closed candle
+    events = _read_events(running.base_url, "0", total)
+    assert len(events) == total
+    for interval, count in (("1m", MINUTES), ("5m", MINUTES // 5)):
+        candles = [d for _, e, d in events if e == "candle" and d["interval"] == interval]
+        predictions = [d for _, e, d in events if e == "prediction" and d["interval"] == interval]
+        assert len(candles) == count
+        assert [p["candle_open_time"] for p in predictions] == [c["open_time"] for c in candles]
+        for p, c in zip(predictions, candles, strict=True):
+            assert p["last_close"] == c["close"] and p["source"] == "replay"
+            assert p["lower"] <= p["predicted_close"] <= p["upper"]
+            assert p["target_open_time"] == c["close_time"] + 1
+    ids = [i for i, _, _ in events]
+    assert len(set(ids)) == len(ids)
+
+    # A client that saw the first k events reconnects with Last-Event-ID: exactly the rest.
+    k = 17
+    resumed = _read_events(running.base_url, ids[k - 1], total - k)
+    assert [i for i, _, _ in resumed] == ids[k:]
+
+
+def test_latest_prediction_and_errors(running: Running) -> None:
+    _wait_candles(running.base_url, "1m", MINUTES)
+    base = running.base_url
+    latest = httpx.get(f"{base}/v1/predictions/BTCUSDT/latest", params={"interval": "1m"})
+    assert latest.status_code == 200
+    assert latest.json()["candle_open_time"] == _binance_klines()[-1]["open_time"]
+    unknown = httpx.get(f"{base}/v1/candles/DOGEBTC", params={"interval": "1m"})
+    assert unknown.status_code == 404 and "DOGEBTC" in unknown.text
+    bad = httpx.get(f"{base}/v1/candles/BTCUSDT", params={"interval": "7m"})
+    assert 400 <= bad.status_code < 500 and "interval" in bad.text
+
+
+def test_sigterm_stops_everything(running: Running) -> None:
+    marker = f"MUR_STATE_DIR={running.state_dir}"
+    assert len(_pids_with_env(marker)) >= 3  # api, worker, ingest (or ingest done)
+    running.process.send_signal(signal.SIGTERM)
+    assert running.process.wait(30) == 0
+    deadline = time.monotonic() + 10
+    while _pids_with_env(marker) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _pids_with_env(marker) == []

@@ -1,0 +1,176 @@
+"""CandleBuilder against a straightforward reference over seeded random trades."""
+
+import itertools
+import random
+from collections import defaultdict
+
+import pytest
+
+from makeusrich.core.schemas import Candle, Trade
+from makeusrich.stream.candles import CandleBuilder, UpdateResult
+
+MIN_MS = 60_000
+
+
+def _trade(trade_id: int, ts: int, price: float, qty: float = 1.0, maker: bool = False) -> Trade:
+    return Trade("BTCUSDT", trade_id, price, qty, price * qty, maker, ts, ts)
+
+
+def _random_trades(seed: int, n: int, jitter_ms: int) -> list[Trade]:
+    """Increasing ids; event times with gaps (whole empty minutes), ties and jitter."""
+    rng = random.Random(seed)
+    ts = 1_700_000_000_000 - 1_700_000_000_000 % MIN_MS + 5_000
+    price = 100.0
+    trades = []
+    for trade_id in range(1, n + 1):
+        step = rng.choice([0, 0, 1, 50, 700, 3_000, 20_000])
+        if rng.random() < 0.02:
+            step = rng.randint(2, 4) * MIN_MS  # gap of several empty minutes
+        ts += step
+        price = round(price * (1 + rng.gauss(0, 0.001)), 2)
+        jitter = -rng.randint(0, jitter_ms) if jitter_ms else 0
+        trades.append(_trade(trade_id, ts + jitter, price, round(rng.uniform(0.001, 2), 6),
+                             rng.random() < 0.5))
+    return trades
+
+
+def _reference(trades: list[Trade], interval_ms: int, grace_ms: int) -> tuple[list[dict], int]:
+    """Plain group-by over the trades that were not late; gaps carry the previous close."""
+    watermark = -1
+    accepted: dict[int, list[Trade]] = defaultdict(list)
+    late = 0
+    for t in trades:
+        open_ms = t.ts_event - t.ts_event % interval_ms
+        if open_ms + interval_ms + grace_ms <= watermark:  # its candle has closed
+            late += 1
+            continue
+        accepted[open_ms].append(t)
+        watermark = max(watermark, t.ts_event)
+    out = []
+    prev_close = None
+    for open_ms in range(min(accepted), max(accepted) + interval_ms, interval_ms):
+        group = sorted(accepted.get(open_ms, []), key=lambda t: t.trade_id)
+        if not group:
+            assert prev_close is not None
+            out.append(dict(open_time=open_ms, open=prev_close, high=prev_close, low=prev_close,
+                            close=prev_close, volume=0.0, trades=0, taker_buy_volume=0.0))
+            continue
+        volume = taker = 0.0
+        for t in group:
+            volume += t.qty
+            if not t.is_buyer_maker:
+                taker += t.qty
+        out.append(dict(
+            open_time=open_ms, open=group[0].price, high=max(t.price for t in group),
+            low=min(t.price for t in group), close=group[-1].price, volume=volume,
+            trades=len(group), taker_buy_volume=taker,
+        ))
+        prev_close = group[-1].price
+    return out, late
+
+
+def _build(trades: list[Trade], interval: str, grace_ms: int) -> tuple[list[Candle], CandleBuilder]:
+    builder = CandleBuilder("BTCUSDT", interval, grace_ms)
+    candles: list[Candle] = []
+    for t in trades:
+        builder.update(t)
+        candles += builder.closed()
+    builder.flush()
+    candles += builder.closed()
+    return candles, builder
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize(("interval", "grace_ms", "jitter_ms"), [
+    ("1m", 0, 0), ("1m", 2_000, 1_500), ("1m", 2_000, 30_000), ("5m", 10_000, 25_000),
+    ("1s", 300, 800),
+])
+def test_matches_reference(seed: int, interval: str, grace_ms: int, jitter_ms: int) -> None:
+    trades = _random_trades(seed, 3_000, jitter_ms)
+    interval_ms = CandleBuilder("X", interval, 0).interval_ms
+    expected, expected_late = _reference(trades, interval_ms, grace_ms)
+    candles, builder = _build(trades, interval, grace_ms)
+    got = [
+        dict(open_time=c.open_time, open=c.open, high=c.high, low=c.low, close=c.close,
+             volume=c.volume, trades=c.trades, taker_buy_volume=c.taker_buy_volume)
+        for c in candles
+    ]
+    assert got == expected
+    assert builder.late_trades == expected_late
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_invariants(seed: int) -> None:
+    trades = _random_trades(seed, 2_000, 1_000)
+    candles, builder = _build(trades, "1m", 2_000)
+    assert builder.late_trades + sum(c.trades for c in candles) == len(trades)
+    for prev, cur in itertools.pairwise(candles):
+        assert cur.open_time == prev.open_time + MIN_MS  # contiguous, no gaps
+        if cur.trades == 0:
+            assert cur.open == cur.high == cur.low == cur.close == prev.close
+    for c in candles:
+        assert c.close_time == c.open_time + MIN_MS - 1
+        assert c.open_time % MIN_MS == 0
+        assert c.low <= min(c.open, c.close) <= max(c.open, c.close) <= c.high
+        assert 0 <= c.taker_buy_volume <= c.volume + 1e-9
+        assert c.quote_volume >= 0
+
+
+def test_equal_timestamps_order_by_trade_id() -> None:
+    ts = 1_700_000_040_000
+    trades = [_trade(1, ts, 10.0), _trade(2, ts, 12.0), _trade(3, ts, 9.0), _trade(4, ts, 11.0)]
+    candles, _ = _build(trades, "1m", 0)
+    (c,) = candles
+    assert (c.open, c.high, c.low, c.close, c.trades) == (10.0, 12.0, 9.0, 11.0, 4)
+
+
+def test_out_of_order_within_grace_lands_in_its_candle() -> None:
+    base = 1_700_000_040_000 - 1_700_000_040_000 % MIN_MS
+    builder = CandleBuilder("BTCUSDT", "1m", 2_000)
+    assert builder.update(_trade(1, base + 59_000, 10.0)) is UpdateResult.ACCEPTED
+    assert builder.update(_trade(2, base + MIN_MS + 500, 11.0)) is UpdateResult.ACCEPTED
+    assert builder.closed() == []  # end + grace not yet passed
+    assert builder.update(_trade(3, base + 59_900, 12.0)) is UpdateResult.ACCEPTED
+    assert builder.update(_trade(4, base + MIN_MS + 2_000, 11.5)) is UpdateResult.ACCEPTED
+    (first,) = builder.closed()
+    assert (first.open_time, first.close, first.high, first.trades) == (base, 12.0, 12.0, 2)
+
+
+def test_late_beyond_grace_is_reported_not_folded() -> None:
+    base = 1_700_000_040_000 - 1_700_000_040_000 % MIN_MS
+    builder = CandleBuilder("BTCUSDT", "1m", 1_000)
+    builder.update(_trade(1, base + 1_000, 10.0))
+    builder.update(_trade(2, base + MIN_MS + 1_000, 11.0))
+    (closed,) = builder.closed()
+    assert builder.update(_trade(3, base + 30_000, 99.0)) is UpdateResult.LATE
+    assert builder.late_trades == 1
+    builder.flush()
+    (second,) = builder.closed()
+    assert closed.high == 10.0 and second.high == 11.0
+
+
+def test_duplicate_trade_ids_are_ignored() -> None:
+    builder = CandleBuilder("BTCUSDT", "1m", 0)
+    t = _trade(7, 1_700_000_040_000, 10.0)
+    assert builder.update(t) is UpdateResult.ACCEPTED
+    assert builder.update(t) is UpdateResult.DUPLICATE
+    builder.flush()
+    (c,) = builder.closed()
+    assert c.trades == 1 and builder.duplicate_trades == 1
+
+
+def test_snapshot_restore_resumes_mid_candle() -> None:
+    trades = _random_trades(11, 1_500, 1_000)
+    whole, _ = _build(trades, "1m", 2_000)
+    builder = CandleBuilder("BTCUSDT", "1m", 2_000)
+    candles: list[Candle] = []
+    for i, t in enumerate(trades):
+        if i % 400 == 0:  # simulate a worker restart from the table snapshot
+            builder = CandleBuilder.restore("BTCUSDT", "1m", 2_000, builder.snapshot())
+        builder.update(t)
+        candles += builder.closed()
+    builder.flush()
+    candles += builder.closed()
+    strip = [(c.open_time, c.open, c.high, c.low, c.close, c.volume, c.trades) for c in candles]
+    assert strip == [(c.open_time, c.open, c.high, c.low, c.close, c.volume, c.trades)
+                     for c in whole]
