@@ -12,7 +12,7 @@ import pytest
 from kafka import KafkaConsumer, TopicPartition
 
 from kit.fake_binance import (
-    BINANCE_TRADES_CSV,
+    BTCUSDT_TRADES_CSV,
     Drop,
     FakeBinance,
     FakeTrade,
@@ -24,8 +24,8 @@ from makeusrich.core.embedded import EmbeddedService, free_port
 from makeusrich.core.errors import IngestError
 from makeusrich.core.schemas import Trade, trade_decoder
 from makeusrich.core.settings import Settings
-from makeusrich.stream.ingest import BinanceIngestor, TradeSink, probe_binance, run_live
-from makeusrich.stream.publisher import TradePublisher, ensure_topics
+from makeusrich.stream.ingest import BinanceIngestor, probe_binance, run_live
+from makeusrich.stream.publisher import TradePublisher, TradeSink, ensure_topics
 from makeusrich.stream.record import record
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -39,6 +39,7 @@ class _CountingSink:
 
     def __init__(self, expected: int, forward_to: TradeSink | None = None) -> None:
         self.trades: list[Trade] = []
+        self.dead_letters: list[str] = []
         self.done = asyncio.Event()
         self._expected = expected
         self._forward_to = forward_to
@@ -49,6 +50,11 @@ class _CountingSink:
         self.trades.append(trade)
         if len(self.trades) >= self._expected:
             self.done.set()
+
+    def dead_letter(self, reason: str, payload: str | bytes, stage: str = "ingest") -> None:
+        if self._forward_to is not None:
+            self._forward_to.dead_letter(reason, payload, stage)
+        self.dead_letters.append(reason)
 
     def flush(self, timeout_s: float = 30.0) -> None:
         if self._forward_to is not None:
@@ -68,7 +74,7 @@ def _settings(fake: FakeBinance, **overrides: Any) -> Settings:
 
 def _market() -> dict[str, list[FakeTrade]]:
     """Real BTCUSDT trades and generated ETHUSDT trades interleaved over the same minutes."""
-    btc = load_trades_csv(BINANCE_TRADES_CSV, "BTCUSDT", 1500)
+    btc = load_trades_csv(BTCUSDT_TRADES_CSV, "BTCUSDT", 1500)
     eth_count = 1200
     eth = generate_trades(
         "ETHUSDT", eth_count, first_id=5_000_000, start_ms=btc[0].time_ms,
@@ -206,7 +212,7 @@ async def test_bad_messages_are_counted_and_large_gaps_backfill_in_pages() -> No
         ingestor = BinanceIngestor(_settings(fake), sink)
         await _ingest_until_done(ingestor, sink)
 
-    assert ingestor.bad_messages == len(garbage)
+    assert ingestor.bad_messages == len(garbage) == len(sink.dead_letters)
     assert ingestor.backfilled == len(skipped)
     assert ingestor.duplicates_skipped == 0
     _assert_exactly_once_in_order(sink.trades, market)

@@ -91,10 +91,14 @@ class FakePublisher:
     sent: list[Trade | EndOfStream] = field(default_factory=list)
     sent_at_s: list[float] = field(default_factory=list)  # time.monotonic() per send
     flushes: int = 0
+    dead_letters: list[tuple[str, str | bytes]] = field(default_factory=list)
 
     def send(self, trade: Trade | EndOfStream) -> None:
         self.sent.append(trade)
         self.sent_at_s.append(time.monotonic())
+
+    def dead_letter(self, reason: str, payload: str | bytes, stage: str = "ingest") -> None:
+        self.dead_letters.append((reason, payload))
 
     def flush(self, timeout_s: float = 30.0) -> None:
         self.flushes += 1

@@ -33,7 +33,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 __all__ = [
-    "BINANCE_TRADES_CSV",
+    "BTCUSDT_TRADES_CSV",
     "Drop",
     "FakeBinance",
     "FakeTrade",
@@ -42,7 +42,8 @@ __all__ = [
     "load_trades_csv",
 ]
 
-BINANCE_TRADES_CSV = Path("/work/shared/data/binance/spot/trades/BTCUSDT-trades-2019-04-01.csv")
+# Real Binance BTCUSDT trades (ids 109344068.., contiguous), copied into tests/data.
+BTCUSDT_TRADES_CSV = Path(__file__).parents[1] / "data" / "BTCUSDT-trades-2019-04-01-0000-0029.csv"
 
 _INVALID_SYMBOL = {"code": -1121, "msg": "Invalid symbol."}
 _BAD_LIMIT = {"code": -1130, "msg": "Data sent for parameter 'limit' is not valid."}

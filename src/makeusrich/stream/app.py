@@ -18,6 +18,7 @@ from typing import Any
 
 import faust
 import msgspec
+from faust.types import EventT
 
 from makeusrich.core.errors import ModelError
 from makeusrich.core.schemas import DeadLetter, EndOfStream, Trade, encode, now_ms, trade_decoder
@@ -30,7 +31,7 @@ __all__ = ["WorkerStats", "create_app", "run_worker"]
 
 log = logging.getLogger(__name__)
 
-_SNAPSHOT_EVERY_S = 1.0  # how stale a symbol's table snapshot may get between candle closes
+_SNAPSHOT_EVERY_S = 1.0  # how often open candles are snapshotted between candle closes
 
 
 class WorkerStats:
@@ -100,8 +101,6 @@ def create_app(settings: Settings, forecaster: Forecaster | None = None) -> faus
                              forecaster or _load_model(settings))
     store = RedisStore.from_settings(settings)
     stats = WorkerStats()
-    restored: set[str] = set()
-    last_snapshot: dict[str, float] = {}
 
     async def dead_letter(reason: str, payload: bytes | str, stage: str = "worker") -> None:
         stats.dead_letters += 1
@@ -133,34 +132,56 @@ def create_app(settings: Settings, forecaster: Forecaster | None = None) -> faus
         await store.client.hset(settings.redis_keys.worker_stats(settings.worker_id),
                                 mapping=stats.as_dict())  # type: ignore[arg-type]
 
+    # Resuming exactly: an event is acked (so its offset may be committed) only once a
+    # snapshot holding its effect is in the changelog; Faust flushes the producer before it
+    # commits. After a crash, unacked events are redelivered and folded into the last
+    # snapshot; the builders drop trade ids they already hold.
+    pending: dict[str, list[EventT[bytes]]] = {}
+    partition_of: dict[str, int] = {}
+    last_sweep = time.monotonic()
+
+    async def save(symbol: str, stream: faust.StreamT[Any]) -> None:
+        snapshot = pipeline.snapshot(symbol)
+        state.data[symbol] = snapshot
+        state.send_changelog(partition_of[symbol], symbol, snapshot)
+        for event in pending.pop(symbol, ()):
+            await stream.ack(event)
+
     @app.agent(trades_topic)
-    async def process(stream: faust.StreamT[bytes]) -> None:
-        async for raw in stream:
+    async def process(stream: faust.Stream[bytes]) -> None:
+        nonlocal last_sweep
+        acks = stream.noack()
+        async for event in acks.events():
+            raw = event.value
             try:
                 message = trade_decoder.decode(raw)
             except (msgspec.DecodeError, msgspec.ValidationError) as exc:
                 await dead_letter(f"undecodable: {exc}", raw)
+                await acks.ack(event)
                 continue
             reason = _invalid_reason(message)
             if reason is not None:
                 await dead_letter(f"invalid: {reason}", raw)
+                await acks.ack(event)
                 continue
             symbol = message.symbol
-            if symbol not in restored:
+            if symbol not in partition_of:
+                partition_of[symbol] = event.message.partition
                 saved = state.get(symbol)
                 if saved:
                     pipeline.restore(symbol, saved)
-                restored.add(symbol)
             stats.trades += 1
             pipeline.process(message)
-            stats.duplicates = pipeline.duplicates
-            closed_any = pipeline.has_output
-            if closed_any:
+            pending.setdefault(symbol, []).append(event)
+            if pipeline.has_output:
                 await ship(pipeline.drain())
+                await save(symbol, acks)
             now = time.monotonic()
-            if closed_any or now - last_snapshot.get(symbol, 0.0) >= _SNAPSHOT_EVERY_S:
-                state[symbol] = pipeline.snapshot(symbol)
-                last_snapshot[symbol] = now
+            if now - last_sweep >= _SNAPSHOT_EVERY_S:
+                last_sweep = now
+                stats.duplicates = pipeline.duplicates
+                for waiting in list(pending):
+                    await save(waiting, acks)
 
     return app
 

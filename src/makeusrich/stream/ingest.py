@@ -14,7 +14,7 @@ import contextlib
 import logging
 import random
 from collections.abc import AsyncGenerator
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 import msgspec
 from aiohttp import ClientError
@@ -27,11 +27,11 @@ from websockets.protocol import State
 from makeusrich.core.errors import IngestError
 from makeusrich.core.schemas import Trade, now_ms
 from makeusrich.core.settings import Settings
+from makeusrich.stream.publisher import TradeSink
 
 __all__ = [
     "BinanceIngestor",
     "CombinedStream",
-    "TradeSink",
     "probe_binance",
     "run_live",
     "stream_url",
@@ -45,14 +45,6 @@ _HISTORY_PAGE_MAX = 1000  # Binance's largest historicalTrades page
 _INVALID_SYMBOL = -1121
 _CONNECT_ERRORS = (OSError, TimeoutError, InvalidHandshake)
 _REST_ERRORS = (ClientError, TimeoutError, BinanceRequestException)
-
-
-class TradeSink(Protocol):
-    """Where trades go: ``TradePublisher`` or anything with the same two methods."""
-
-    def send(self, trade: Trade) -> None: ...
-
-    def flush(self, timeout_s: float = ...) -> None: ...
 
 
 class _WsTrade(msgspec.Struct, frozen=True):
@@ -279,7 +271,8 @@ class BinanceIngestor:
 
     def _reject(self, raw: str | bytes, reason: str) -> None:
         self.bad_messages += 1
-        log.warning("dropping bad Binance message (%s): %.200r", reason, raw)
+        log.warning("dead-lettering bad Binance message (%s): %.200r", reason, raw)
+        self._publisher.dead_letter(reason, raw)
 
     def _publish(self, trade: Trade) -> None:
         self._publisher.send(trade)

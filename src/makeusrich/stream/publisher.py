@@ -6,16 +6,17 @@ re-delivered trades by trade id.
 
 import contextlib
 import logging
+from typing import Protocol
 
 from kafka import KafkaProducer
 from kafka.admin import KafkaAdminClient, NewTopic
 from kafka.errors import KafkaError, TopicAlreadyExistsError
 
 from makeusrich.core.errors import StreamError
-from makeusrich.core.schemas import EndOfStream, Trade, encode
+from makeusrich.core.schemas import DeadLetter, EndOfStream, Trade, encode, now_ms
 from makeusrich.core.settings import Settings
 
-__all__ = ["TradePublisher", "ensure_topics"]
+__all__ = ["TradePublisher", "TradeSink", "ensure_topics"]
 
 log = logging.getLogger(__name__)
 
@@ -47,12 +48,23 @@ def ensure_topics(settings: Settings) -> None:
         admin.close()
 
 
+class TradeSink(Protocol):
+    """Where sources publish: ``TradePublisher``, or an in-memory fake in tests."""
+
+    def send(self, trade: Trade | EndOfStream) -> None: ...
+
+    def dead_letter(self, reason: str, payload: str | bytes, stage: str = "ingest") -> None: ...
+
+    def flush(self, timeout_s: float = 30.0) -> None: ...
+
+
 class TradePublisher:
     """Thin wrapper over KafkaProducer that speaks the pipeline's trade records."""
 
     def __init__(self, settings: Settings) -> None:
         assert settings.kafka_bootstrap, "kafka_bootstrap must be resolved first"
         self._topic = settings.topics.trades
+        self._dead_letter_topic = settings.topics.dead_letter
         self._producer = KafkaProducer(
             bootstrap_servers=settings.kafka_bootstrap,
             acks="all",
@@ -63,14 +75,31 @@ class TradePublisher:
             client_id="mur-ingest",
         )
         self.sent = 0
+        self.failed = 0
 
     def send(self, trade: Trade | EndOfStream) -> None:
-        self._producer.send(self._topic, encode(trade), key=trade.symbol.encode())
+        future = self._producer.send(self._topic, encode(trade), key=trade.symbol.encode())
+        future.add_errback(self._on_send_error)
         self.sent += 1
+
+    def dead_letter(self, reason: str, payload: str | bytes, stage: str = "ingest") -> None:
+        text = payload if isinstance(payload, str) else payload.decode("utf-8", "replace")
+        letter = DeadLetter(reason=reason, payload=text[:10_000], stage=stage, ts_ingest=now_ms())
+        self._producer.send(self._dead_letter_topic, encode(letter)).add_errback(
+            self._on_send_error
+        )
+
+    def _on_send_error(self, exc: BaseException) -> None:
+        self.failed += 1
+        log.error("publishing to Kafka failed after retries: %s", exc)
 
     def flush(self, timeout_s: float = 30.0) -> None:
         self._producer.flush(timeout=timeout_s)
+        if self.failed:
+            raise StreamError(f"{self.failed} records could not be published; see the log")
 
     def close(self) -> None:
-        self._producer.flush()
-        self._producer.close()
+        try:
+            self.flush()
+        finally:
+            self._producer.close()

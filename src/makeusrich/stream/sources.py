@@ -32,16 +32,16 @@ from collections.abc import Iterable, Iterator
 from os import PathLike
 from pathlib import Path
 from random import Random
-from typing import Any, Literal, Protocol, TextIO
+from typing import Any, Literal, TextIO
 
 import msgspec
 
 from makeusrich.core.errors import ConfigError, IngestError, SourceFormatError
 from makeusrich.core.schemas import EndOfStream, Source, Trade, now_ms
 from makeusrich.core.settings import Settings
+from makeusrich.stream.publisher import TradeSink
 
 __all__ = [
-    "TradeSink",
     "read_binance_csv",
     "read_jsonl",
     "read_trades",
@@ -55,15 +55,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 StrPath = str | PathLike[str]
-
-
-class TradeSink(Protocol):
-    """What the drivers publish to: :class:`~makeusrich.stream.publisher.TradePublisher`
-    or an in-memory fake in tests."""
-
-    def send(self, trade: Trade | EndOfStream) -> None: ...
-
-    def flush(self) -> None: ...
 
 
 # --------------------------------------------------------------------------- helpers
