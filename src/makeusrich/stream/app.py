@@ -148,9 +148,9 @@ def create_app(settings: Settings, forecaster: Forecaster | None = None) -> faus
             await stream.ack(event)
 
     @app.agent(trades_topic)
-    async def process(stream: faust.Stream[bytes]) -> None:
+    async def process(stream: faust.StreamT[bytes]) -> None:
         nonlocal last_sweep
-        acks = stream.noack()
+        acks = stream.noack()  # type: ignore[attr-defined]  # Stream has it, StreamT does not
         async for event in acks.events():
             raw = event.value
             try:
