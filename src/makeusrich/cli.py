@@ -55,7 +55,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         value = getattr(args, flag, None)
         if value is not None:
             overrides[field] = value
-    if getattr(args, "speed", "unset") != "unset":
+    if hasattr(args, "speed"):  # absent unless given: None means "max"
         overrides["replay_speed"] = args.speed
     return Settings(**overrides)
 
@@ -65,6 +65,8 @@ def _to_env(settings: Settings) -> dict[str, str]:
     env = {}
     for name, value in settings.model_dump().items():
         if value is None:
+            if name == "replay_speed":
+                env["MUR_REPLAY_SPEED"] = "max"
             continue
         if isinstance(value, tuple | list):
             value = ",".join(str(v) for v in value)

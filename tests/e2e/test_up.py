@@ -1,6 +1,5 @@
 """`mur up` as a user runs it: embedded broker and Redis, a real replay, real HTTP and SSE."""
 
-import csv
 import json
 import os
 import signal
@@ -15,16 +14,12 @@ import httpx
 import pytest
 from httpx_sse import connect_sse
 
+from kit.klines import TRADES_SLICE, aggregate, assert_same_as_binance, binance_klines
 from makeusrich.core.embedded import free_port
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
-DATA = Path(__file__).parent.parent / "data"
-TRADES = DATA / "BTCUSDT-trades-2019-04-01-0000-0029.csv"
-KLINES_1M = DATA / "BTCUSDT-1m-2019-04-01-0000-0029.csv"
 MINUTES = 30
-KLINE_FIELDS = ["open_time", "open", "high", "low", "close", "volume", "close_time",
-                "quote_volume", "trades", "taker_buy_volume", "taker_buy_quote_volume"]
 
 
 @dataclass
@@ -67,7 +62,7 @@ def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MUR_")}
     env["MUR_STATE_DIR"] = str(state_dir)
     process = subprocess.Popen(
-        [sys.executable, "-m", "makeusrich", "up", "--source", f"replay:{TRADES}",
+        [sys.executable, "-m", "makeusrich", "up", "--source", f"replay:{TRADES_SLICE}",
          "--speed", "max", "--symbols", "BTCUSDT", "--intervals", "1m,5m",
          "--api-port", str(port)],
         env=env, stdin=subprocess.DEVNULL,
@@ -95,41 +90,14 @@ def _wait_candles(base: str, interval: str, count: int, timeout_s: float = 90) -
     raise AssertionError(f"only {len(candles)} {interval} candles after {timeout_s} s")
 
 
-def _binance_klines() -> list[dict]:
-    with KLINES_1M.open() as fh:
-        rows = [dict(zip(KLINE_FIELDS, row, strict=False)) for row in csv.reader(fh)]
-    return [{k: (int(v) if k in ("open_time", "close_time", "trades") else float(v))
-             for k, v in row.items()} for row in rows]
-
-
-def _aggregate(klines: list[dict], n: int) -> list[dict]:
-    """Binance's own 1m klines rolled up into n-minute klines (exact for OHLCV sums)."""
-    out = []
-    for i in range(0, len(klines), n):
-        group = klines[i:i + n]
-        out.append({
-            "open_time": group[0]["open_time"], "close_time": group[-1]["close_time"],
-            "open": group[0]["open"], "close": group[-1]["close"],
-            "high": max(k["high"] for k in group), "low": min(k["low"] for k in group),
-            **{f: sum(k[f] for k in group) for f in
-               ("volume", "quote_volume", "trades", "taker_buy_volume",
-                "taker_buy_quote_volume")},
-        })
-    return out
-
-
 def _assert_same(ours: list[dict], binance: list[dict]) -> None:
-    assert [c["open_time"] for c in ours] == [k["open_time"] for k in binance]
-    for mine, theirs in zip(ours, binance, strict=True):
-        for field in KLINE_FIELDS:
-            assert mine[field] == pytest.approx(theirs[field], rel=1e-9, abs=1e-8), (
-                field, mine["open_time"])
-        assert mine["source"] == "replay" and mine["symbol"] == "BTCUSDT"
+    assert_same_as_binance(ours, binance)
+    assert all(c["source"] == "replay" and c["symbol"] == "BTCUSDT" for c in ours)
 
 
 @pytest.mark.parametrize(("interval", "minutes"), [("1m", 1), ("5m", 5)])
 def test_candles_equal_binance_klines(running: Running, interval: str, minutes: int) -> None:
-    expected = _aggregate(_binance_klines(), minutes)
+    expected = aggregate(binance_klines(), minutes)
     candles = _wait_candles(running.base_url, interval, len(expected))
     _assert_same(candles, expected)
 
@@ -175,7 +143,7 @@ def test_latest_prediction_and_errors(running: Running) -> None:
     base = running.base_url
     latest = httpx.get(f"{base}/v1/predictions/BTCUSDT/latest", params={"interval": "1m"})
     assert latest.status_code == 200
-    assert latest.json()["candle_open_time"] == _binance_klines()[-1]["open_time"]
+    assert latest.json()["candle_open_time"] == binance_klines()[-1]["open_time"]
     unknown = httpx.get(f"{base}/v1/candles/DOGEBTC", params={"interval": "1m"})
     assert unknown.status_code == 404 and "DOGEBTC" in unknown.text
     bad = httpx.get(f"{base}/v1/candles/BTCUSDT", params={"interval": "7m"})

@@ -37,7 +37,8 @@ class Settings(BaseSettings):
     intervals: Annotated[tuple[str, ...], NoDecode] = ("1m",)
     source: SourceSpec = "auto"
     replay_speed: float | None = Field(
-        default=None, description="replay speed multiple of real time; None = as fast as possible"
+        default=1.0,
+        description="replay speed as a multiple of real time; 'max' (None) = as fast as possible",
     )
     sim_trades_per_s: float = 20.0
     sim_seed: int = 7
@@ -87,6 +88,11 @@ class Settings(BaseSettings):
         if isinstance(value, tuple | list):
             return tuple(str(item).upper() for item in value)
         return value
+
+    @field_validator("replay_speed", mode="before")
+    @classmethod
+    def _replay_speed(cls, value: object) -> object:
+        return None if value in ("max", "MAX") else value
 
     @field_validator("intervals", mode="before")
     @classmethod

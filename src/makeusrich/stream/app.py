@@ -76,6 +76,9 @@ def create_app(settings: Settings, forecaster: Forecaster | None = None) -> faus
         settings.worker_id,
         broker=f"kafka://{settings.kafka_bootstrap}",
         store="memory://",
+        # Records (and table snapshots) are msgspec JSON already: Faust moves raw bytes.
+        key_serializer="raw",
+        value_serializer="raw",
         topic_partitions=settings.trades_partitions,
         topic_allow_declare=True,
         broker_rebalance_timeout=settings.broker_rebalance_timeout_s,
@@ -88,15 +91,14 @@ def create_app(settings: Settings, forecaster: Forecaster | None = None) -> faus
     )
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     topics = settings.topics
-    # Records are msgspec JSON already: the topics carry raw bytes.
-    raw: dict[str, Any] = {"key_type": bytes, "value_type": bytes, "key_serializer": "raw",
-           "value_serializer": "raw"}
+    raw: dict[str, Any] = {"key_type": bytes, "value_type": bytes}
     trades_topic = app.topic(topics.trades, partitions=settings.trades_partitions, **raw)
     candles_topic = app.topic(topics.candles, **raw)
     predictions_topic = app.topic(topics.predictions, **raw)
     dlq_topic = app.topic(topics.dead_letter, **raw)
+    # symbol -> msgspec JSON snapshot of its candle builders and recent candles
     state = app.Table("candle-state", default=None, partitions=settings.trades_partitions,
-                      key_type=str, value_type=dict)
+                      **raw)
     pipeline = TradePipeline(settings.intervals, settings.grace_ms,
                              forecaster or _load_model(settings))
     store = RedisStore.from_settings(settings)
@@ -141,9 +143,9 @@ def create_app(settings: Settings, forecaster: Forecaster | None = None) -> faus
     last_sweep = time.monotonic()
 
     async def save(symbol: str, stream: faust.StreamT[Any]) -> None:
-        snapshot = pipeline.snapshot(symbol)
-        state.data[symbol] = snapshot
-        state.send_changelog(partition_of[symbol], symbol, snapshot)
+        key, snapshot = symbol.encode(), msgspec.json.encode(pipeline.snapshot(symbol))
+        state.data[key] = snapshot
+        state.send_changelog(partition_of[symbol], key, snapshot)
         for event in pending.pop(symbol, ()):
             await stream.ack(event)
 
@@ -167,9 +169,9 @@ def create_app(settings: Settings, forecaster: Forecaster | None = None) -> faus
             symbol = message.symbol
             if symbol not in partition_of:
                 partition_of[symbol] = event.message.partition
-                saved = state.get(symbol)
+                saved = state.get(symbol.encode())
                 if saved:
-                    pipeline.restore(symbol, saved)
+                    pipeline.restore(symbol, msgspec.json.decode(saved))
             stats.trades += 1
             pipeline.process(message)
             pending.setdefault(symbol, []).append(event)

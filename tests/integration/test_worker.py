@@ -1,0 +1,163 @@
+"""The Faust worker against the real broker and redis-server: restarts and bad input."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import msgspec
+import pytest
+import redis
+from kafka import KafkaConsumer, KafkaProducer
+
+from kit.klines import TRADES_SLICE, assert_same_as_binance, binance_klines
+from makeusrich.cli import _to_env
+from makeusrich.core.embedded import EmbeddedService, kill_with_parent
+from makeusrich.core.schemas import EndOfStream, encode
+from makeusrich.core.settings import Settings
+from makeusrich.stream.publisher import TradePublisher, ensure_topics
+from makeusrich.stream.sources import read_trades
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+@pytest.fixture
+def settings(kafka: EmbeddedService, redis_server: EmbeddedService, tmp_path: Path,
+             request: pytest.FixtureRequest) -> Settings:
+    name = request.node.name.replace("[", "-").replace("]", "")
+    settings = Settings(
+        kafka_bootstrap=kafka.url, redis_url=redis_server.url, topic_prefix=f"{name}-",
+        redis_prefix=name, worker_id=name, state_dir=tmp_path, symbols=("BTCUSDT",),
+        intervals=("1m",), log_level="WARNING",
+    )
+    ensure_topics(settings)
+    return settings
+
+
+@pytest.fixture
+def worker(settings: Settings) -> Iterator[Callable[[], subprocess.Popen[bytes]]]:
+    """Starts `mur worker` processes; all are killed at the end."""
+    started: list[subprocess.Popen[bytes]] = []
+
+    def start() -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "makeusrich", "worker"],
+            env={**os.environ, **_to_env(settings)}, preexec_fn=kill_with_parent,
+        )
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+
+
+def _stats(client: redis.Redis, settings: Settings) -> dict[str, int]:
+    raw = client.hgetall(settings.redis_keys.worker_stats(settings.worker_id))
+    return {k.decode(): int(v) for k, v in raw.items()}
+
+
+def _wait(predicate: Callable[[], bool], what: str, timeout_s: float = 90) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _history(client: redis.Redis, settings: Settings, kind: str) -> list[dict]:
+    key = settings.redis_keys.history(kind, "BTCUSDT", "1m")
+    return [msgspec.json.decode(fields[b"d"]) for _, fields in client.xrange(key)]
+
+
+def test_killed_worker_resumes_with_identical_candles(
+    settings: Settings, worker: Callable[[], subprocess.Popen[bytes]],
+    redis_client: redis.Redis,
+) -> None:
+    trades = list(read_trades(TRADES_SLICE))
+    chunks = [trades[:2500], trades[2500:4500], trades[4500:]]
+    publisher = TradePublisher(settings)
+    stats_key = settings.redis_keys.worker_stats(settings.worker_id)
+    for chunk in chunks[:2]:
+        for trade in chunk:
+            publisher.send(trade)
+        publisher.flush()
+        redis_client.delete(stats_key)
+        proc = worker()
+        # Kill -9 as soon as it has folded trades in: mid-candle, snapshots partly behind.
+        _wait(lambda: _stats(redis_client, settings).get("trades", 0) > 0, "worker to start")
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    for trade in chunks[2]:
+        publisher.send(trade)
+    publisher.send(EndOfStream("BTCUSDT", trades[-1].ts_event, 0, "replay"))
+    publisher.close()
+    proc = worker()
+
+    expected = binance_klines()
+    _wait(lambda: len(_history(redis_client, settings, "candle")) >= len(expected),
+          "all candles after restarts")
+    assert_same_as_binance(_history(redis_client, settings, "candle"), expected)
+    predictions = _history(redis_client, settings, "prediction")
+    assert [p["candle_open_time"] for p in predictions] == [k["open_time"] for k in expected]
+    assert proc.poll() is None
+
+
+def _raw_trade(trade_id: int, ts: int, **fields: object) -> bytes:
+    record = {"kind": "trade", "symbol": "BTCUSDT", "trade_id": trade_id, "price": 100.0,
+              "qty": 1.0, "quote_qty": 100.0, "is_buyer_maker": False, "ts_event": ts,
+              "ts_ingest": ts, "source": "sim", **fields}
+    return msgspec.json.encode(record)
+
+
+def test_malformed_and_late_messages_are_dead_lettered(
+    settings: Settings, worker: Callable[[], subprocess.Popen[bytes]],
+    redis_client: redis.Redis,
+) -> None:
+    t0 = 1_700_000_040_000 - 1_700_000_040_000 % 60_000
+    bad = [
+        b"not json",
+        b'{"kind":"trade","symbol":"BTCUSDT"}',
+        b'{"kind":"order","symbol":"BTCUSDT"}',
+        _raw_trade(5, t0 + 10, price=-1.0),
+        _raw_trade(6, t0 + 10, qty=0.0),
+        b'{"kind":"trade","symbol":"BTCUSDT","trade_id":7,"price":1e400,"qty":1.0,'
+        b'"quote_qty":1.0,"is_buyer_maker":false,"ts_event":1,"ts_ingest":1}',
+        _raw_trade(8, t0 + 10, price="abc"),
+    ]
+    good = [_raw_trade(10, t0 + 1_000), _raw_trade(11, t0 + 61_000, price=101.0),
+            _raw_trade(12, t0 + 65_000, price=102.0)]
+    late = _raw_trade(13, t0 + 30_000, price=999.0)  # its candle closed at t0+62s
+    producer = KafkaProducer(bootstrap_servers=settings.kafka_bootstrap)
+    for message in [*bad, *good, late]:
+        producer.send(settings.topics.trades, message, key=b"BTCUSDT")
+    producer.send(settings.topics.trades, encode(EndOfStream("BTCUSDT", t0 + 65_000, 0)),
+                  key=b"BTCUSDT")
+    producer.flush()
+    producer.close()
+    proc = worker()
+
+    _wait(lambda: len(_history(redis_client, settings, "candle")) >= 2, "candles")
+    _wait(lambda: _stats(redis_client, settings).get("dead_letters", 0) >= len(bad) + 1,
+          "dead-letter counter")
+    stats = _stats(redis_client, settings)
+    assert stats["dead_letters"] == len(bad) + 1 and stats["late"] == 1
+    candles = _history(redis_client, settings, "candle")
+    assert [(c["open"], c["high"], c["trades"]) for c in candles] == [
+        (100.0, 100.0, 1), (101.0, 102.0, 2)]
+
+    consumer = KafkaConsumer(settings.topics.dead_letter,
+                             bootstrap_servers=settings.kafka_bootstrap,
+                             auto_offset_reset="earliest", consumer_timeout_ms=5_000)
+    letters = [msgspec.json.decode(m.value) for m in consumer]
+    consumer.close()
+    assert len(letters) == len(bad) + 1
+    assert sum(letter["reason"].startswith("late") for letter in letters) == 1
+    assert {letter["stage"] for letter in letters} == {"worker"}
+    assert proc.poll() is None  # nothing crashed it
