@@ -40,6 +40,7 @@ from httpx_sse import connect_sse
 from bench.hotpath import measure as measure_hot_path
 from makeusrich.cli import _to_env
 from makeusrich.core.embedded import free_port, start_kafka, start_redis
+from makeusrich.core.errors import MakeUsRichError
 from makeusrich.core.settings import Settings
 from makeusrich.stream.publisher import TradePublisher, ensure_topics
 from makeusrich.stream.sources import run_replay, simulate_trades
@@ -66,6 +67,7 @@ class Throughput:
     worker_measured_trades: int
     worker_measured_s: float
     worker_startup_s: float
+    worker_cpu_pct: float  # of one core, over the measured window
 
 
 @dataclass
@@ -124,6 +126,15 @@ def _check_alive(process: subprocess.Popen[bytes], what: str, log_path: Path) ->
         )
 
 
+def _cpu_s(pid: int) -> float:
+    """CPU seconds (user + system, all threads) a live process has used so far."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError as exc:
+        raise BenchError(f"process {pid} is gone: {exc}") from exc
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _percentile(values: list[float], q: float) -> float:
     """Linear-interpolated percentile, ``q`` in [0, 100]."""
     ordered = sorted(values)
@@ -179,7 +190,7 @@ async def _raw_consume(settings: Settings, expected: int, timeout_s: float) -> t
     consumer.assign([TopicPartition(topic, p) for p in range(settings.trades_partitions)])
     await consumer.start()
     try:
-        count = 0
+        count = first_batch = 0
         first = last = 0.0
         deadline = time.monotonic() + timeout_s
         while count < expected:
@@ -191,18 +202,26 @@ async def _raw_consume(settings: Settings, expected: int, timeout_s: float) -> t
             if got:
                 last = time.perf_counter()
                 if count == 0:
-                    first = last
+                    first, first_batch = last, got
                 count += got
-        return count, last - first
+        # The first batch arrived at `first`: only what came after it took the measured time.
+        return count - first_batch, last - first
     finally:
         await consumer.stop()
 
 
+@dataclass
+class _WorkerRun:
+    trades: int
+    seconds: float
+    startup_s: float
+    cpu_pct: float
+
+
 def _measure_worker(
     settings: Settings, expected: int, tmp: Path, timeout_s: float
-) -> tuple[int, float, float]:
-    """Run the Faust worker over the published topic; returns (trades counted, busy seconds,
-    startup seconds).
+) -> _WorkerRun:
+    """Run the Faust worker over the published topic and measure its busy rate.
 
     The worker refreshes ``trades`` in its Redis hash every second. Each change is observed
     within ``_POLL_S``. The rate is taken from the first nonzero value (subtracted, so
@@ -218,7 +237,8 @@ def _measure_worker(
     launched = time.perf_counter()
     worker = _spawn(["worker"], env, log_path)
     try:
-        changes: list[tuple[float, int]] = []  # (observed at, trades) each time it changed
+        # (observed at, trades, worker CPU seconds) each time the counter changed
+        changes: list[tuple[float, int, float]] = []
         deadline = time.monotonic() + timeout_s
         while not changes or changes[-1][1] < expected:
             _check_alive(worker, "the Faust worker", log_path)
@@ -230,17 +250,17 @@ def _measure_worker(
             now = time.perf_counter()
             trades = int(raw) if raw else 0
             if trades and (not changes or trades != changes[-1][1]):
-                changes.append((now, trades))
+                changes.append((now, trades, _cpu_s(worker.pid)))
             time.sleep(_POLL_S)
     finally:
         _stop(worker)
         client.close()
-    (t0, c0) = changes[0]
+    t0, c0, cpu0 = changes[0]
     busy = changes[:-1] if len(changes) >= 3 else changes
-    t1, c1 = busy[-1]
+    t1, c1, cpu1 = busy[-1]
     if t1 <= t0:
         raise BenchError("the worker finished within one counter refresh; raise --trades")
-    return c1 - c0, t1 - t0, t0 - launched
+    return _WorkerRun(c1 - c0, t1 - t0, t0 - launched, 100.0 * (cpu1 - cpu0) / (t1 - t0))
 
 
 def measure_throughput(n_trades: int, tmp: Path, timeout_s: float) -> Throughput:
@@ -260,7 +280,7 @@ def measure_throughput(n_trades: int, tmp: Path, timeout_s: float) -> Throughput
             print("raw aiokafka consumer ...", flush=True)
             raw_count, raw_s = asyncio.run(_raw_consume(settings, messages, timeout_s))
             print("Faust worker ...", flush=True)
-            counted, busy_s, startup_s = _measure_worker(settings, messages, tmp, timeout_s)
+            worker = _measure_worker(settings, messages, tmp, timeout_s)
         finally:
             redis_server.stop()
     finally:
@@ -269,8 +289,9 @@ def measure_throughput(n_trades: int, tmp: Path, timeout_s: float) -> Throughput
     return Throughput(
         n_trades=n_trades, messages=messages, publish_s=publish_s,
         raw_consume_per_s=raw_rate, raw_consume_s=raw_s,
-        trades_per_s=counted / busy_s, worker_measured_trades=counted,
-        worker_measured_s=busy_s, worker_startup_s=startup_s,
+        trades_per_s=worker.trades / worker.seconds, worker_measured_trades=worker.trades,
+        worker_measured_s=worker.seconds, worker_startup_s=worker.startup_s,
+        worker_cpu_pct=worker.cpu_pct,
     )
 
 
@@ -365,6 +386,7 @@ def _report(
         "worker_measured_trades": throughput.worker_measured_trades,
         "worker_measured_s": round(throughput.worker_measured_s, 3),
         "worker_startup_s": round(throughput.worker_startup_s, 2),
+        "worker_cpu_pct": round(throughput.worker_cpu_pct, 1),
         "samples": latency.samples,
         "close_to_sse_ms_max": round(latency.max_ms, 2),
         "sse_seconds": latency.seconds,
@@ -377,6 +399,7 @@ def _report(
 def _print_summary(result: dict[str, Any], path: Path) -> None:
     rows = [
         ("Faust worker", f"{result['trades_per_s']:,.0f} trades/s"),
+        ("  its CPU while busy", f"{result['worker_cpu_pct']:.0f} % of a core"),
         ("raw aiokafka consumer", f"{result['raw_consume_per_s']:,.0f} msgs/s"),
         ("worker / raw", f"{result['ratio']:.3f}"),
         ("candle close -> SSE p50", f"{result['close_to_sse_ms_p50']:.1f} ms"),
@@ -416,7 +439,7 @@ def main(argv: list[str] | None = None) -> int:
             hot_us = measure_hot_path()["us_per_trade"]
             throughput = measure_throughput(args.trades, tmp, args.timeout)
             latency = measure_latency(args.sse_seconds, args.warmup, tmp, args.timeout)
-    except BenchError as exc:
+    except (BenchError, MakeUsRichError) as exc:
         print(f"bench failed: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

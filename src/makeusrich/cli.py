@@ -28,8 +28,9 @@ __all__ = ["main"]
 
 log = logging.getLogger("makeusrich")
 
-# 30 minutes of real BTCUSDT trades (Binance public data), replayed when Binance is unreachable.
-_BUNDLED_SAMPLE = Path(__file__).parent / "data" / "BTCUSDT-trades-2019-04-01-0000-0029.zip"
+# One hour of real BTCUSDT trades (Binance public data), replayed when Binance is unreachable:
+# long enough for the model's 30-candle window to fill at 1m.
+BUNDLED_SAMPLE = Path(__file__).parent / "data" / "BTCUSDT-trades-2019-04-01-0000-0059.zip"
 
 
 def _speed(text: str) -> float | None:
@@ -107,10 +108,10 @@ async def _ingest(settings: Settings, stop: asyncio.Event) -> None:
                     "!!! Binance is unreachable at %s within %.0f s: REPLAYING the bundled "
                     "sample %s instead. Every record is labelled source=replay. !!!",
                     settings.binance_ws_url, settings.binance_connect_timeout_s,
-                    _BUNDLED_SAMPLE.name,
+                    BUNDLED_SAMPLE.name,
                 )
                 kind = "replay"
-                settings = settings.model_copy(update={"source": f"replay:{_BUNDLED_SAMPLE}"})
+                settings = settings.model_copy(update={"source": f"replay:{BUNDLED_SAMPLE}"})
         if kind == "binance":
             await run_live(settings, publisher, stop)
         elif kind == "sim":
@@ -310,7 +311,7 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--data", nargs="+", required=True, help="kline CSV/zip files or dirs")
     train.add_argument("--out", required=True, help="registry directory for the new version")
     train.add_argument("--window", type=int, default=30)
-    train.add_argument("--epochs", type=int, default=3)
+    train.add_argument("--epochs", type=int, default=10)
     train.set_defaults(func=_cmd_train)
     return parser
 

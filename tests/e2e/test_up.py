@@ -14,12 +14,14 @@ import httpx
 import pytest
 from httpx_sse import connect_sse
 
-from kit.klines import TRADES_SLICE, aggregate, assert_same_as_binance, binance_klines
+from kit.klines import aggregate, assert_same_as_binance, binance_klines
+from makeusrich.cli import BUNDLED_SAMPLE
 from makeusrich.core.embedded import free_port
+from makeusrich.inference import load_forecaster
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
-MINUTES = 30
+MINUTES = 60  # the bundled sample: one hour of real BTCUSDT trades
 
 
 @dataclass
@@ -62,7 +64,7 @@ def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MUR_")}
     env["MUR_STATE_DIR"] = str(state_dir)
     process = subprocess.Popen(
-        [sys.executable, "-m", "makeusrich", "up", "--source", f"replay:{TRADES_SLICE}",
+        [sys.executable, "-m", "makeusrich", "up", "--source", f"replay:{BUNDLED_SAMPLE}",
          "--speed", "max", "--symbols", "BTCUSDT", "--intervals", "1m,5m",
          "--api-port", str(port)],
         env=env, stdin=subprocess.DEVNULL,
@@ -129,6 +131,12 @@ def test_sse_one_prediction_per_closed_candle_and_resume(running: Running) -> No
             assert p["last_close"] == c["close"] and p["source"] == "replay"
             assert p["lower"] <= p["predicted_close"] <= p["upper"]
             assert p["target_open_time"] == c["close_time"] + 1
+        versions = [p["model_version"] for p in predictions]
+        if interval == "1m":  # the bundled LSTM takes over once its 30-candle window is full
+            assert set(versions[:30]) == {"naive"}
+            assert versions[30:] == [load_forecaster().version] * (count - 30)
+        else:  # trained on 1m only: other intervals get the persistence baseline
+            assert set(versions) == {"naive"}
     ids = [i for i, _, _ in events]
     assert len(set(ids)) == len(ids)
 

@@ -8,15 +8,16 @@ import pytest
 
 DATA = Path(__file__).parent.parent / "data"
 TRADES_SLICE = DATA / "BTCUSDT-trades-2019-04-01-0000-0029.csv"
-KLINES_1M_SLICE = DATA / "BTCUSDT-1m-2019-04-01-0000-0029.csv"
+KLINES_1M_SLICE = DATA / "BTCUSDT-1m-2019-04-01-0000-0059.csv"  # 60 rows
 KLINE_FIELDS = ["open_time", "open", "high", "low", "close", "volume", "close_time",
                 "quote_volume", "trades", "taker_buy_volume", "taker_buy_quote_volume"]
 _INTS = ("open_time", "close_time", "trades")
 
 
-def binance_klines(path: Path = KLINES_1M_SLICE) -> list[dict[str, Any]]:
-    with path.open() as fh:
-        rows = [dict(zip(KLINE_FIELDS, row, strict=False)) for row in csv.reader(fh)]
+def binance_klines(minutes: int = 60) -> list[dict[str, Any]]:
+    """Binance's own 1m klines for the first ``minutes`` of 2019-04-01 (at most 60)."""
+    with KLINES_1M_SLICE.open() as fh:
+        rows = [dict(zip(KLINE_FIELDS, row, strict=False)) for row in csv.reader(fh)][:minutes]
     return [{k: (int(v) if k in _INTS else float(v)) for k, v in row.items()} for row in rows]
 
 

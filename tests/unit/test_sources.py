@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-import makeusrich
 from kit.builders import T0_MS, FakePublisher, make_trade, random_trades
+from makeusrich.cli import BUNDLED_SAMPLE
 from makeusrich.core.errors import ConfigError, IngestError, SourceFormatError
 from makeusrich.core.schemas import EndOfStream, Trade
 from makeusrich.core.settings import Settings
@@ -56,7 +56,7 @@ NORMALIZED_LINES = [
 ]
 
 SLICE_TRADES = "BTCUSDT-trades-2019-04-01-0000-0029.csv"
-SLICE_KLINES = "BTCUSDT-1m-2019-04-01-0000-0029.csv"
+SLICE_KLINES = "BTCUSDT-1m-2019-04-01-0000-0059.csv"  # the trades slice covers its first 30
 
 
 def _write(path: Path, lines: list[str]) -> Path:
@@ -314,6 +314,7 @@ def test_data_slice_matches_binance_klines(data_dir: Path) -> None:
     assert ids == list(range(109344068, 109350543))
     assert trades[0].ts_event >= T0_MS and trades[-1].ts_event < T0_MS + 30 * 60_000
     klines = [line.split(",") for line in (data_dir / SLICE_KLINES).read_text().splitlines()]
+    klines = klines[:30]
     assert [int(k[0]) for k in klines] == [T0_MS + i * 60_000 for i in range(30)]
     counts = _minute_counts(trades)
     for kline in klines:
@@ -322,10 +323,15 @@ def test_data_slice_matches_binance_klines(data_dir: Path) -> None:
         assert volume == pytest.approx(float(kline[5]), rel=1e-9)
 
 
-def test_bundled_sample_is_the_test_slice(data_dir: Path) -> None:
-    """`--source auto` replays the package's zipped sample when Binance is unreachable."""
-    bundled = Path(makeusrich.__file__).parent / "data" / (Path(SLICE_TRADES).stem + ".zip")
-    assert list(read_trades(bundled)) == list(read_trades(data_dir / SLICE_TRADES))
+def test_bundled_sample_extends_the_test_slice(data_dir: Path) -> None:
+    """`--source auto` replays the package's hour of trades when Binance is unreachable;
+    its first half is the test slice and its trade counts match Binance's klines."""
+    bundled = list(read_trades(BUNDLED_SAMPLE))
+    head = list(read_trades(data_dir / SLICE_TRADES))
+    assert bundled[: len(head)] == head
+    klines = [line.split(",") for line in (data_dir / SLICE_KLINES).read_text().splitlines()]
+    counts = _minute_counts(bundled)
+    assert [counts[int(k[0])][0] for k in klines] == [int(k[8]) for k in klines]
 
 
 # --------------------------------------------------------------------------- simulator
