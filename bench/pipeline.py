@@ -179,7 +179,8 @@ def _publish(settings: Settings, n_trades: int) -> tuple[int, float]:
 
 async def _raw_consume(settings: Settings, expected: int, timeout_s: float) -> tuple[int, float]:
     """Read the trades topic from the start with a group-less consumer until ``expected``
-    messages arrived; returns (messages, seconds from first to last message)."""
+    messages arrived; returns (messages after the first batch, seconds from the first batch
+    to the last)."""
     assert settings.kafka_bootstrap
     consumer = AIOKafkaConsumer(
         bootstrap_servers=settings.kafka_bootstrap, group_id=None,
