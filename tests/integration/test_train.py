@@ -3,6 +3,8 @@
 import hashlib
 import math
 import shutil
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -227,3 +229,17 @@ def test_glob_pattern_and_bad_inputs(tmp_path: Path) -> None:
     bad.write_text("1763596800000000,abc,1,1,1,1,1,1,1,1,1,0\n")
     with pytest.raises(TrainingError, match="not a Binance kline CSV"):
         load_series(bad)
+
+
+@pytest.mark.train
+@pytest.mark.slow
+def test_mur_train_command(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "makeusrich", "train", "--data", str(DAY), "--out",
+         str(tmp_path), "--epochs", "1"],
+        capture_output=True, text=True, timeout=600, check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    version_dir = Path(result.stdout.strip().removeprefix("model written to "))
+    assert version_dir.parent == tmp_path
+    assert load_forecaster(tmp_path).version == read_manifest(version_dir).version

@@ -31,7 +31,7 @@ def settings(kafka: EmbeddedService, redis_server: EmbeddedService, tmp_path: Pa
     settings = Settings(
         kafka_bootstrap=kafka.url, redis_url=redis_server.url, topic_prefix=f"{name}-",
         redis_prefix=name, worker_id=name, state_dir=tmp_path, symbols=("BTCUSDT",),
-        intervals=("1m",), log_level="WARNING",
+        intervals=("1m",), log_level="INFO",
     )
     ensure_topics(settings)
     return settings
@@ -54,7 +54,7 @@ def worker(settings: Settings) -> Iterator[Callable[[], subprocess.Popen[bytes]]
     for proc in started:
         if proc.poll() is None:
             proc.kill()
-        proc.wait()
+        proc.wait(30)
 
 
 def _stats(client: redis.Redis, settings: Settings) -> dict[str, int]:
@@ -76,7 +76,7 @@ def _history(client: redis.Redis, settings: Settings, kind: str) -> list[dict]:
     return [msgspec.json.decode(fields[b"d"]) for _, fields in client.xrange(key)]
 
 
-def test_killed_worker_resumes_with_identical_candles(
+def test_restarted_worker_resumes_with_identical_candles(
     settings: Settings, worker: Callable[[], subprocess.Popen[bytes]],
     redis_client: redis.Redis,
 ) -> None:
@@ -84,23 +84,24 @@ def test_killed_worker_resumes_with_identical_candles(
     chunks = [trades[:2500], trades[2500:4500], trades[4500:]]
     publisher = TradePublisher(settings)
     stats_key = settings.redis_keys.worker_stats(settings.worker_id)
-    for chunk in chunks[:2]:
+    for chunk, stop_signal in zip(chunks[:2], (signal.SIGTERM, signal.SIGKILL), strict=True):
         for trade in chunk:
             publisher.send(trade)
         publisher.flush()
         redis_client.delete(stats_key)
         proc = worker()
-        # Kill -9 as soon as it has folded trades in: mid-candle, snapshots partly behind.
+        # Stop it as soon as it has folded trades in: mid-candle, with unacked trades; first
+        # gracefully, then with kill -9.
         _wait(lambda: _stats(redis_client, settings).get("trades", 0) > 0, "worker to start")
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+        proc.send_signal(stop_signal)
+        proc.wait(30)
     for trade in chunks[2]:
         publisher.send(trade)
     publisher.send(EndOfStream("BTCUSDT", trades[-1].ts_event, 0, "replay"))
     publisher.close()
     proc = worker()
 
-    expected = binance_klines()
+    expected = binance_klines(minutes=30)  # the trades slice covers 00:00-00:29
     _wait(lambda: len(_history(redis_client, settings, "candle")) >= len(expected),
           "all candles after restarts")
     assert_same_as_binance(_history(redis_client, settings, "candle"), expected)

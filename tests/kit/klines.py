@@ -42,4 +42,5 @@ def assert_same_as_binance(ours: list[dict[str, Any]], binance: list[dict[str, A
     for mine, theirs in zip(ours, binance, strict=True):
         for field in KLINE_FIELDS:
             assert mine[field] == pytest.approx(theirs[field], rel=1e-9, abs=1e-8), (
-                field, mine["open_time"])
+                f"{field} of the candle at {mine['open_time']}: ours {mine[field]}, "
+                f"Binance's {theirs[field]} (trades: {mine['trades']} vs {theirs['trades']})")

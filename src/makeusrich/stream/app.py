@@ -18,9 +18,10 @@ from typing import Any
 
 import faust
 import msgspec
-from faust.types import EventT
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from faust.types import TP, EventT
 
-from makeusrich.core.errors import ModelError
+from makeusrich.core.errors import ModelError, StreamError
 from makeusrich.core.schemas import DeadLetter, EndOfStream, Trade, encode, now_ms, trade_decoder
 from makeusrich.core.settings import Settings
 from makeusrich.core.store import RedisStore
@@ -85,6 +86,9 @@ def create_app(settings: Settings, forecaster: Forecaster | None = None) -> faus
         broker_session_timeout=settings.broker_session_timeout_s,
         broker_heartbeat_interval=1.0,
         consumer_auto_offset_reset="earliest",
+        # Events stay unacked until a snapshot covers them (see below): stopping or
+        # rebalancing must not wait for them; they are redelivered.
+        stream_wait_empty=False,
         datadir=str(settings.state_dir / "faust"),
         web_enabled=False,
         producer_acks=-1,
@@ -134,58 +138,161 @@ def create_app(settings: Settings, forecaster: Forecaster | None = None) -> faus
         await store.client.hset(settings.redis_keys.worker_stats(settings.worker_id),
                                 mapping=stats.as_dict())  # type: ignore[arg-type]
 
-    # Resuming exactly: an event is acked (so its offset may be committed) only once a
+    # Resuming exactly. An event is acked (so its offset may be committed) only once a
     # snapshot holding its effect is in the changelog; Faust flushes the producer before it
-    # commits. After a crash, unacked events are redelivered and folded into the last
-    # snapshot; the builders drop trade ids they already hold.
+    # commits. Each snapshot records the offset of the last trade folded into it. Two
+    # things can still hide trades, both seen with Tansu: its ListOffsets reports the base
+    # offset of a partition's last batch as the end, so Faust's table recovery can stop one
+    # batch short and restore an older snapshot; and Faust skips messages below an offset it
+    # takes for committed. So a symbol resumed from a snapshot older than its first event,
+    # and any forward jump in a partition's offsets, is filled by reading the span back.
+    # Trades seen twice are dropped by trade id; Redis refuses candle ids it holds.
     pending: dict[str, list[EventT[bytes]]] = {}
     partition_of: dict[str, int] = {}
+    folded_offset: dict[str, int] = {}
+    delivered: dict[int, int] = {}  # partition -> last offset handled
+    # This process's newest snapshot per symbol: after a rebalance Faust may hand back a
+    # table restored one batch short, or none.
+    own_snapshots: dict[str, dict[str, Any]] = {}
     last_sweep = time.monotonic()
+    acks: faust.StreamT[bytes] | None = None
 
-    async def save(symbol: str, stream: faust.StreamT[Any]) -> None:
-        key, snapshot = symbol.encode(), msgspec.json.encode(pipeline.snapshot(symbol))
-        state.data[key] = snapshot
-        state.send_changelog(partition_of[symbol], key, snapshot)
+    async def save(symbol: str) -> None:
+        snapshot = {"offset": folded_offset[symbol], "state": pipeline.snapshot(symbol)}
+        own_snapshots[symbol] = snapshot
+        key, value = symbol.encode(), msgspec.json.encode(snapshot)
+        state.data[key] = value
+        state.send_changelog(partition_of[symbol], key, value)
+        assert acks is not None
         for event in pending.pop(symbol, ()):
-            await stream.ack(event)
+            await acks.ack(event)
+
+    async def decode(raw: bytes) -> Trade | EndOfStream | None:
+        """The message, or None once it has been dead-lettered."""
+        try:
+            message: Trade | EndOfStream = trade_decoder.decode(raw)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            await dead_letter(f"undecodable: {exc}", raw)
+            return None
+        reason = _invalid_reason(message)
+        if reason is not None:
+            await dead_letter(f"invalid: {reason}", raw)
+            return None
+        return message
+
+    async def fold(message: Trade | EndOfStream) -> bool:
+        """Process one message; True when it closed candles (which are then shipped)."""
+        stats.trades += 1
+        pipeline.process(message)
+        if not pipeline.has_output:
+            return False
+        await ship(pipeline.drain())
+        return True
+
+    async def resume(symbol: str, partition: int, offset: int) -> None:
+        """Restore a symbol from its newest snapshot and fold in what came after it."""
+        saved = state.get(symbol.encode())
+        candidates = [msgspec.json.decode(saved)] if saved else []
+        if symbol in own_snapshots:
+            candidates.append(own_snapshots[symbol])
+        if not candidates:
+            pipeline.forget(symbol)
+            return
+        snapshot = max(candidates, key=lambda candidate: int(candidate["offset"]))
+        pipeline.restore(symbol, snapshot["state"])
+        missed = await _read_span(settings, partition, snapshot["offset"] + 1, offset)
+        for _, raw in missed:
+            try:
+                message = trade_decoder.decode(raw)
+            except (msgspec.DecodeError, msgspec.ValidationError):
+                continue  # dead-lettered when it was first seen
+            if message.symbol == symbol and _invalid_reason(message) is None:
+                await fold(message)
+        log.info("%s: resumed from its snapshot at offset %d; %d later messages read back",
+                 symbol, snapshot["offset"], len(missed))
+
+    async def handle(raw: bytes, partition: int, offset: int,
+                     event: EventT[bytes] | None = None) -> None:
+        message = await decode(raw)
+        if message is None:
+            if event is not None:
+                assert acks is not None
+                await acks.ack(event)
+            return
+        symbol = message.symbol
+        if symbol not in partition_of:
+            partition_of[symbol] = partition
+            await resume(symbol, partition, offset)
+        closed = await fold(message)
+        folded_offset[symbol] = offset
+        if event is not None:
+            pending.setdefault(symbol, []).append(event)
+        if closed:
+            await save(symbol)
+
+    @app.on_partitions_revoked.connect  # type: ignore[arg-type]
+    async def forget_revoked(sender: faust.App, revoked: set[TP], **_: Any) -> None:
+        # The partitions may come back from the committed offset: resume them from snapshots.
+        gone = {tp.partition for tp in revoked if tp.topic == topics.trades}
+        for partition in gone:
+            delivered.pop(partition, None)
+        for symbol, partition in list(partition_of.items()):
+            if partition in gone:
+                del partition_of[symbol]
+                pending.pop(symbol, None)
 
     @app.agent(trades_topic)
     async def process(stream: faust.StreamT[bytes]) -> None:
-        nonlocal last_sweep
+        nonlocal acks, last_sweep
         acks = stream.noack()  # type: ignore[attr-defined]  # Stream has it, StreamT does not
         async for event in acks.events():
-            raw = event.value
-            try:
-                message = trade_decoder.decode(raw)
-            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-                await dead_letter(f"undecodable: {exc}", raw)
-                await acks.ack(event)
-                continue
-            reason = _invalid_reason(message)
-            if reason is not None:
-                await dead_letter(f"invalid: {reason}", raw)
-                await acks.ack(event)
-                continue
-            symbol = message.symbol
-            if symbol not in partition_of:
-                partition_of[symbol] = event.message.partition
-                saved = state.get(symbol.encode())
-                if saved:
-                    pipeline.restore(symbol, msgspec.json.decode(saved))
-            stats.trades += 1
-            pipeline.process(message)
-            pending.setdefault(symbol, []).append(event)
-            if pipeline.has_output:
-                await ship(pipeline.drain())
-                await save(symbol, acks)
+            partition, offset = event.message.partition, event.message.offset
+            last = delivered.get(partition)
+            if last is not None and offset > last + 1:
+                skipped = await _read_span(settings, partition, last + 1, offset)
+                log.warning("partition %d: offsets %d..%d were skipped by the consumer; "
+                            "read back %d messages", partition, last + 1, offset - 1,
+                            len(skipped))
+                for skipped_offset, raw in skipped:
+                    await handle(raw, partition, skipped_offset)
+            delivered[partition] = offset
+            await handle(event.value, partition, offset, event)
             now = time.monotonic()
             if now - last_sweep >= _SNAPSHOT_EVERY_S:
                 last_sweep = now
                 stats.duplicates = pipeline.duplicates
                 for waiting in list(pending):
-                    await save(waiting, acks)
+                    await save(waiting)
 
     return app
+
+
+async def _read_span(
+    settings: Settings, partition: int, start: int, end: int
+) -> list[tuple[int, bytes]]:
+    """(offset, value) of the messages at offsets [start, end) of one ``trades`` partition."""
+    if start >= end:
+        return []
+    tp = TopicPartition(settings.topics.trades, partition)
+    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap,
+                                enable_auto_commit=False)
+    await consumer.start()
+    try:
+        consumer.assign([tp])
+        consumer.seek(tp, start)
+        values: list[tuple[int, bytes]] = []
+        while True:
+            records = (await consumer.getmany(tp, timeout_ms=5_000)).get(tp, [])
+            if not records:
+                raise StreamError(f"cannot read back offsets {start}..{end - 1} of {tp}")
+            for record in records:
+                if record.offset >= end:
+                    return values
+                values.append((record.offset, record.value))
+            if records[-1].offset >= end - 1:
+                return values
+    finally:
+        await consumer.stop()
 
 
 def run_worker(settings: Settings) -> None:

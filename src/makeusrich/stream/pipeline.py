@@ -131,8 +131,11 @@ class TradePipeline:
         out, self._out = self._out, Outputs()
         return out
 
-    def late_count(self, symbol: str) -> int:
-        return sum(b.late_trades for b in self._builders.get(symbol, ()))
+    def forget(self, symbol: str) -> None:
+        """Drop a symbol's state (its trades will be folded in again from scratch)."""
+        self._builders.pop(symbol, None)
+        for interval in self.intervals:
+            self._history.pop((symbol, interval), None)
 
     # Snapshots of one symbol's state, for the worker's Faust table.
     def snapshot(self, symbol: str) -> dict[str, Any]:
