@@ -38,6 +38,7 @@ test-fast: install-dev
 
 bench: install-dev
 	$(BIN)/python -m bench.pipeline
+	$(BIN)/python -m bench.models
 
 clean:
 	rm -rf $(VENV) .mur .pytest_cache .mypy_cache .ruff_cache

@@ -17,12 +17,16 @@ import sys
 import time
 from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from makeusrich.core.embedded import EmbeddedService, kill_with_parent, start_kafka, start_redis
 from makeusrich.core.errors import ConfigError, MakeUsRichError
 from makeusrich.core.intervals import parse_intervals
 from makeusrich.core.settings import Settings
+from makeusrich.trainer import ARCHITECTURES  # importing the trainer does not import torch
+
+if TYPE_CHECKING:
+    from makeusrich.inference import Registry
 
 __all__ = ["main"]
 
@@ -155,18 +159,83 @@ def _cmd_record(args: argparse.Namespace) -> None:
 
 
 def _cmd_train(args: argparse.Namespace) -> None:
-    try:
-        from makeusrich.trainer import train
-    except ImportError as exc:
-        from makeusrich.core.errors import TrainingError
+    from makeusrich.trainer import train
 
-        raise TrainingError(
-            f"training needs the train extra ({exc}); run: pip install -e '.[train]'"
-        ) from exc
     version_dir = train(
-        [Path(p) for p in args.data], Path(args.out), window=args.window, epochs=args.epochs
+        [Path(p) for p in args.data], Path(args.out), arch=args.arch, symbols=args.symbols,
+        window=args.window, epochs=args.epochs, layers=args.layers,
     )
     print(f"model written to {version_dir}")
+
+
+def _registry(args: argparse.Namespace) -> "Registry":
+    from makeusrich.inference import Registry, bundled_models_dir
+
+    root = args.registry or _settings(args).model_dir or bundled_models_dir()
+    return Registry(Path(root))
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> None:
+    from makeusrich.trainer.evaluate import evaluate_paths
+
+    report = evaluate_paths(args.model, args.data, _registry(args).root)
+    print(report.to_json() if args.json else report.render())
+
+
+def _cmd_models(args: argparse.Namespace) -> None:
+    registry = _registry(args)
+    if args.action == "list":
+        for info in registry.list():
+            flags = " ".join(
+                flag for flag, on in (("champion", info.is_champion), ("HASH-MISMATCH",
+                                      not info.sha256_ok)) if on
+            )
+            skill = info.metrics.get("skill")
+            skill_text = "" if skill is None else f"skill {skill:+.4f}"
+            print(f"{info.version:40} {info.kind or '?':12} {skill_text:16} {flags}")
+    elif args.action == "show":
+        import msgspec
+
+        details = registry.show(args.version)
+        print(msgspec.json.format(msgspec.json.encode(details.manifest), indent=2).decode())
+        print(f"champion: {details.info.is_champion}  sha256 ok: {details.info.sha256_ok}")
+    elif args.action == "promote":
+        _promote(args, registry)
+    else:
+        version = registry.rollback(args.reason or "rollback from the CLI")
+        print(f"rolled back: {version} is champion again")
+        _announce(args, registry, version)
+
+
+def _promote(args: argparse.Namespace, registry: "Registry") -> None:
+    if args.force:
+        reason = args.reason or "forced from the CLI"
+    else:
+        if not args.data:
+            raise ConfigError("promote compares on a hold-out: pass --data (or --force)")
+        from makeusrich.trainer.promotion import decide_promotion
+
+        decision = decide_promotion(registry, args.version, args.data)
+        if not decision.promote:
+            print(f"not promoted ({decision.reason}); {args.version} stays in the registry")
+            sys.exit(1)
+        reason = decision.reason
+    registry.promote(args.version, reason, force=args.force)
+    print(f"promoted {args.version}: {reason}")
+    _announce(args, registry, args.version)
+
+
+def _announce(args: argparse.Namespace, registry: "Registry", version: str) -> None:
+    """Tell running workers, when there is a broker to tell them through."""
+    settings = _settings(args)
+    if not settings.kafka_bootstrap:
+        print("MUR_KAFKA_BOOTSTRAP is unset: workers pick the champion up when they start")
+        return
+    from makeusrich.inference import read_manifest
+    from makeusrich.stream.control import announce_model
+
+    announce_model(settings, version, read_manifest(registry.root / version).sha256)
+    print(f"announced {version} to the workers on {settings.kafka_bootstrap}")
 
 
 def _require_services(settings: Settings) -> None:
@@ -274,8 +343,12 @@ def _cmd_up(args: argparse.Namespace) -> None:
 # ---- argument parsing ------------------------------------------------------------------
 
 
+def _symbol_list(text: str) -> tuple[str, ...]:
+    return tuple(x.strip().upper() for x in text.split(",") if x.strip())
+
+
 def _add_common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--symbols", type=lambda s: tuple(x.strip().upper() for x in s.split(",")))
+    parser.add_argument("--symbols", type=_symbol_list)
     parser.add_argument("--intervals", type=parse_intervals)
     parser.add_argument("--source", help="auto | binance | sim | replay:PATH")
     parser.add_argument("--speed", type=_speed, default=argparse.SUPPRESS,
@@ -307,12 +380,35 @@ def _parser() -> argparse.ArgumentParser:
     rec.add_argument("--out", required=True)
     rec.add_argument("--max-messages", type=int)
     rec.set_defaults(func=_cmd_record)
-    train = sub.add_parser("train", help="train the LSTM on kline CSVs and export ONNX")
-    train.add_argument("--data", nargs="+", required=True, help="kline CSV/zip files or dirs")
+    train = sub.add_parser("train", help="train a forecaster on candles and export ONNX")
+    train.add_argument("--data", nargs="+", required=True,
+                       help="kline CSV/zip files, pipeline candle JSONL, dirs or globs")
     train.add_argument("--out", required=True, help="registry directory for the new version")
+    train.add_argument("--arch", default="lstm", choices=ARCHITECTURES)
+    train.add_argument("--symbols", type=_symbol_list, help="train on these symbols only")
     train.add_argument("--window", type=int, default=30)
     train.add_argument("--epochs", type=int, default=10)
+    train.add_argument("--layers", type=int, help="default: the architecture's own")
     train.set_defaults(func=_cmd_train)
+    evaluate = sub.add_parser("evaluate", help="score a model and the naive baselines on data")
+    evaluate.add_argument("--model", default="champion", help="VERSION, champion or naive")
+    evaluate.add_argument("--data", nargs="+", required=True)
+    evaluate.add_argument("--registry", type=Path, help="default: MUR_MODEL_DIR or bundled")
+    evaluate.add_argument("--json", action="store_true")
+    evaluate.set_defaults(func=_cmd_evaluate)
+    models = sub.add_parser("models", help="the model registry: list, show, promote, rollback")
+    models.add_argument("--registry", type=Path, help="default: MUR_MODEL_DIR or bundled")
+    actions = models.add_subparsers(dest="action", required=True)
+    actions.add_parser("list")
+    actions.add_parser("show").add_argument("version")
+    promote = actions.add_parser("promote", help="champion only if it beats the current one")
+    promote.add_argument("version")
+    promote.add_argument("--data", nargs="+", help="candles whose last 15% are the hold-out")
+    promote.add_argument("--force", action="store_true", help="skip the hold-out comparison")
+    promote.add_argument("--reason")
+    rollback = actions.add_parser("rollback", help="back to the previous champion")
+    rollback.add_argument("--reason")
+    models.set_defaults(func=_cmd_models)
     return parser
 
 

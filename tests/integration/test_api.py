@@ -26,7 +26,7 @@ from makeusrich.api import create_app
 from makeusrich.api.broadcast import Broadcaster
 from makeusrich.core.embedded import EmbeddedService, free_port
 from makeusrich.core.errors import ConfigError
-from makeusrich.core.schemas import Candle, Prediction
+from makeusrich.core.schemas import Alert, Candle, Prediction
 from makeusrich.core.settings import Settings
 from makeusrich.core.store import RedisStore, parse_stream_id
 
@@ -383,7 +383,7 @@ async def test_symbol_known_only_from_redis(client: httpx.AsyncClient, store: Re
         ("/v1/stream", {"symbols": "nope"}, 404, "unknown symbol 'NOPE'; known: BTCUSDT, ETHUSDT"),
         (
             "/v1/stream", {"events": "candle,trade"}, 422,
-            "unknown event type 'trade'; use one of candle, prediction",
+            "unknown event type 'trade'; use one of candle, prediction, alert",
         ),
         (
             "/v1/stream", {"interval": "7m"}, 422,
@@ -574,6 +574,19 @@ async def test_stream_filters(
         assert all(e.event == "prediction" for e in received)
         assert all(_decode(e).symbol == "ETHUSDT" for e in received)
         await events.assert_quiet()
+
+
+async def test_alerts_pass_symbol_filters(
+    api: RunningApi, client: httpx.AsyncClient, store: RedisStore
+) -> None:
+    params = {"symbols": "ETHUSDT", "interval": "1m"}
+    async with sse(client, api, params=params) as events:
+        alert_id = await store.write_alert(
+            Alert("model_rejected", "sha256 mismatch", "lstm-x", 1, 2)
+        )
+        (received,) = await events.next(1)
+        assert received.id == alert_id and received.event == "alert"
+        assert msgspec.json.decode(received.data)["kind"] == "model_rejected"
 
 
 async def test_disconnected_client_is_unsubscribed(

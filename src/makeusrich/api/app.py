@@ -14,7 +14,7 @@ from redis.exceptions import RedisError
 
 from makeusrich import __version__
 from makeusrich.api.broadcast import Broadcaster
-from makeusrich.api.routes import candles, health, predictions, stream
+from makeusrich.api.routes import candles, health, models, predictions, stream
 from makeusrich.core.errors import ConfigError
 from makeusrich.core.settings import Settings
 from makeusrich.core.store import RedisStore
@@ -56,6 +56,6 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.settings = settings
     app.add_exception_handler(RedisError, _storage_unavailable)
     app.include_router(health.router)
-    for module in (candles, predictions, stream):
+    for module in (candles, predictions, models, stream):
         app.include_router(module.router, prefix="/v1")
     return app

@@ -1,7 +1,7 @@
 """Response bodies of the HTTP API (they are what /docs shows)."""
 
 from collections.abc import Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import msgspec
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
@@ -13,6 +13,8 @@ __all__ = [
     "CheckOut",
     "ErrorOut",
     "HealthOut",
+    "ModelDetailsOut",
+    "ModelOut",
     "PredictionOut",
     "ReadyOut",
 ]
@@ -98,3 +100,25 @@ class ReadyOut(BaseModel):
     failed: list[str] = Field(description="names of the checks that failed")
     checks: dict[str, CheckOut]
     model_version: str | None = None
+
+
+class ModelOut(_Out):
+    """A model version in the registry (``MUR_MODEL_DIR``, else the bundled models)."""
+
+    version: str
+    kind: str | None = Field(description="architecture, e.g. lstm; null if unreadable")
+    created_at: str | None = Field(description="when it was trained, ISO 8601 UTC")
+    window: int | None = Field(description="candles of input per forecast")
+    symbols: list[str] = Field(description="symbols it was trained on")
+    interval: str | None = Field(description="candle interval it was trained on")
+    metrics: dict[str, float] = Field(description="headline validation metrics")
+    sha256_ok: bool = Field(description="model.onnx matches the manifest's sha256 (rechecked)")
+    is_champion: bool = Field(description="promoted in champion.json")
+    serving: bool = Field(description="the version the worker reports it serves")
+    problem: str | None = Field(description="why it cannot be served; null when usable")
+
+
+class ModelDetailsOut(ModelOut):
+    """A model version with its whole manifest."""
+
+    manifest: dict[str, Any] | None = Field(description="manifest.json; null if unreadable")

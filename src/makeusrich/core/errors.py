@@ -39,6 +39,14 @@ class ModelIntegrityError(ModelError):
     swapped. Re-copy the version directory or retrain."""
 
 
+class RegistryError(ModelError):
+    """The model registry refused an operation or cannot be read: an unknown version, a
+    version whose model.onnx does not match its manifest (or does not load), no earlier
+    champion to roll back to, or an unreadable/unwritable registry or champion.json. Nothing
+    was changed; re-import the version named in the message, promote another one, or fix
+    the file or permissions it names."""
+
+
 class TrainingError(MakeUsRichError):
     """Training could not run: usually too little data or torch missing. Install the
     `train` extra and pass more candles than the model window."""

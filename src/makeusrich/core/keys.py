@@ -9,17 +9,18 @@ Redis (``{p}`` is ``Settings.redis_prefix``, ``mur`` by default):
 - ``{p}:prediction:{symbol}:{interval}`` — same, for predictions, id ``{candle_open_time}-0``.
 - ``{p}:latest:candle:{symbol}:{interval}`` / ``{p}:latest:prediction:{symbol}:{interval}``
   — string with the newest record's JSON.
-- ``{p}:events`` — stream of every candle/prediction event (auto ids); the ids are the SSE
-  event ids, so ``Last-Event-ID`` resumes with ``XRANGE (id +``. Fields ``type``,
-  ``symbol``, ``interval``, ``d``.
+- ``{p}:events`` — stream of every candle/prediction/alert event (auto ids); the ids are the
+  SSE event ids, so ``Last-Event-ID`` resumes with ``XRANGE (id +``. Fields ``type``,
+  ``symbol``, ``interval``, ``d`` (alerts have an empty symbol and interval).
 - ``{p}:events:live`` — pub/sub channel carrying ``{id}\\n{type}\\n{symbol}\\n{interval}\\n{d}``
   for each new event, fanned out to SSE clients by each API process.
 - ``{p}:model`` — hash describing the model the worker serves (version, loaded_at).
 - ``{p}:worker:{worker_id}`` — hash of the worker's counters (trades, candles, predictions,
-  dead_letters, late, duplicates), refreshed every second.
+  dead_letters, late, duplicates, model_rejections), refreshed every second.
 
 Kafka topics (``{t}`` is ``Settings.topic_prefix``, empty by default): ``{t}trades``
-(keyed by symbol), ``{t}candles``, ``{t}predictions``, ``{t}trades-dlq``.
+(keyed by symbol), ``{t}candles``, ``{t}predictions``, ``{t}trades-dlq``, and
+``{t}model-control`` (model announcements, read by every worker outside any consumer group).
 """
 
 from dataclasses import dataclass
@@ -74,3 +75,7 @@ class Topics:
     @property
     def dead_letter(self) -> str:
         return f"{self.prefix}trades-dlq"
+
+    @property
+    def model_control(self) -> str:
+        return f"{self.prefix}model-control"

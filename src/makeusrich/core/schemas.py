@@ -96,8 +96,32 @@ class DeadLetter(msgspec.Struct, frozen=True):
     ts_ingest: int
 
 
+class ModelAnnouncement(msgspec.Struct, frozen=True):
+    """On the ``model-control`` topic: every worker should now serve ``version`` from its
+    model registry, whose ``model.onnx`` must have this ``sha256``. ``ts_event`` is when
+    the version was promoted."""
+
+    version: str
+    sha256: str
+    ts_event: int
+    ts_ingest: int
+
+
+class Alert(msgspec.Struct, frozen=True):
+    """Something an operator should look at, sent to SSE clients as an ``alert`` event;
+    ``kind`` names what happened (e.g. ``model_rejected``), ``model_version`` the version
+    concerned (empty when unknown)."""
+
+    kind: str
+    message: str
+    model_version: str
+    ts_event: int
+    ts_ingest: int
+
+
 _encoder = msgspec.json.Encoder()
 encode = _encoder.encode
 trade_decoder = msgspec.json.Decoder(TradeMessage)
 candle_decoder = msgspec.json.Decoder(Candle)
 prediction_decoder = msgspec.json.Decoder(Prediction)
+announcement_decoder = msgspec.json.Decoder(ModelAnnouncement)

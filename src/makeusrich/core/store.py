@@ -1,8 +1,10 @@
-"""Redis storage of candles and predictions: idempotent writes and the reads the API needs.
+"""Redis storage of candles, predictions and alerts: idempotent writes and the reads the API
+needs.
 
 The key layout is described in :mod:`makeusrich.core.keys`. Every write goes through one Lua
 script so that the history entry, the latest value, the symbol set, the events-stream entry
-and the pub/sub notification appear together or not at all.
+and the pub/sub notification appear together or not at all. Alerts have no history: they
+are only an events-stream entry and its notification.
 
 History entries use ``{open_time}-0`` as their stream id, which makes writes idempotent: a
 re-delivered record has the same id and Redis refuses it. It also refuses a record *older*
@@ -22,6 +24,7 @@ import redis.asyncio as aioredis
 from makeusrich.core.errors import ConfigError
 from makeusrich.core.keys import RedisKeys
 from makeusrich.core.schemas import (
+    Alert,
     Candle,
     Prediction,
     candle_decoder,
@@ -40,7 +43,7 @@ __all__ = [
     "parse_stream_id",
 ]
 
-EventType = Literal["candle", "prediction"]
+EventType = Literal["candle", "prediction", "alert"]
 
 _CONNECT_TIMEOUT_S: Final = 3.0
 # Idle pooled/pub-sub connections are PINGed after this long, so dead sockets surface.
@@ -50,18 +53,21 @@ _R = TypeVar("_R", Candle, Prediction)
 
 # KEYS: history, latest, symbols, events.
 # ARGV: history id, record JSON, history maxlen, events maxlen, type, symbol, interval, channel.
+# An empty history id (alerts) skips the history, latest value and symbol set.
 # redis.pcall so that only the "id too small" refusal is swallowed; other errors propagate.
 # Uses only commands/options available since Redis 5/6.2.
 _WRITE_LUA: Final = """
-local added = redis.pcall('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], ARGV[1], 'd', ARGV[2])
-if type(added) == 'table' and added.err then
-  if string.find(added.err, 'equal or smaller', 1, true) then
-    return false
+if ARGV[1] ~= '' then
+  local added = redis.pcall('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], ARGV[1], 'd', ARGV[2])
+  if type(added) == 'table' and added.err then
+    if string.find(added.err, 'equal or smaller', 1, true) then
+      return false
+    end
+    return redis.error_reply(added.err)
   end
-  return redis.error_reply(added.err)
+  redis.call('SET', KEYS[2], ARGV[2])
+  redis.call('SADD', KEYS[3], ARGV[6])
 end
-redis.call('SET', KEYS[2], ARGV[2])
-redis.call('SADD', KEYS[3], ARGV[6])
 local event_id = redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[4], '*',
   'type', ARGV[5], 'symbol', ARGV[6], 'interval', ARGV[7], 'd', ARGV[2])
 redis.call('PUBLISH', ARGV[8],
@@ -238,6 +244,14 @@ class RedisStore:
         )
         return self._event_id(await self._write_script(keys=keys, args=args))
 
+    async def write_alert(self, alert: Alert) -> str:
+        """Append an alert to the events stream (type ``alert``, empty symbol and interval)
+        and notify live SSE clients; returns its events-stream id."""
+        keys, args = self._write_args("alert", "", "", None, encode(alert))
+        event_id = self._event_id(await self._write_script(keys=keys, args=args))
+        assert event_id is not None, "an event without history is never refused"
+        return event_id
+
     async def write_many(self, records: Iterable[Candle | Prediction]) -> list[str | None]:
         """Write records in one round trip (pipeline, in order); one result per record."""
         records = list(records)
@@ -258,16 +272,18 @@ class RedisStore:
         return [self._event_id(result) for result in results]
 
     def _write_args(
-        self, kind: EventType, symbol: str, interval: str, open_time_ms: int, data: bytes
+        self, kind: EventType, symbol: str, interval: str, open_time_ms: int | None, data: bytes
     ) -> tuple[list[str], list[str | bytes | int]]:
+        """Script keys and arguments; ``open_time_ms`` None writes no history."""
         keys = [
             self._keys.history(kind, symbol, interval),
             self._keys.latest(kind, symbol, interval),
             self._keys.symbols,
             self._keys.events,
         ]
+        history_id = "" if open_time_ms is None else f"{open_time_ms}-0"
         args: list[str | bytes | int] = [
-            f"{open_time_ms}-0", data, self._history_maxlen, self._events_maxlen,
+            history_id, data, self._history_maxlen, self._events_maxlen,
             kind, symbol, interval, self._keys.events_channel,
         ]
         return keys, args

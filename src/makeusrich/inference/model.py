@@ -99,8 +99,17 @@ class OnnxIO(msgspec.Struct, frozen=True):
     opset: int
 
 
+class Parity(msgspec.Struct, frozen=True):
+    """A few prepared model inputs ``(n, window, features)`` (float32 values) and the
+    trainer's ONNX outputs ``(n, 3)`` for them; see :func:`check_parity`."""
+
+    input: list[list[list[float]]]
+    output: list[list[float]]
+
+
 class Manifest(msgspec.Struct, frozen=True):
-    """``manifest.json`` of a model version directory."""
+    """``manifest.json`` of a model version directory; ``parity`` is None in manifests
+    written before it existed."""
 
     version: str
     architecture: Architecture
@@ -115,6 +124,7 @@ class Manifest(msgspec.Struct, frozen=True):
     sha256: str
     created_at: str
     onnx: OnnxIO
+    parity: Parity | None = None
 
 
 def sha256_of(path: Path) -> str:
@@ -275,6 +285,41 @@ class OnnxForecaster:
         return results
 
 
+def check_parity(forecaster: OnnxForecaster, tolerance: float = 1e-4) -> float:
+    """Run the manifest's parity sample through ``forecaster`` and return the largest
+    absolute difference from the outputs recorded at export.
+
+    Shows that this onnxruntime computes what the trainer's did, before a new model is
+    put in service. Raises :class:`ModelError` when the difference exceeds ``tolerance``
+    or the manifest has no usable parity sample.
+    """
+    parity = forecaster.manifest.parity
+    if parity is None:
+        raise ModelError(f"model {forecaster.version} has no parity sample; retrain it")
+    try:
+        inputs = np.asarray(parity.input, dtype=np.float32)
+        expected = np.asarray(parity.output, dtype=np.float64)
+    except ValueError as exc:  # ragged nested lists
+        raise ModelError(f"model {forecaster.version}: malformed parity sample: {exc}") from exc
+    if (
+        inputs.ndim != 3
+        or not len(inputs)
+        or inputs.shape[1:] != (forecaster.window, len(FEATURES))
+        or expected.shape != (len(inputs), len(QUANTILES))
+    ):
+        raise ModelError(
+            f"model {forecaster.version}: parity sample shapes {inputs.shape} -> "
+            f"{expected.shape} do not fit (n, {forecaster.window}, {len(FEATURES)}) -> (n, 3)"
+        )
+    diff = float(np.max(np.abs(forecaster.run(inputs) - expected)))
+    if not diff <= tolerance:  # also catches NaN
+        raise ModelError(
+            f"model {forecaster.version}: onnxruntime differs from the exported outputs by "
+            f"{diff:.3g} (limit {tolerance:g}); do not serve it"
+        )
+    return diff
+
+
 def bundled_models_dir() -> Path:
     """Where the model versions shipped inside the package live."""
     return Path(str(importlib.resources.files("makeusrich").joinpath("models")))
@@ -287,10 +332,12 @@ def _is_version_dir(path: Path) -> bool:
 def load_forecaster(path: Path | None = None) -> Forecaster:
     """Load a forecaster.
 
-    ``path`` may be a version directory or a directory of version directories (the newest
-    by name wins; names sort chronologically, hidden ones are in-progress writes). None
-    means the bundled models. With no model at all, the naive baseline is returned. Errors
-    propagate so that a caller can keep its previous model.
+    ``path`` may be a version directory or a registry, i.e. a directory of version
+    directories: its champion (``champion.json``, see :mod:`makeusrich.inference.registry`)
+    if one was promoted, else the newest version by name (names sort chronologically,
+    hidden ones are in-progress writes). None means the bundled models. With no model at
+    all, the naive baseline is returned. Errors propagate so that a caller can keep its
+    previous model.
     """
     root = bundled_models_dir() if path is None else Path(path)
     if not root.exists():
@@ -301,11 +348,10 @@ def load_forecaster(path: Path | None = None) -> Forecaster:
         raise ModelError(f"model path {root} must be a version directory or a directory of them")
     if _is_version_dir(root):
         return OnnxForecaster(root)
-    versions = sorted(
-        child
-        for child in root.iterdir()
-        if child.is_dir() and not child.name.startswith(".") and _is_version_dir(child)
-    )
-    if not versions:
+    # Imported here: the registry module builds on this one.
+    from makeusrich.inference.registry import Registry
+
+    version = Registry(root).selected()
+    if version is None:
         return NaiveForecaster()
-    return OnnxForecaster(versions[-1])
+    return OnnxForecaster(root / version)

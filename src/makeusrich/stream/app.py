@@ -9,8 +9,13 @@ restored from the changelog.
 
 Delivery is at-least-once (Tansu has no transactions); duplicates are harmless because the
 builders drop trade ids they have seen and Redis refuses a candle id it already holds.
+
+Models are hot-swapped: announcements on the ``model-control`` topic (see
+:mod:`makeusrich.stream.control`) replace the forecaster between two messages once the new
+version passed its checks; a rejected one leaves the old model serving and raises an alert.
 """
 
+import asyncio
 import logging
 import math
 import time
@@ -22,10 +27,20 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from faust.types import TP, EventT
 
 from makeusrich.core.errors import ModelError, StreamError
-from makeusrich.core.schemas import DeadLetter, EndOfStream, Trade, encode, now_ms, trade_decoder
+from makeusrich.core.schemas import (
+    Alert,
+    DeadLetter,
+    EndOfStream,
+    ModelAnnouncement,
+    Trade,
+    encode,
+    now_ms,
+    trade_decoder,
+)
 from makeusrich.core.settings import Settings
 from makeusrich.core.store import RedisStore
 from makeusrich.inference import Forecaster, NaiveForecaster, load_forecaster
+from makeusrich.stream.control import ModelWatcher, load_announced, registry_root
 from makeusrich.stream.pipeline import Outputs, TradePipeline
 
 __all__ = ["WorkerStats", "create_app", "run_worker"]
@@ -45,6 +60,7 @@ class WorkerStats:
         self.candles = 0
         self.predictions = 0
         self.duplicates = 0
+        self.model_rejections = 0
 
     def as_dict(self) -> dict[str, int]:
         return dict(vars(self))
@@ -129,9 +145,54 @@ def create_app(settings: Settings, forecaster: Forecaster | None = None) -> faus
         stats.predictions += len(out.predictions)
         stats.late += len(out.late)
 
+    async def reject_model(version: str, ts_event: int, exc: ModelError) -> None:
+        stats.model_rejections += 1
+        log.error("model %s rejected, still serving %s: %s", version,
+                  pipeline.forecaster.version, exc)
+        await store.write_alert(Alert(kind="model_rejected", message=str(exc),
+                                      model_version=version, ts_event=ts_event,
+                                      ts_ingest=now_ms()))
+
+    async def swap_model(announcement: ModelAnnouncement) -> None:
+        """Serve the announced version if it passes every check; else keep the old one."""
+        current = pipeline.forecaster.version
+        if announcement.version == current:
+            return
+        try:
+            # Off the event loop: loading and the parity check take a while, and trades keep
+            # flowing through the old model meanwhile.
+            forecaster = await asyncio.to_thread(
+                load_announced, registry_root(settings), announcement
+            )
+        except ModelError as exc:
+            await reject_model(announcement.version, announcement.ts_event, exc)
+            return
+        # Atomic between candles: this runs in the agent's event loop, the agent handles one
+        # message at a time and TradePipeline.process (which predicts) never awaits, so the
+        # swap lands between two messages and each prediction names the model that made it.
+        pipeline.forecaster = forecaster
+        await store.set_model(forecaster.version)
+        log.info("now serving model %s (was %s)", forecaster.version, current)
+
     @app.task
-    async def announce_model() -> None:
+    async def follow_models() -> None:
         await store.set_model(pipeline.forecaster.version)
+        watcher = ModelWatcher(settings)
+        await watcher.start()
+        try:
+            # A promotion between loading the model and pinning the control topic's end
+            # was not announced to this worker: the champion read now covers it.
+            try:
+                champion = await asyncio.to_thread(watcher.champion)
+            except ModelError as exc:
+                await reject_model("", now_ms(), exc)
+            else:
+                if champion is not None:
+                    await swap_model(champion)
+            async for announcement in watcher.announcements():
+                await swap_model(announcement)
+        finally:
+            await watcher.stop()
 
     @app.timer(1.0)
     async def publish_stats() -> None:

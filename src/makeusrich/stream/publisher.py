@@ -30,6 +30,7 @@ def ensure_topics(settings: Settings) -> None:
         topics.candles: 1,
         topics.predictions: 1,
         topics.dead_letter: 1,
+        topics.model_control: 1,
     }
     admin = KafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap, client_id="mur-admin")
     try:

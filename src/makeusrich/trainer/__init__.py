@@ -5,6 +5,6 @@ TrainingError when it is missing.
 """
 
 from makeusrich.trainer.data import CandleSeries, load_series
-from makeusrich.trainer.train import EXPORT_TOLERANCE, train
+from makeusrich.trainer.train import ARCHITECTURES, EXPORT_TOLERANCE, train
 
-__all__ = ["EXPORT_TOLERANCE", "CandleSeries", "load_series", "train"]
+__all__ = ["ARCHITECTURES", "EXPORT_TOLERANCE", "CandleSeries", "load_series", "train"]

@@ -1,10 +1,12 @@
-"""Train the LSTM quantile forecaster on candles and write a model version directory.
+"""Train a quantile forecaster on candles and write a model version directory.
 
 ``train(data_paths, out_dir)`` reads candles (see :func:`load_series`), builds windows with
 the serving feature code, splits them in time (the last ``validation_fraction`` is
 validation, normalisation is fitted on the training part only), trains with Adam on the
 pinball loss, exports ONNX, checks onnxruntime against torch, measures validation metrics
 with the exported model and writes ``<out_dir>/<version>/{model.onnx,manifest.json}``.
+The manifest carries a parity sample (a few validation inputs and their ONNX outputs) so a
+server can check that its onnxruntime computes what the trainer exported.
 """
 
 import logging
@@ -41,6 +43,7 @@ from makeusrich.inference.model import (
     NormalisationStats,
     OnnxForecaster,
     OnnxIO,
+    Parity,
     TrainingData,
     naive_log_quantiles,
     sha256_of,
@@ -48,10 +51,14 @@ from makeusrich.inference.model import (
 from makeusrich.trainer.data import CandleSeries, load_series
 
 if TYPE_CHECKING:
-    from makeusrich.trainer.model import QuantileLSTM
+    from makeusrich.trainer.model import QuantileModel
+
+__all__ = ["ARCHITECTURES", "EXPORT_TOLERANCE", "train"]
 
 log = logging.getLogger(__name__)
 
+#: Model architectures :func:`train` can build; the first is the default.
+ARCHITECTURES = ("lstm", "gru", "tcn", "transformer")
 #: Largest accepted |onnxruntime - torch| on validation outputs (log-return units).
 EXPORT_TOLERANCE = 1e-4
 _CLOSE = OHLCV_COLUMNS.index("close")
@@ -167,22 +174,30 @@ def _fit(
     train_part: _Part,
     inputs: NDArray[np.float32],
     *,
+    arch: str,
+    window: int,
     hidden: int,
-    layers: int,
+    layers: int | None,
     epochs: int,
     batch_size: int,
     learning_rate: float,
     seed: int,
-) -> tuple["QuantileLSTM", float]:
+) -> tuple["QuantileModel", float]:
     import torch
 
-    from makeusrich.trainer.model import QuantileLSTM, pinball_loss
+    from makeusrich.trainer.model import build_model, pinball_loss
 
     torch.manual_seed(seed)
     target = train_part.target.astype(np.float32)
     scale = float(np.std(target)) or 1.0
-    model = QuantileLSTM(
-        len(FEATURES), hidden, layers, scale, np.quantile(target, QUANTILES).tolist()
+    model = build_model(
+        arch,
+        n_features=len(FEATURES),
+        window=window,
+        hidden=hidden,
+        layers=layers,
+        target_scale=scale,
+        initial_quantiles=np.quantile(target, QUANTILES).tolist(),
     )
     optimiser = torch.optim.Adam(model.parameters(), lr=learning_rate)
     x, y = torch.from_numpy(inputs), torch.from_numpy(target)
@@ -213,7 +228,7 @@ def _in_chunks(
 
 
 def _check_export(
-    model: "QuantileLSTM", forecaster: OnnxForecaster, inputs: NDArray[np.float32]
+    model: "QuantileModel", forecaster: OnnxForecaster, inputs: NDArray[np.float32]
 ) -> float:
     import torch
 
@@ -256,14 +271,30 @@ def _write_manifest(directory: Path, manifest: Manifest) -> None:
     )
 
 
+def _select(all_series: list[CandleSeries], symbols: Sequence[str] | None) -> list[CandleSeries]:
+    if symbols is None:
+        return all_series
+    wanted = {symbols.upper()} if isinstance(symbols, str) else {s.upper() for s in symbols}
+    if not wanted:
+        raise TrainingError("symbols is empty; pass None to train on every symbol")
+    available = {s.symbol for s in all_series}
+    if wanted - available:
+        raise TrainingError(
+            f"no candles of {sorted(wanted - available)} in the data; it has {sorted(available)}"
+        )
+    return [s for s in all_series if s.symbol in wanted]
+
+
 def train(
     data_paths: Path | str | Sequence[Path | str],
     out_dir: Path | str,
     *,
+    arch: str = ARCHITECTURES[0],
+    symbols: Sequence[str] | None = None,
     window: int = 30,
     epochs: int = 10,
     hidden: int = 32,
-    layers: int = 1,
+    layers: int | None = None,
     stride: int = 1,
     batch_size: int = 256,
     learning_rate: float = 2e-3,
@@ -274,9 +305,14 @@ def train(
     """Train on candle files and return the new version directory inside ``out_dir``.
 
     ``data_paths``: files, directories or glob patterns (see :func:`load_series`).
+    ``arch``: one of :data:`ARCHITECTURES`; it also prefixes the version name.
+    ``symbols``: train only on these symbols' series (None: all in the data); either way
+    one model is shared by every symbol trained on. ``layers`` None is the architecture's
+    default (see :func:`makeusrich.trainer.model.build_model`).
     ``stride`` keeps every n-th training window (validation keeps all) to trade data for
     time. Deterministic for a given seed and thread count. Raises :class:`TrainingError`
-    when torch is missing, the data is too short, or the ONNX export does not match torch.
+    when torch is missing, an option or symbol is unknown, the data is too short, or the
+    ONNX export does not match torch.
     """
     try:
         import torch
@@ -286,10 +322,14 @@ def train(
         ) from exc
     from makeusrich.trainer.model import INPUT_NAME, OPSET, OUTPUT_NAME, export_onnx
 
+    if arch not in ARCHITECTURES:
+        raise TrainingError(f"unknown architecture {arch!r}; choose one of {list(ARCHITECTURES)}")
     if window < 2 or epochs < 1 or stride < 1 or not 0 < validation_fraction < 1:
         raise TrainingError("need window >= 2, epochs >= 1, stride >= 1, 0 < validation < 1")
+    if layers is not None and layers < 1:
+        raise TrainingError("need layers >= 1 (or None for the architecture's default)")
     started = time.perf_counter()
-    all_series = load_series(data_paths)
+    all_series = _select(load_series(data_paths), symbols)
     intervals = sorted({s.interval for s in all_series})
     if len(intervals) != 1:
         raise TrainingError(f"candles of several intervals {intervals}: train one at a time")
@@ -306,9 +346,12 @@ def train(
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
+        fit_started = time.perf_counter()
         model, train_loss = _fit(
             train_part,
             train_inputs,
+            arch=arch,
+            window=window,
             hidden=hidden,
             layers=layers,
             epochs=epochs,
@@ -316,6 +359,7 @@ def train(
             learning_rate=learning_rate,
             seed=seed,
         )
+        seconds_per_epoch = (time.perf_counter() - fit_started) / epochs
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         # Build in a hidden directory, then rename: a watcher never sees half a version.
@@ -326,11 +370,11 @@ def train(
             sha256 = sha256_of(staging / MODEL_FILE)
             created = datetime.now(UTC)
             manifest = Manifest(
-                version=f"lstm-{created:%Y%m%d-%H%M%S}-{sha256[:8]}",
+                version=f"{arch}-{created:%Y%m%d-%H%M%S}-{sha256[:8]}",
                 architecture=Architecture(
-                    kind="lstm",
+                    kind=arch,
                     hidden=hidden,
-                    layers=layers,
+                    layers=model.layers,
                     parameters=sum(p.numel() for p in model.parameters()),
                 ),
                 window=window,
@@ -348,6 +392,7 @@ def train(
                     "seed": seed,
                     "threads": threads,
                     "final_train_loss": train_loss,
+                    "seconds_per_epoch": round(seconds_per_epoch, 3),
                     "torch": str(torch.__version__),
                 },
                 sha256=sha256,
@@ -360,9 +405,11 @@ def train(
             diff = _check_export(model, forecaster, validation_inputs)
             metrics = _metrics(validation, _in_chunks(forecaster.run, validation_inputs))
             metrics["onnx_torch_max_abs_diff"] = diff
+            sample = validation_inputs[[0, -1]]  # the first and the last validation window
             manifest = msgspec.structs.replace(
                 manifest,
                 metrics=metrics,
+                parity=Parity(input=sample.tolist(), output=forecaster.run(sample).tolist()),
                 training={
                     **manifest.training,
                     "wall_time_s": round(time.perf_counter() - started, 1),

@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 
 router = APIRouter(tags=["stream"])
 
-EVENT_TYPES: Final = ("candle", "prediction")
+EVENT_TYPES: Final = ("candle", "prediction", "alert")
 _BACKLOG_PAGE: Final = 500
 # A client whose socket accepts nothing for this long is dropped.
 _SEND_TIMEOUT_S: Final = 30.0
@@ -50,17 +50,21 @@ class _Filter:
     interval: str | None
 
     def accepts(self, event: StoredEvent) -> bool:
-        return (
-            event.type in self.types
-            and (self.symbols is None or event.symbol in self.symbols)
-            and (self.interval is None or event.interval == self.interval)
+        # Alerts (e.g. a rejected model) concern the whole service: no symbol filter drops them.
+        return event.type in self.types and (
+            not event.symbol
+            or (
+                (self.symbols is None or event.symbol in self.symbols)
+                and (self.interval is None or event.interval == self.interval)
+            )
         )
 
 
 def _events_query(
     events: Annotated[
         str | None,
-        Query(description="comma-separated event types: candle, prediction; default: both"),
+        Query(description="comma-separated event types: candle, prediction, alert; "
+              "default: all"),
     ] = None,
 ) -> frozenset[str]:
     if events is None or not events.strip():

@@ -1,0 +1,152 @@
+"""Hot swap of models in running workers.
+
+Promoting a version writes it into the model registry (``Settings.model_dir``) and then
+calls :func:`announce_model`, which publishes a :class:`ModelAnnouncement` on the
+``model-control`` topic. Every worker runs a :class:`ModelWatcher` and, for each
+announcement, loads the version with :func:`load_announced`; it swaps the new model in only
+when every check passed, and keeps serving the old one otherwise.
+"""
+
+import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Final
+
+import msgspec
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from kafka import KafkaProducer
+from kafka.errors import KafkaError
+
+from makeusrich.core.errors import ModelError, ModelIntegrityError, StreamError
+from makeusrich.core.schemas import ModelAnnouncement, announcement_decoder, encode, now_ms
+from makeusrich.core.settings import Settings
+from makeusrich.inference import OnnxForecaster, Registry, bundled_models_dir, read_manifest
+from makeusrich.inference.model import check_parity
+from makeusrich.stream.publisher import ensure_topics
+
+__all__ = ["ModelWatcher", "announce_model", "load_announced", "registry_root"]
+
+log = logging.getLogger(__name__)
+
+_SEND_TIMEOUT_S: Final = 30.0
+
+
+def registry_root(settings: Settings) -> Path:
+    """The model registry (or single version directory) announced versions come from."""
+    return bundled_models_dir() if settings.model_dir is None else Path(settings.model_dir)
+
+
+def announce_model(settings: Settings, version: str, sha256: str) -> ModelAnnouncement:
+    """Tell every worker to serve ``version`` (already in the registry) and return the
+    announcement once the broker has it on all replicas."""
+    assert settings.kafka_bootstrap, "kafka_bootstrap must be resolved first"
+    ensure_topics(settings)
+    ts = now_ms()
+    announcement = ModelAnnouncement(version=version, sha256=sha256, ts_event=ts, ts_ingest=ts)
+    topic = settings.topics.model_control
+    producer = KafkaProducer(
+        bootstrap_servers=settings.kafka_bootstrap, acks="all", retries=10,
+        client_id="mur-control",
+    )
+    try:
+        producer.send(topic, encode(announcement), key=version.encode()).get(
+            timeout=_SEND_TIMEOUT_S
+        )
+    except KafkaError as exc:
+        raise StreamError(f"cannot announce model {version} on {topic}: {exc}") from exc
+    finally:
+        producer.close()
+    return announcement
+
+
+def load_announced(root: Path, announcement: ModelAnnouncement) -> OnnxForecaster:
+    """Load and check an announced version from the registry at ``root``; blocking (file
+    reads, onnxruntime), so workers run it in a thread. :class:`ModelError` if unusable."""
+    version = announcement.version
+    registry = Registry(root)
+    # Only a scanned name becomes a path: an announcement cannot point outside the registry.
+    if version not in registry.versions():
+        raise ModelError(f"version {version!r} is not in the model registry {registry.root}")
+    directory = registry.root / version
+    forecaster = OnnxForecaster(directory)  # checks model.onnx against its manifest's sha256
+    if forecaster.manifest.sha256 != announcement.sha256:
+        raise ModelIntegrityError(
+            f"{directory} has sha256 {forecaster.manifest.sha256}, the announcement says "
+            f"{announcement.sha256}"
+        )
+    if forecaster.version != version:
+        raise ModelError(f"{directory} holds version {forecaster.version}, not {version}")
+    check_parity(forecaster)
+    return forecaster
+
+
+class ModelWatcher:
+    """The model announcements one worker must act on.
+
+    Not a consumer-group member: a group would hand each announcement to one worker only,
+    and every worker must see every one. It reads every partition of the control topic
+    from the end it had at :meth:`start`; what was promoted earlier is the registry's
+    champion (:meth:`champion`), read after the end is pinned so that no promotion falls
+    between the two.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        assert settings.kafka_bootstrap, "kafka_bootstrap must be resolved first"
+        self._settings = settings
+        self._topic = settings.topics.model_control
+        self._consumer: AIOKafkaConsumer | None = None
+
+    async def start(self) -> None:
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=self._settings.kafka_bootstrap,
+            group_id=None,
+            enable_auto_commit=False,
+            auto_offset_reset="latest",
+            client_id=f"{self._settings.worker_id}-model-watcher",
+        )
+        await consumer.start()
+        try:
+            await consumer.topics()  # fetches metadata, so the partitions are known
+            partitions = consumer.partitions_for_topic(self._topic)
+            if not partitions:
+                raise StreamError(f"topic {self._topic} does not exist; run ensure_topics")
+            tps = [TopicPartition(self._topic, partition) for partition in sorted(partitions)]
+            consumer.assign(tps)
+            # Resolve the end now: left to the first fetch, "latest" would be some later
+            # moment, and an announcement made in between would be missed.
+            await consumer.seek_to_end(*tps)
+            for tp in tps:
+                await consumer.position(tp)
+        except BaseException:
+            await consumer.stop()
+            raise
+        self._consumer = consumer
+
+    def champion(self) -> ModelAnnouncement | None:
+        """The registry's current champion as an announcement (None when nothing was
+        promoted); blocking file reads. :class:`ModelError` if the registry or the
+        champion's manifest is unreadable."""
+        registry = Registry(registry_root(self._settings))
+        pointer = registry.pointer()
+        if pointer is None:
+            return None
+        manifest = read_manifest(registry.root / pointer.version)
+        return ModelAnnouncement(version=pointer.version, sha256=manifest.sha256,
+                                 ts_event=pointer.promoted_at, ts_ingest=now_ms())
+
+    async def announcements(self) -> AsyncIterator[ModelAnnouncement]:
+        """Announcements as they arrive; undecodable ones are logged and skipped."""
+        assert self._consumer is not None, "start() first"
+        async for record in self._consumer:
+            try:
+                announcement = announcement_decoder.decode(record.value)
+            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                log.error("ignoring an undecodable model announcement at %s:%d: %s",
+                          record.topic, record.offset, exc)
+                continue
+            yield announcement
+
+    async def stop(self) -> None:
+        if self._consumer is not None:
+            await self._consumer.stop()
+            self._consumer = None

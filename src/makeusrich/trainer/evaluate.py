@@ -1,0 +1,559 @@
+"""Honest evaluation of forecasters: time-ordered splits, baselines and scored forecasts.
+
+:func:`evaluate` replays candle series through a forecaster and three baselines (persistence,
+drift, EMA), forecasting every next close only from the candles up to it, and scores them on
+identical candles. A span can be selected so that models are compared on candles none of
+them trained on; the report says when the span overlaps a model's training data.
+:func:`walk_forward_splits` gives leak-free train/test index splits of time-ordered samples.
+
+Only numpy and onnxruntime are needed, never torch.
+"""
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+from numpy.typing import NDArray
+
+from makeusrich.core.errors import ModelError, TrainingError
+from makeusrich.core.intervals import interval_ms
+from makeusrich.core.schemas import Candle
+from makeusrich.inference.features import (
+    OHLCV_COLUMNS,
+    FloatArray,
+    Normalisation,
+    compute_features,
+    log_returns,
+)
+from makeusrich.inference.model import (
+    Forecast,
+    Forecaster,
+    Manifest,
+    NaiveForecaster,
+    bundled_models_dir,
+    load_forecaster,
+    naive_log_quantiles,
+)
+from makeusrich.trainer.data import CandleSeries, load_series
+
+__all__ = [
+    "MODEL",
+    "DriftForecaster",
+    "EmaForecaster",
+    "Metrics",
+    "Report",
+    "Scores",
+    "Split",
+    "SymbolScores",
+    "baseline_forecasters",
+    "evaluate",
+    "evaluate_paths",
+    "feature_windows",
+    "fit_train_normalisation",
+    "resolve_forecaster",
+    "walk_forward_splits",
+]
+
+log = logging.getLogger(__name__)
+
+#: Key of the evaluated forecaster in :attr:`Scores.metrics` (baselines use their names).
+MODEL = "model"
+_CLOSE = OHLCV_COLUMNS.index("close")
+_CHUNK = 4096  # histories per predict_batch call; bounds memory on long spans
+_BP = 1e4
+# Two returns are the fewest that say anything about their spread.
+_MIN_CANDLES = 3
+
+
+# --- walk-forward splits ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Split:
+    """Indices of time-ordered samples: ``train`` all precede ``test``."""
+
+    train: range
+    test: range
+
+
+def walk_forward_splits(n: int, *, folds: int, test_size: int, min_train: int) -> list[Split]:
+    """Expanding-window splits of ``n`` time-ordered samples.
+
+    The ``folds`` test spans of ``test_size`` samples are consecutive, do not overlap and
+    end at the last sample; each fold trains on every sample before its test span (at
+    least ``min_train`` of them). Nothing is shuffled. :class:`TrainingError` when ``n``
+    is too small for that.
+    """
+    if folds < 1 or test_size < 1 or min_train < 1:
+        raise ValueError("folds, test_size and min_train must be at least 1")
+    first_test = n - folds * test_size
+    if first_test < min_train:
+        raise TrainingError(
+            f"{n} samples are too few for {folds} folds of {test_size} test samples after "
+            f"at least {min_train} training samples"
+        )
+    starts = range(first_test, n, test_size)
+    return [Split(train=range(start), test=range(start, start + test_size)) for start in starts]
+
+
+def feature_windows(ohlcv: FloatArray, window: int) -> FloatArray:
+    """Raw feature windows ``(samples, window, features)`` in time order, as the trainer
+    builds them: sample ``i`` holds feature rows ``i .. i + window - 1`` and its target is
+    the following row's log return, so the last window, which has none, is left out."""
+    features = compute_features(ohlcv)
+    count = len(features) - window
+    if count < 1:
+        return np.empty((0, window, features.shape[1]))
+    view = sliding_window_view(features, window, axis=0)  # (rows, features, window)
+    return np.ascontiguousarray(view[:count].transpose(0, 2, 1))
+
+
+def fit_train_normalisation(windows: FloatArray, split: Split) -> Normalisation:
+    """Normalisation fitted on the split's training samples only, so no statistic of the
+    test span leaks into the inputs the model is scored on."""
+    return Normalisation.fit(windows[split.train.start : split.train.stop])
+
+
+# --- baselines --------------------------------------------------------------------------
+
+
+def _returns(closes: FloatArray) -> FloatArray:
+    return log_returns(closes.T).T  # log_returns works along the first axis
+
+
+def _forecast_batch(
+    histories: Sequence[Sequence[Candle]],
+    window: int,
+    log_quantiles: Callable[[FloatArray], FloatArray],
+) -> list[Forecast | None]:
+    """Forecasts from the last ``window + 1`` closes of each history (fewer when it is
+    shorter, None below three), ``log_quantiles`` mapping closes ``(batch, k)`` to the
+    10%/50%/90% next log returns ``(batch, 3)``."""
+    results: list[Forecast | None] = [None] * len(histories)
+    by_length: dict[int, list[int]] = {}
+    for i, candles in enumerate(histories):
+        length = min(len(candles), window + 1)
+        if length >= _MIN_CANDLES:
+            by_length.setdefault(length, []).append(i)
+    # Equal-length histories stack into one array: one vectorised pass per length.
+    for length, rows in by_length.items():
+        closes = np.array([[c.close for c in histories[i][-length:]] for i in rows])
+        bands = closes[:, -1:] * np.exp(log_quantiles(closes))
+        for i, (lower, mid, upper) in zip(rows, bands.tolist(), strict=True):
+            results[i] = Forecast(predicted_close=mid, lower=lower, upper=upper)
+    return results
+
+
+def _naive_log_quantiles(closes: FloatArray) -> FloatArray:
+    return naive_log_quantiles(_returns(closes))
+
+
+class _Persistence(NaiveForecaster):
+    """The naive forecaster with a vectorised ``predict_batch``: an evaluation calls it on
+    every candle of a span."""
+
+    def predict_batch(self, histories: Sequence[Sequence[Candle]]) -> list[Forecast | None]:
+        results = _forecast_batch(histories, self.window, _naive_log_quantiles)
+        # Below three candles the naive forecaster bands by the last candle's range instead.
+        return [
+            self.predict(candles) if forecast is None else forecast
+            for forecast, candles in zip(results, histories, strict=True)
+        ]
+
+
+class _CloseBaseline:
+    """A forecaster from the last ``window + 1`` closes (None below three): a centre log
+    return per subclass, with the naive forecaster's 80% band from the standard deviation
+    of the recent log returns around it."""
+
+    version: str
+    interval: str | None = None  # serves every interval
+
+    def __init__(self, window: int = 30) -> None:
+        self.window = window
+
+    def _centre(self, closes: FloatArray, returns: FloatArray) -> FloatArray:
+        """Median next log return per row of ``closes`` ``(batch, k)``."""
+        raise NotImplementedError
+
+    def log_quantiles(self, closes: FloatArray) -> FloatArray:
+        """10%/50%/90% next log returns ``(batch, 3)`` from closes ``(batch, k)``."""
+        returns = _returns(closes)
+        return naive_log_quantiles(returns) + self._centre(closes, returns)[:, None]
+
+    def predict(self, candles: Sequence[Candle]) -> Forecast | None:
+        return self.predict_batch([candles])[0]
+
+    def predict_batch(self, histories: Sequence[Sequence[Candle]]) -> list[Forecast | None]:
+        return _forecast_batch(histories, self.window, self.log_quantiles)
+
+
+class DriftForecaster(_CloseBaseline):
+    """Drift: next close = last close x exp(mean log return over the window)."""
+
+    version = "drift"
+
+    def _centre(self, closes: FloatArray, returns: FloatArray) -> FloatArray:
+        centre: FloatArray = returns.mean(axis=1)
+        return centre
+
+
+class EmaForecaster(_CloseBaseline):
+    """EMA: next close = exponential moving average of the window's closes, with smoothing
+    2 / (window + 1) and weights normalised over the window (no seed value)."""
+
+    version = "ema"
+
+    def _centre(self, closes: FloatArray, returns: FloatArray) -> FloatArray:
+        alpha = 2.0 / (self.window + 1)
+        weights = (1.0 - alpha) ** np.arange(closes.shape[1] - 1, -1, -1, dtype=np.float64)
+        ema = closes @ (weights / weights.sum())
+        centre: FloatArray = np.log(ema / closes[:, -1])
+        return centre
+
+
+def baseline_forecasters(window: int = 30) -> dict[str, Forecaster]:
+    """The baselines every evaluation reports, by name; ``persistence`` is the naive
+    forecaster that skill is measured against."""
+    return {
+        "persistence": _Persistence(window),
+        "drift": DriftForecaster(window),
+        "ema": EmaForecaster(window),
+    }
+
+
+# --- report -----------------------------------------------------------------------------
+
+
+class Metrics(msgspec.Struct, frozen=True):
+    """Scores of one forecaster's next-close forecasts.
+
+    ``mae``/``rmse`` are in quote currency. ``skill`` = 1 - mae / mae of persistence (None
+    when persistence is exact). ``directional_accuracy``: share of candles whose close moved
+    where the forecast's move (predicted - last close) has the realised move's sign; a
+    forecast of no move counts half (a coin flip), candles whose close did not move are
+    left out (None when all are). ``coverage_80``: share of closes inside [lower, upper];
+    ``interval_width_bp``: mean (upper - lower) in basis points of the last close.
+    """
+
+    mae: float
+    rmse: float
+    skill: float | None
+    directional_accuracy: float | None
+    coverage_80: float
+    interval_width_bp: float
+
+
+class Scores(msgspec.Struct, frozen=True, kw_only=True):
+    """Metrics of every forecaster on the same ``forecasts`` target candles (open times in
+    UTC epoch ms); :data:`MODEL` is the evaluated forecaster, the rest are baselines."""
+
+    forecasts: int
+    first_target_open_time: int
+    last_target_open_time: int
+    metrics: dict[str, Metrics]
+
+
+class SymbolScores(Scores, frozen=True, kw_only=True):
+    symbol: str
+    interval: str
+
+
+class Report(msgspec.Struct, frozen=True, kw_only=True):
+    """Evaluation of one model. ``overall`` pools every forecast, so in MAE, RMSE and skill
+    symbols with higher prices weigh more. ``overlaps_training``: a target candle lies in
+    the model's training data range (same symbol and interval), so its scores are
+    optimistic."""
+
+    model: str
+    start_open_time: int | None
+    end_open_time: int | None
+    overlaps_training: bool
+    training_first_open_time: int | None
+    training_last_open_time: int | None
+    symbols: list[SymbolScores]
+    overall: Scores
+
+    def to_dict(self) -> dict[str, Any]:
+        result: dict[str, Any] = msgspec.to_builtins(self)
+        return result
+
+    def to_json(self) -> str:
+        return msgspec.json.format(msgspec.json.encode(self).decode(), indent=2)
+
+    def render(self) -> str:
+        """A compact text table per symbol, and overall when there are several."""
+        lines = [f"model {self.model}: {self.overall.forecasts} forecasts of the next close"]
+        if self.overlaps_training:
+            lines.append(
+                "WARNING: the span overlaps the model's training data "
+                f"({_utc(self.training_first_open_time)} .. "
+                f"{_utc(self.training_last_open_time)} UTC); its scores are optimistic"
+            )
+        sections: list[tuple[str, Scores]] = [(f"{s.symbol} {s.interval}", s) for s in self.symbols]
+        if len(self.symbols) > 1:
+            sections.append(("overall", self.overall))
+        for title, scores in sections:
+            lines.append("")
+            lines.extend(_render_scores(title, scores))
+        return "\n".join(lines)
+
+
+def _utc(ms: int | None) -> str:
+    if ms is None:
+        return "?"
+    return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%d %H:%M")
+
+
+def _percent(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1%}"
+
+
+def _render_scores(title: str, scores: Scores) -> list[str]:
+    lines = [
+        f"{title}: {scores.forecasts} forecasts, targets {_utc(scores.first_target_open_time)}"
+        f" .. {_utc(scores.last_target_open_time)} UTC",
+        f"  {'forecaster':<12}{'MAE':>12}{'RMSE':>12}{'skill':>9}{'direction':>11}"
+        f"{'cover80':>9}{'width bp':>10}",
+    ]
+    for name, m in scores.metrics.items():
+        skill = "n/a" if m.skill is None else f"{m.skill:+.4f}"
+        lines.append(
+            f"  {name:<12}{m.mae:>12.6g}{m.rmse:>12.6g}{skill:>9}"
+            f"{_percent(m.directional_accuracy):>11}{_percent(m.coverage_80):>9}"
+            f"{m.interval_width_bp:>10.2f}"
+        )
+    return lines
+
+
+# --- evaluation -------------------------------------------------------------------------
+
+
+@dataclass
+class _Scored:
+    """Forecasts of one series segment that every forecaster answered."""
+
+    target_time: NDArray[np.int64]
+    last: FloatArray
+    actual: FloatArray
+    bands: dict[str, FloatArray]  # (forecasts, 3): lower, predicted, upper
+
+
+def _candles(series: CandleSeries, first: int, last: int) -> list[Candle]:
+    step = interval_ms(series.interval)
+    # load_series keeps neither quote volume nor trade count; no forecaster reads them.
+    return [
+        Candle(
+            symbol=series.symbol,
+            interval=series.interval,
+            open_time=open_time,
+            close_time=open_time + step - 1,
+            open=o,
+            high=h,
+            low=low,
+            close=c,
+            volume=v,
+            quote_volume=0.0,
+            trades=0,
+            taker_buy_volume=taker_buy,
+            taker_buy_quote_volume=0.0,
+            source="replay",
+            ts_event=open_time + step - 1,
+            ts_ingest=open_time + step - 1,
+        )
+        for open_time, (o, h, low, c, v, taker_buy) in zip(
+            series.open_time[first : last + 1].tolist(),
+            series.ohlcv[first : last + 1].tolist(),
+            strict=True,
+        )
+    ]
+
+
+def _bands(forecasts: list[Forecast | None]) -> FloatArray:
+    nan = (np.nan, np.nan, np.nan)
+    return np.array(
+        [nan if f is None else (f.lower, f.predicted_close, f.upper) for f in forecasts],
+        dtype=np.float64,
+    ).reshape(len(forecasts), 3)
+
+
+def _score_series(
+    series: CandleSeries, forecasters: dict[str, Forecaster], start: int, end: int
+) -> _Scored | None:
+    need = max(f.window for f in forecasters.values()) + 1
+    times = series.open_time
+    # A forecast made at candle t targets t + 1; both must lie in the span, while the
+    # history before t may reach back before it (that is the past, not a leak).
+    t = np.arange(need - 1, len(series) - 1)
+    t = t[(times[t] >= start) & (times[t + 1] <= end)]
+    if not len(t):
+        return None
+    offset = int(t[0]) - need + 1
+    candles = _candles(series, offset, int(t[-1]))
+    raw: dict[str, list[Forecast | None]] = {name: [] for name in forecasters}
+    for chunk in range(0, len(t), _CHUNK):
+        ends = (t[chunk : chunk + _CHUNK] - offset).tolist()
+        histories = [candles[e - need + 1 : e + 1] for e in ends]
+        for name, forecaster in forecasters.items():
+            raw[name].extend(forecaster.predict_batch(histories))
+    bands = {name: _bands(forecasts) for name, forecasts in raw.items()}
+    # Every forecaster is scored on the same candles: drop any one of them could not answer.
+    answered = np.all([np.isfinite(b).all(axis=1) for b in bands.values()], axis=0)
+    t = t[answered]
+    return _Scored(
+        target_time=times[t + 1],
+        last=series.ohlcv[t, _CLOSE],
+        actual=series.ohlcv[t + 1, _CLOSE],
+        bands={name: b[answered] for name, b in bands.items()},
+    )
+
+
+def _metrics(band: FloatArray, last: FloatArray, actual: FloatArray, mae_base: float) -> Metrics:
+    lower, predicted, upper = band[:, 0], band[:, 1], band[:, 2]
+    error = predicted - actual
+    mae = float(np.mean(np.abs(error)))
+    realised = np.sign(actual - last)
+    called = np.sign(predicted - last)
+    moved = realised != 0
+    hits = np.where(called == 0, 0.5, (called == realised).astype(np.float64))[moved]
+    return Metrics(
+        mae=mae,
+        rmse=float(np.sqrt(np.mean(error**2))),
+        skill=1.0 - mae / mae_base if mae_base > 0 else None,
+        directional_accuracy=float(hits.mean()) if len(hits) else None,
+        coverage_80=float(np.mean((actual >= lower) & (actual <= upper))),
+        interval_width_bp=float(np.mean((upper - lower) / last) * _BP),
+    )
+
+
+def _scores(parts: Sequence[_Scored]) -> dict[str, Any]:
+    target_time = np.concatenate([p.target_time for p in parts])
+    last = np.concatenate([p.last for p in parts])
+    actual = np.concatenate([p.actual for p in parts])
+    bands = {name: np.concatenate([p.bands[name] for p in parts]) for name in parts[0].bands}
+    mae_base = float(np.mean(np.abs(last - actual)))
+    return {
+        "forecasts": len(target_time),
+        "first_target_open_time": int(target_time.min()),
+        "last_target_open_time": int(target_time.max()),
+        "metrics": {name: _metrics(b, last, actual, mae_base) for name, b in bands.items()},
+    }
+
+
+def _overlaps(
+    manifest: Manifest | None, key: tuple[str, str], target_time: NDArray[np.int64]
+) -> bool:
+    if manifest is None:
+        return False
+    data = manifest.training_data
+    if key[0] not in data.symbols or key[1] != data.interval:
+        return False
+    inside = (target_time >= data.first_open_time) & (target_time <= data.last_open_time)
+    return bool(inside.any())
+
+
+def evaluate(
+    forecaster: Forecaster,
+    series: CandleSeries | Sequence[CandleSeries],
+    *,
+    start_open_time: int | None = None,
+    end_open_time: int | None = None,
+) -> Report:
+    """Score ``forecaster`` and the baselines on every next close of ``series``.
+
+    For each candle t with enough history for all of them (the largest window + 1
+    candles), each forecasts close[t + 1] from candles up to t only. With a span (UTC
+    epoch ms, inclusive), only forecasts whose candle t and target t + 1 both lie in it
+    are scored. :class:`ModelError` when the model was trained on another interval,
+    :class:`TrainingError` when nothing can be scored.
+    """
+    all_series = [series] if isinstance(series, CandleSeries) else list(series)
+    for s in all_series:
+        if forecaster.interval is not None and s.interval != forecaster.interval:
+            raise ModelError(
+                f"model {forecaster.version} forecasts {forecaster.interval} candles; "
+                f"{s.symbol} has {s.interval} candles"
+            )
+    forecasters = {MODEL: forecaster, **baseline_forecasters()}
+    start = -(2**63) if start_open_time is None else start_open_time
+    end = 2**63 - 1 if end_open_time is None else end_open_time
+    groups: dict[tuple[str, str], list[_Scored]] = {}
+    for s in all_series:
+        scored = _score_series(s, forecasters, start, end)
+        if scored is not None and len(scored.target_time):
+            groups.setdefault((s.symbol, s.interval), []).append(scored)
+    if not groups:
+        need = max(f.window for f in forecasters.values()) + 2
+        raise TrainingError(
+            f"nothing to score: no {need} consecutive candles in the span "
+            "(a history for every forecaster and the next candle)"
+        )
+    manifest = getattr(forecaster, "manifest", None)
+    manifest = manifest if isinstance(manifest, Manifest) else None
+    overlaps = any(
+        _overlaps(manifest, key, part.target_time)
+        for key, parts in groups.items()
+        for part in parts
+    )
+    if overlaps:
+        log.warning(
+            "the evaluated span overlaps the training data of %s: its scores are optimistic",
+            forecaster.version,
+        )
+    return Report(
+        model=forecaster.version,
+        start_open_time=start_open_time,
+        end_open_time=end_open_time,
+        overlaps_training=overlaps,
+        training_first_open_time=manifest.training_data.first_open_time if manifest else None,
+        training_last_open_time=manifest.training_data.last_open_time if manifest else None,
+        symbols=[
+            SymbolScores(symbol=symbol, interval=interval, **_scores(parts))
+            for (symbol, interval), parts in sorted(groups.items())
+        ],
+        overall=Scores(**_scores([p for parts in groups.values() for p in parts])),
+    )
+
+
+def resolve_forecaster(model: str, registry_dir: Path | None = None) -> Forecaster:
+    """``naive``, ``champion`` (the newest version in ``registry_dir``), a path to a version
+    directory, or a version name inside ``registry_dir``; None = the bundled models."""
+    registry = bundled_models_dir() if registry_dir is None else registry_dir
+    if model == "naive":
+        return _Persistence()
+    if model == "champion":
+        return load_forecaster(registry_dir)
+    path = Path(model)
+    if path.is_dir():
+        return load_forecaster(path)
+    candidate = registry / model
+    if not candidate.is_dir():
+        raise ModelError(
+            f"no model {model!r}: not naive, champion, a directory, or a version in {registry}"
+        )
+    return load_forecaster(candidate)
+
+
+def evaluate_paths(
+    model: str,
+    data: Sequence[Path | str],
+    registry_dir: Path | None = None,
+    *,
+    start_open_time: int | None = None,
+    end_open_time: int | None = None,
+) -> Report:
+    """:func:`evaluate` the model named as in :func:`resolve_forecaster` on candle files,
+    directories or globs (see :func:`load_series`)."""
+    forecaster = resolve_forecaster(model, registry_dir)
+    return evaluate(
+        forecaster,
+        load_series(data),
+        start_open_time=start_open_time,
+        end_open_time=end_open_time,
+    )

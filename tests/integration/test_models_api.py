@@ -1,0 +1,217 @@
+"""``/v1/models`` over real HTTP (uvicorn in a thread) against a real redis-server: the
+registry on disk, the champion pointer and the version the worker says it serves."""
+
+import contextlib
+import json
+import shutil
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+
+from makeusrich.api import create_app
+from makeusrich.core.embedded import EmbeddedService
+from makeusrich.core.settings import Settings
+from makeusrich.core.store import RedisStore
+from makeusrich.inference import (
+    MANIFEST_FILE,
+    MODEL_FILE,
+    OnnxForecaster,
+    Registry,
+    bundled_models_dir,
+    load_forecaster,
+    read_manifest,
+)
+
+pytestmark = pytest.mark.integration
+
+OLD = "lstm-20250101-000000-aaaaaaaa"
+NEW = "lstm-20250301-000000-bbbbbbbb"
+MODEL_FIELDS = {
+    "version", "kind", "created_at", "window", "symbols", "interval", "metrics", "sha256_ok",
+    "is_champion", "serving", "problem",
+}
+
+
+def _bundled_version_dir() -> Path:
+    """The bundled version the service serves by default."""
+    forecaster = load_forecaster(None)
+    assert isinstance(forecaster, OnnxForecaster)
+    return forecaster.path
+
+
+def _make_version(root: Path, name: str) -> Path:
+    path = Path(shutil.copytree(_bundled_version_dir(), root / name))
+    manifest = json.loads((path / MANIFEST_FILE).read_text())
+    manifest["version"] = name
+    (path / MANIFEST_FILE).write_text(json.dumps(manifest))
+    return path
+
+
+@contextlib.contextmanager
+def _serve_in_thread(settings: Settings) -> Iterator[str]:
+    server = uvicorn.Server(
+        uvicorn.Config(
+            create_app(settings), host="127.0.0.1", port=0, log_level="warning",
+            timeout_graceful_shutdown=1,
+        )
+    )
+    thread = threading.Thread(target=server.run, name="uvicorn-models-test", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 15
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.02)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(15)
+        assert not thread.is_alive(), "uvicorn did not stop"
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    root = tmp_path / "registry"
+    root.mkdir()
+    _make_version(root, OLD)
+    _make_version(root, NEW)
+    return root
+
+
+@pytest.fixture
+def make_settings(redis_server: EmbeddedService) -> Callable[..., Settings]:
+    prefix = f"t-{uuid.uuid4().hex[:10]}"
+
+    def build(**overrides: Any) -> Settings:
+        values: dict[str, Any] = {
+            "redis_url": redis_server.url, "redis_prefix": prefix, "kafka_bootstrap": None,
+        }
+        values.update(overrides)
+        return Settings(_env_file=None, **values)
+
+    return build
+
+
+@pytest.fixture
+async def store(make_settings: Callable[..., Settings]) -> AsyncIterator[RedisStore]:
+    store = RedisStore.from_settings(make_settings())
+    yield store
+    await store.client.delete(store.keys.model)
+    await store.aclose()
+
+
+@pytest.fixture
+def start_api(make_settings: Callable[..., Settings]) -> Iterator[Callable[..., str]]:
+    with contextlib.ExitStack() as stack:
+
+        def start(**overrides: Any) -> str:
+            return stack.enter_context(_serve_in_thread(make_settings(**overrides)))
+
+        yield start
+
+
+@pytest.fixture
+async def client(
+    start_api: Callable[..., str], root: Path
+) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(base_url=start_api(model_dir=root), timeout=10) as client:
+        yield client
+
+
+async def test_list_models(client: httpx.AsyncClient, root: Path, store: RedisStore) -> None:
+    response = await client.get("/v1/models")
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert [row["version"] for row in body] == [OLD, NEW]
+    assert set(body[0]) == MODEL_FIELDS
+    source = read_manifest(root / OLD)
+    assert body[0] | {"metrics": None} == {
+        "version": OLD, "kind": source.architecture.kind, "created_at": source.created_at,
+        "window": source.window, "symbols": list(source.training_data.symbols),
+        "interval": source.training_data.interval, "metrics": None,
+        "sha256_ok": True, "is_champion": False, "serving": False, "problem": None,
+    }
+    assert body[0]["metrics"]["skill"] == source.metrics["skill"]
+
+    # Promotion, the worker's model record and a corrupted file all show up at once.
+    Registry(root).promote(OLD, "test")
+    await store.set_model(NEW)
+    (root / NEW / MODEL_FILE).write_bytes(b"swapped")
+    body = (await client.get("/v1/models")).json()
+    flags = [(r["is_champion"], r["serving"], r["sha256_ok"]) for r in body]
+    assert flags == [(True, False, True), (False, True, False)]
+    assert "sha256" in body[1]["problem"]
+
+
+async def test_model_details(client: httpx.AsyncClient, root: Path, store: RedisStore) -> None:
+    Registry(root).promote(NEW, "test")
+    await store.set_model(NEW)
+
+    response = await client.get(f"/v1/models/{NEW}")
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert set(body) == MODEL_FIELDS | {"manifest"}
+    assert (body["version"], body["is_champion"], body["serving"], body["sha256_ok"]) == (
+        NEW, True, True, True
+    )
+    manifest = json.loads((root / NEW / MANIFEST_FILE).read_text())
+    # Fields newer than the file (with defaults) are in the response too.
+    assert {name: body["manifest"][name] for name in manifest} == manifest
+
+
+async def test_unreadable_manifest_details(client: httpx.AsyncClient, root: Path) -> None:
+    (root / OLD / MANIFEST_FILE).write_text("{")
+    body = (await client.get(f"/v1/models/{OLD}")).json()
+    assert (body["manifest"], body["sha256_ok"], body["kind"]) == (None, False, None)
+    assert "not a valid model manifest" in body["problem"]
+
+
+@pytest.mark.parametrize("version", ["nope", ".staging-x", "champion.json"])
+async def test_unknown_version_is_404(client: httpx.AsyncClient, version: str) -> None:
+    response = await client.get(f"/v1/models/{version}")
+    assert response.status_code == 404
+    assert response.json() == {"detail": f"unknown model version '{version}'; known: {OLD}, {NEW}"}
+
+
+@pytest.mark.parametrize(
+    ("raw", "detail"),
+    [
+        ("%2E%2E", f"unknown model version '..'; known: {OLD}, {NEW}"),
+        ("..%2F..%2Fetc", "Not Found"),  # a decoded "/" no longer matches the route
+    ],
+)
+async def test_path_traversal_is_404(client: httpx.AsyncClient, raw: str, detail: str) -> None:
+    # Percent-encoded so that httpx does not normalise the dots away.
+    response = await client.get(f"/v1/models/{raw}")
+    assert (response.status_code, response.json()["detail"]) == (404, detail)
+
+
+async def test_bundled_models_by_default(start_api: Callable[..., str]) -> None:
+    async with httpx.AsyncClient(base_url=start_api(), timeout=10) as client:
+        body = (await client.get("/v1/models")).json()
+    bundled = sorted(p.name for p in bundled_models_dir().iterdir() if (p / MANIFEST_FILE).exists())
+    assert [row["version"] for row in body] == bundled
+    assert all(row["sha256_ok"] for row in body)
+
+
+async def test_broken_registry_is_500(start_api: Callable[..., str], tmp_path: Path) -> None:
+    async with httpx.AsyncClient(base_url=start_api(model_dir=tmp_path / "nope")) as client:
+        response = await client.get("/v1/models")
+        assert response.status_code == 500
+        assert "does not exist" in response.json()["detail"]
+        assert (await client.get(f"/v1/models/{OLD}")).status_code == 500
+
+
+async def test_openapi_documents_the_models(client: httpx.AsyncClient) -> None:
+    spec = (await client.get("/openapi.json")).json()
+    assert {"/v1/models", "/v1/models/{version}"} <= set(spec["paths"])
+    assert set(spec["components"]["schemas"]["ModelOut"]["properties"]) == MODEL_FIELDS

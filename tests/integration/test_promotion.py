@@ -1,0 +1,75 @@
+"""The promotion rule and `mur models`, on a registry of real model versions."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from makeusrich.inference import Registry, load_forecaster
+from makeusrich.trainer.promotion import decide_promotion
+
+pytestmark = [pytest.mark.integration]
+
+DAY = Path(__file__).parent.parent / "data" / "BTCUSDT-1m-2025-11-20.csv"
+
+
+def _copy_version(registry: Path, name: str, *, shift_mean: float = 0.0) -> str:
+    """The bundled model under a new name; a shifted return mean makes it a worse model
+    (the sha256 covers model.onnx only, so the copy stays valid)."""
+    source = load_forecaster(None).path
+    target = registry / name
+    shutil.copytree(source, target)
+    manifest_path = target / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["version"] = name
+    manifest["normalisation"]["mean"][0] += shift_mean
+    manifest_path.write_text(json.dumps(manifest))
+    return name
+
+
+@pytest.fixture
+def registry(tmp_path: Path) -> Registry:
+    _copy_version(tmp_path, "lstm-20250101-000000-aaaaaaaa")
+    _copy_version(tmp_path, "lstm-20250102-000000-bbbbbbbb", shift_mean=0.01)
+    return Registry(tmp_path)
+
+
+def test_first_version_becomes_champion(registry: Registry) -> None:
+    decision = decide_promotion(registry, "lstm-20250101-000000-aaaaaaaa", [DAY])
+    assert decision.promote and decision.reason == "no champion yet"
+
+
+def test_a_worse_challenger_is_refused_and_a_better_one_promoted(registry: Registry) -> None:
+    good, bad = "lstm-20250101-000000-aaaaaaaa", "lstm-20250102-000000-bbbbbbbb"
+    registry.promote(good, "test")
+    refused = decide_promotion(registry, bad, [DAY])
+    assert not refused.promote
+    assert refused.challenger_mae is not None and refused.champion_mae is not None
+    assert refused.challenger_mae > refused.champion_mae
+
+    registry.promote(bad, "test", force=True)
+    accepted = decide_promotion(registry, good, [DAY])
+    assert accepted.promote and "<" in accepted.reason
+
+
+def _mur(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "makeusrich", *args], capture_output=True,
+                          text=True, timeout=300, check=False, env={"PATH": "/usr/bin:/bin"})
+
+
+def test_mur_models_promote_refuses_then_rollback(registry: Registry) -> None:
+    good, bad = "lstm-20250101-000000-aaaaaaaa", "lstm-20250102-000000-bbbbbbbb"
+    root = str(registry.root)
+    assert _mur("models", "--registry", root, "promote", good, "--data", str(DAY)).returncode == 0
+    refused = _mur("models", "--registry", root, "promote", bad, "--data", str(DAY))
+    assert refused.returncode == 1 and "not promoted" in refused.stdout
+    assert registry.champion() == good
+    assert _mur("models", "--registry", root, "promote", bad, "--force").returncode == 0
+    assert registry.champion() == bad
+    assert _mur("models", "--registry", root, "rollback").returncode == 0
+    assert registry.champion() == good
+    listing = _mur("models", "--registry", root, "list").stdout
+    assert good in listing and bad in listing
