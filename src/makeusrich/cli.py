@@ -151,6 +151,36 @@ def _cmd_api(args: argparse.Namespace) -> None:
     serve(settings)
 
 
+def _cmd_archive(args: argparse.Namespace) -> None:
+    from makeusrich.trainer.archive import run_archiver
+
+    settings = _settings(args)
+    _require_services(settings)
+    _run_async(lambda stop: run_archiver(settings, stop))
+
+
+def _cmd_backfill(args: argparse.Namespace) -> None:
+    from makeusrich.trainer.backfill import backfill
+
+    settings = _settings(args)
+    out = args.out or settings.archive_dir
+    parts = asyncio.run(backfill(settings, args.symbols or settings.symbols, args.interval,
+                                 args.days, out))
+    print(f"{len(parts)} archive parts written under {out}")
+
+
+def _cmd_trainer(args: argparse.Namespace) -> None:
+    from makeusrich.trainer.schedule import parse_duration, run_schedule
+
+    settings = _settings(args)
+    registry = args.registry or settings.model_dir
+    if registry is None:  # never write new versions into the installed package
+        raise ConfigError("mur trainer needs --registry DIR or MUR_MODEL_DIR")
+    data = args.data or [str(settings.archive_dir)]
+    run_schedule(settings, data, Path(registry), every_s=parse_duration(args.every),
+                 arch=args.arch, epochs=args.epochs, runs=args.runs)
+
+
 def _cmd_record(args: argparse.Namespace) -> None:
     from makeusrich.stream.record import record
 
@@ -274,7 +304,7 @@ class _Supervisor:
         env = {**os.environ, **_to_env(settings)}
         # Start order matters little (each retries its connections); API first so the
         # URL answers as soon as it is printed.
-        for name in ("api", "worker", "ingest"):
+        for name in ("api", "worker", "archive", "ingest"):
             self.children[name] = subprocess.Popen(
                 [sys.executable, "-m", "makeusrich", name], env=env,
                 stdin=subprocess.DEVNULL, preexec_fn=kill_with_parent,
@@ -297,7 +327,7 @@ class _Supervisor:
 
     def stop(self) -> None:
         self.stopping = True
-        for name in ("ingest", "worker", "api"):
+        for name in ("ingest", "worker", "archive", "api"):
             child = self.children.get(name)
             if child is not None and child.poll() is None:
                 child.send_signal(signal.SIGTERM)
@@ -371,6 +401,7 @@ def _parser() -> argparse.ArgumentParser:
         ("ingest", _cmd_ingest, "publish trades from the source to Kafka"),
         ("worker", _cmd_worker, "the Faust worker: candles + predictions"),
         ("api", _cmd_api, "the HTTP API (REST + SSE)"),
+        ("archive", _cmd_archive, "sink the candles topic to Parquet (MUR_ARCHIVE_DIR)"),
     ]:
         cmd = sub.add_parser(name, help=text)
         _add_common(cmd)
@@ -409,6 +440,20 @@ def _parser() -> argparse.ArgumentParser:
     rollback = actions.add_parser("rollback", help="back to the previous champion")
     rollback.add_argument("--reason")
     models.set_defaults(func=_cmd_models)
+    backfill = sub.add_parser("backfill", help="Binance REST klines into the candle archive")
+    backfill.add_argument("--symbols", type=_symbol_list)
+    backfill.add_argument("--interval", default="1m")
+    backfill.add_argument("--days", type=float, default=7.0)
+    backfill.add_argument("--out", type=Path, help="default: MUR_ARCHIVE_DIR")
+    backfill.set_defaults(func=_cmd_backfill)
+    trainer = sub.add_parser("trainer", help="retrain on a schedule and promote by the rule")
+    trainer.add_argument("--every", default="6h", help="e.g. 6h, 30m, 90s")
+    trainer.add_argument("--data", nargs="+", help="default: the candle archive")
+    trainer.add_argument("--registry", type=Path, help="default: MUR_MODEL_DIR or bundled")
+    trainer.add_argument("--arch", default="lstm", choices=ARCHITECTURES)
+    trainer.add_argument("--epochs", type=int, default=10)
+    trainer.add_argument("--runs", type=int, help="stop after this many runs")
+    trainer.set_defaults(func=_cmd_trainer)
     return parser
 
 

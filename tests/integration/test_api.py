@@ -7,21 +7,18 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import httpx
 import msgspec
 import pytest
 import redis.asyncio as aioredis
-import uvicorn
-from fastapi import FastAPI
 from httpx_sse import EventSource, ServerSentEvent, aconnect_sse
 
+from kit.api import RunningApi, serve_in_thread
 from makeusrich.api import create_app
 from makeusrich.api.broadcast import Broadcaster
 from makeusrich.core.embedded import EmbeddedService, free_port
@@ -66,41 +63,6 @@ def make_prediction(i: int = 0, symbol: str = "BTCUSDT", interval: str = "1m") -
     )
 
 
-@dataclass
-class RunningApi:
-    base_url: str
-    app: FastAPI
-    settings: Settings
-
-    @property
-    def broadcaster(self) -> Broadcaster:
-        broadcaster: Broadcaster = self.app.state.broadcaster
-        return broadcaster
-
-
-@contextlib.contextmanager
-def _serve_in_thread(settings: Settings) -> Iterator[RunningApi]:
-    app = create_app(settings)
-    config = uvicorn.Config(
-        app, host="127.0.0.1", port=0, log_level="warning", timeout_graceful_shutdown=1
-    )
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, name="uvicorn-test", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 15
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("uvicorn did not start")
-        time.sleep(0.02)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield RunningApi(f"http://127.0.0.1:{port}", app, settings)
-    finally:
-        server.should_exit = True
-        thread.join(15)
-        assert not thread.is_alive(), "uvicorn did not stop"
-
-
 @pytest.fixture
 def make_settings(redis_server: EmbeddedService) -> Callable[..., Settings]:
     prefix = f"t-{uuid.uuid4().hex[:10]}"
@@ -125,7 +87,7 @@ def start_api(make_settings: Callable[..., Settings]) -> Iterator[Callable[..., 
     with contextlib.ExitStack() as stack:
 
         def start(**overrides: Any) -> RunningApi:
-            return stack.enter_context(_serve_in_thread(make_settings(**overrides)))
+            return stack.enter_context(serve_in_thread(make_settings(**overrides)))
 
         yield start
 
@@ -275,7 +237,7 @@ async def test_readyz_with_real_kafka(
 
 async def test_readyz_when_redis_is_down(make_settings: Callable[..., Settings]) -> None:
     settings = make_settings(redis_url=f"redis://127.0.0.1:{free_port()}/0")
-    with _serve_in_thread(settings) as api:
+    with serve_in_thread(settings) as api:
         async with httpx.AsyncClient(base_url=api.base_url) as client:
             assert (await client.get("/healthz")).status_code == 200
             response = await client.get("/readyz")

@@ -3,8 +3,7 @@
 import os
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import msgspec
@@ -13,6 +12,7 @@ import redis
 
 from kit.klines import assert_same_as_binance, binance_klines
 from kit.registry import add_version, corrupt_model
+from kit.worker import history, wait_until, worker_stats
 from makeusrich.cli import BUNDLED_SAMPLE, _to_env
 from makeusrich.core.embedded import EmbeddedService, kill_with_parent
 from makeusrich.core.schemas import EndOfStream, Trade
@@ -63,26 +63,8 @@ def worker(settings: Settings) -> Iterator[subprocess.Popen[bytes]]:
     proc.wait(30)
 
 
-def _wait(predicate: Callable[[], bool], what: str, timeout_s: float = 90) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def _history(client: redis.Redis, settings: Settings, kind: str) -> list[dict]:
-    key = settings.redis_keys.history(kind, "BTCUSDT", "1m")
-    return [msgspec.json.decode(fields[b"d"]) for _, fields in client.xrange(key)]
-
-
 def _serving(client: redis.Redis, settings: Settings) -> str:
     return (client.hget(settings.redis_keys.model, "version") or b"").decode()
-
-
-def _stat(client: redis.Redis, settings: Settings, name: str) -> int:
-    return int(client.hget(settings.redis_keys.worker_stats(settings.worker_id), name) or 0)
 
 
 def _alerts(client: redis.Redis, settings: Settings) -> list[dict]:
@@ -109,23 +91,24 @@ def test_announced_models_are_swapped_in_between_candles(
         publisher.flush()
         # A candle closes once event time passes its end by grace_ms.
         closed = (part[-1].ts_event - settings.grace_ms - hour) // 60_000
-        _wait(lambda: len(_history(redis_client, settings, "prediction")) >= closed,
+        wait_until(lambda: len(history(redis_client, settings, "prediction")) >= closed,
               f"{closed} predictions")
         return closed
 
-    _wait(lambda: _serving(redis_client, settings) == A, f"the worker to serve {A}")
+    wait_until(lambda: _serving(redis_client, settings) == A, f"the worker to serve {A}")
     warm_up = read_manifest(registry / A).window  # candles predicted by the naive baseline
     switched_at = feed(parts[0])
     assert switched_at > warm_up + 1, "A must make real predictions before the swap"
 
     Registry(registry).promote(B, "test: hot swap")
     announce_model(settings, B, read_manifest(registry / B).sha256)
-    _wait(lambda: _serving(redis_client, settings) == B, f"the worker to serve {B}")
+    wait_until(lambda: _serving(redis_client, settings) == B, f"the worker to serve {B}")
     feed(parts[1])
 
     announce_model(settings, C, read_manifest(registry / C).sha256)  # corrupt model.onnx
-    _wait(lambda: _alerts(redis_client, settings) != [], "an alert for the corrupt model")
-    _wait(lambda: _stat(redis_client, settings, "model_rejections") == 1, "the rejection count")
+    wait_until(lambda: _alerts(redis_client, settings) != [], "an alert for the corrupt model")
+    wait_until(lambda: worker_stats(redis_client, settings).get("model_rejections", 0) == 1,
+               "the rejection count")
     assert _serving(redis_client, settings) == B
     (alert,) = _alerts(redis_client, settings)
     assert alert["kind"] == "model_rejected" and alert["model_version"] == C
@@ -135,12 +118,12 @@ def test_announced_models_are_swapped_in_between_candles(
     publisher.send(EndOfStream("BTCUSDT", trades[-1].ts_event, 0, "replay"))
     publisher.close()
     expected = binance_klines(minutes=60)
-    _wait(lambda: len(_history(redis_client, settings, "prediction")) >= len(expected),
+    wait_until(lambda: len(history(redis_client, settings, "prediction")) >= len(expected),
           "every candle's prediction")
 
-    candles = _history(redis_client, settings, "candle")
+    candles = history(redis_client, settings, "candle")
     assert_same_as_binance(candles, expected)
-    predictions = _history(redis_client, settings, "prediction")
+    predictions = history(redis_client, settings, "prediction")
     # One prediction per candle: none skipped or doubled across the swaps.
     assert [p["candle_open_time"] for p in predictions] == [c["open_time"] for c in candles]
     versions = [p["model_version"] for p in predictions]

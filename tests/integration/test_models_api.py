@@ -4,8 +4,6 @@ registry on disk, the champion pointer and the version the worker says it serves
 import contextlib
 import json
 import shutil
-import threading
-import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -13,9 +11,8 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 
-from makeusrich.api import create_app
+from kit.api import serve_in_thread
 from makeusrich.core.embedded import EmbeddedService
 from makeusrich.core.settings import Settings
 from makeusrich.core.store import RedisStore
@@ -54,30 +51,6 @@ def _make_version(root: Path, name: str) -> Path:
     return path
 
 
-@contextlib.contextmanager
-def _serve_in_thread(settings: Settings) -> Iterator[str]:
-    server = uvicorn.Server(
-        uvicorn.Config(
-            create_app(settings), host="127.0.0.1", port=0, log_level="warning",
-            timeout_graceful_shutdown=1,
-        )
-    )
-    thread = threading.Thread(target=server.run, name="uvicorn-models-test", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 15
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("uvicorn did not start")
-        time.sleep(0.02)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(15)
-        assert not thread.is_alive(), "uvicorn did not stop"
-
-
 @pytest.fixture
 def root(tmp_path: Path) -> Path:
     root = tmp_path / "registry"
@@ -114,7 +87,7 @@ def start_api(make_settings: Callable[..., Settings]) -> Iterator[Callable[..., 
     with contextlib.ExitStack() as stack:
 
         def start(**overrides: Any) -> str:
-            return stack.enter_context(_serve_in_thread(make_settings(**overrides)))
+            return stack.enter_context(serve_in_thread(make_settings(**overrides))).base_url
 
         yield start
 

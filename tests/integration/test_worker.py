@@ -4,7 +4,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import redis
 from kafka import KafkaConsumer, KafkaProducer
 
 from kit.klines import TRADES_SLICE, assert_same_as_binance, binance_klines
+from kit.worker import history, wait_until, worker_stats
 from makeusrich.cli import _to_env
 from makeusrich.core.embedded import EmbeddedService, kill_with_parent
 from makeusrich.core.schemas import EndOfStream, encode
@@ -57,25 +57,6 @@ def worker(settings: Settings) -> Iterator[Callable[[], subprocess.Popen[bytes]]
         proc.wait(30)
 
 
-def _stats(client: redis.Redis, settings: Settings) -> dict[str, int]:
-    raw = client.hgetall(settings.redis_keys.worker_stats(settings.worker_id))
-    return {k.decode(): int(v) for k, v in raw.items()}
-
-
-def _wait(predicate: Callable[[], bool], what: str, timeout_s: float = 90) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def _history(client: redis.Redis, settings: Settings, kind: str) -> list[dict]:
-    key = settings.redis_keys.history(kind, "BTCUSDT", "1m")
-    return [msgspec.json.decode(fields[b"d"]) for _, fields in client.xrange(key)]
-
-
 def test_restarted_worker_resumes_with_identical_candles(
     settings: Settings, worker: Callable[[], subprocess.Popen[bytes]],
     redis_client: redis.Redis,
@@ -92,7 +73,8 @@ def test_restarted_worker_resumes_with_identical_candles(
         proc = worker()
         # Stop it as soon as it has folded trades in: mid-candle, with unacked trades; first
         # gracefully, then with kill -9.
-        _wait(lambda: _stats(redis_client, settings).get("trades", 0) > 0, "worker to start")
+        wait_until(lambda: worker_stats(redis_client, settings).get("trades", 0) > 0,
+                   "worker to start")
         proc.send_signal(stop_signal)
         proc.wait(30)
     for trade in chunks[2]:
@@ -102,10 +84,10 @@ def test_restarted_worker_resumes_with_identical_candles(
     proc = worker()
 
     expected = binance_klines(minutes=30)  # the trades slice covers 00:00-00:29
-    _wait(lambda: len(_history(redis_client, settings, "candle")) >= len(expected),
+    wait_until(lambda: len(history(redis_client, settings, "candle")) >= len(expected),
           "all candles after restarts")
-    assert_same_as_binance(_history(redis_client, settings, "candle"), expected)
-    predictions = _history(redis_client, settings, "prediction")
+    assert_same_as_binance(history(redis_client, settings, "candle"), expected)
+    predictions = history(redis_client, settings, "prediction")
     assert [p["candle_open_time"] for p in predictions] == [k["open_time"] for k in expected]
     assert proc.poll() is None
 
@@ -144,12 +126,12 @@ def test_malformed_and_late_messages_are_dead_lettered(
     producer.close()
     proc = worker()
 
-    _wait(lambda: len(_history(redis_client, settings, "candle")) >= 2, "candles")
-    _wait(lambda: _stats(redis_client, settings).get("dead_letters", 0) >= len(bad) + 1,
+    wait_until(lambda: len(history(redis_client, settings, "candle")) >= 2, "candles")
+    wait_until(lambda: worker_stats(redis_client, settings).get("dead_letters", 0) >= len(bad) + 1,
           "dead-letter counter")
-    stats = _stats(redis_client, settings)
+    stats = worker_stats(redis_client, settings)
     assert stats["dead_letters"] == len(bad) + 1 and stats["late"] == 1
-    candles = _history(redis_client, settings, "candle")
+    candles = history(redis_client, settings, "candle")
     assert [(c["open"], c["high"], c["trades"]) for c in candles] == [
         (100.0, 100.0, 1), (101.0, 102.0, 2)]
 

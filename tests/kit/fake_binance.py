@@ -6,7 +6,8 @@ connection continues where the last one stopped. A ``Script`` makes it misbehave
 the real one does: dropped connections, ids never sent on the socket, trades that happen
 while the client is away, trades re-sent after a reconnect, and garbage frames. Every trade
 stays available over REST (``historicalTrades``), as on Binance. Serve one client per
-fake: concurrent connections would split the stream between them.
+fake: concurrent connections would split the stream between them. Given 1m klines, it also
+serves ``klines`` (1m only: it does not aggregate other intervals).
 
     async with FakeBinance({"BTCUSDT": trades}, Script(drops=[Drop(100)])) as fake:
         settings = Settings(binance_ws_url=fake.ws_url, binance_rest_url=fake.rest_url, ...)
@@ -33,21 +34,26 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 __all__ = [
+    "BTCUSDT_KLINES_CSV",
     "BTCUSDT_TRADES_CSV",
     "Drop",
     "FakeBinance",
     "FakeTrade",
     "Script",
     "generate_trades",
+    "load_klines_csv",
     "load_trades_csv",
 ]
 
 # Real Binance BTCUSDT trades (ids 109344068.., contiguous), copied into tests/data.
 BTCUSDT_TRADES_CSV = Path(__file__).parents[1] / "data" / "BTCUSDT-trades-2019-04-01-0000-0029.csv"
+# Real Binance BTCUSDT 1m klines of 2025-11-20 (1,440 rows, times in µs).
+BTCUSDT_KLINES_CSV = Path(__file__).parents[1] / "data" / "BTCUSDT-1m-2025-11-20.csv"
 
 _INVALID_SYMBOL = {"code": -1121, "msg": "Invalid symbol."}
 _BAD_LIMIT = {"code": -1130, "msg": "Data sent for parameter 'limit' is not valid."}
 _UNAVAILABLE = {"code": -1001, "msg": "Internal error; unable to process your request."}
+_BAD_INTERVAL = {"code": -1120, "msg": "Invalid interval."}
 _NO_SYMBOL = {
     "code": -1102,
     "msg": "Mandatory parameter 'symbol' was not sent, was empty/null, or malformed.",
@@ -119,6 +125,19 @@ def load_trades_csv(path: Path, symbol: str, limit: int) -> list[FakeTrade]:
     return trades
 
 
+def load_klines_csv(path: Path) -> list[list[Any]]:
+    """A data.binance.vision kline CSV (no header) as REST ``klines`` rows: times in ms (the
+    files of 2025 on have µs), decimals kept as strings, ``trades`` an int."""
+    rows = []
+    with path.open(newline="") as src:
+        for row in csv.reader(src):
+            open_time, close_time = int(row[0]), int(row[6])
+            if open_time > 10**14:  # µs
+                open_time, close_time = open_time // 1000, close_time // 1000
+            rows.append([open_time, *row[1:6], close_time, row[7], int(row[8]), *row[9:12]])
+    return rows
+
+
 @dataclass(frozen=True, slots=True)
 class Drop:
     """Drop the connection once ``after`` trade messages were sent in total (all
@@ -139,6 +158,7 @@ class Script:
     inject: Mapping[int, Sequence[str]] = field(default_factory=dict)  # raw frames after N
     rejected_handshakes: int = 0  # first websocket handshakes answered 503 (maintenance)
     failed_history_requests: int = 0  # first historicalTrades requests answered 503
+    failed_kline_requests: int = 0  # first klines requests answered 503
 
 
 class _Dropped(Exception):
@@ -150,11 +170,13 @@ class FakeBinance:
 
     ``withheld`` holds the ids of each symbol never sent on the socket (skipped or missed),
     ``sent`` every trade message sent, ``connections`` how many websocket clients came, and
-    ``rest_requests`` each REST request path with its query.
+    ``rest_requests`` each REST request path with its query. ``klines`` maps a symbol to its
+    1m ``klines`` rows (see :func:`load_klines_csv`).
     """
 
     def __init__(
-        self, trades: Mapping[str, Sequence[FakeTrade]], script: Script | None = None
+        self, trades: Mapping[str, Sequence[FakeTrade]], script: Script | None = None, *,
+        klines: Mapping[str, Sequence[list[Any]]] | None = None,
     ) -> None:
         self.script = script or Script()
         self.ws_url = ""
@@ -165,6 +187,8 @@ class FakeBinance:
         self.rest_requests: list[str] = []
         self._trades = {symbol: sorted(rows, key=lambda t: t.id) for symbol, rows in trades.items()}
         self._ids = {symbol: [t.id for t in rows] for symbol, rows in self._trades.items()}
+        self._klines = {symbol: sorted(rows) for symbol, rows in (klines or {}).items()}
+        self._kline_opens = {symbol: [r[0] for r in rows] for symbol, rows in self._klines.items()}
         self._merged = sorted(
             (t for rows in self._trades.values() for t in rows),
             key=lambda t: (t.time_ms, t.symbol, t.id),
@@ -172,6 +196,7 @@ class FakeBinance:
         self._cursor = 0
         self._handshakes_to_reject = self.script.rejected_handshakes
         self._history_to_fail = self.script.failed_history_requests
+        self._klines_to_fail = self.script.failed_kline_requests
         self._rest_lock = threading.Lock()
         self._drops = collections.deque(sorted(self.script.drops, key=lambda d: d.after))
         self._ws_server: Server | None = None
@@ -275,6 +300,8 @@ class FakeBinance:
             return self._exchange_info(params)
         if url.path == "/api/v3/historicalTrades":
             return self._historical_trades(params)
+        if url.path == "/api/v3/klines":
+            return self._klines_page(params)
         return 404, {"code": -1, "msg": f"no route {url.path}"}
 
     def _exchange_info(self, params: dict[str, str]) -> tuple[int, object]:
@@ -311,6 +338,30 @@ class FakeBinance:
         start = (bisect.bisect_left(ids, int(params["fromId"])) if "fromId" in params
                  else max(0, len(rows) - limit))
         return 200, [trade.rest_row() for trade in rows[start:start + limit]]
+
+    def _klines_page(self, params: dict[str, str]) -> tuple[int, object]:
+        symbol = params.get("symbol")
+        if not symbol:
+            return 400, _NO_SYMBOL
+        if symbol not in self._klines:
+            return 400, _INVALID_SYMBOL
+        if params.get("interval") != "1m":
+            return 400, _BAD_INTERVAL
+        with self._rest_lock:
+            if self._klines_to_fail:
+                self._klines_to_fail -= 1
+                return 503, _UNAVAILABLE
+        limit = int(params.get("limit", "500"))
+        if not 1 <= limit <= 1000:
+            return 400, _BAD_LIMIT
+        # Binance: open times within [startTime, endTime]; the earliest `limit` of them, or
+        # the latest without startTime.
+        opens, rows = self._kline_opens[symbol], self._klines[symbol]
+        stop = bisect.bisect_right(opens, int(params.get("endTime", opens[-1] if opens else 0)))
+        if "startTime" in params:
+            start = bisect.bisect_left(opens, int(params["startTime"]))
+            return 200, rows[start:min(stop, start + limit)]
+        return 200, rows[max(0, stop - limit):stop]
 
 
 def _handler_for(fake: FakeBinance) -> type[BaseHTTPRequestHandler]:

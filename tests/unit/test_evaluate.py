@@ -402,16 +402,18 @@ def test_overlap_with_training_data_is_reported() -> None:
         series = _series(closes, symbol=symbol, t0=t0)
         return evaluate(WithManifest(series, "up"), series, **span)
 
-    inside = report(data.last_open_time - 50 * MINUTE)
+    # Trained on targets up to the candle before its validation span, which was held out.
+    last_trained = data.validation_first_target_open_time - MINUTE
+    inside = report(last_trained - 50 * MINUTE)
     assert inside.overlaps_training
-    assert inside.training_last_open_time == data.last_open_time
+    assert inside.training_first_open_time == data.first_open_time
+    assert inside.training_last_open_time == last_trained
     assert "WARNING" in inside.render()
-    # Same candles, but the span starts at the last training candle: its target is new.
-    assert not report(
-        data.last_open_time - 50 * MINUTE, start_open_time=data.last_open_time
-    ).overlaps_training
-    assert not report(data.last_open_time + MINUTE).overlaps_training
-    assert not report(data.last_open_time - 50 * MINUTE, symbol="ETHUSDT").overlaps_training
+    # Same candles, but the span starts at the last trained candle: its target is held out.
+    assert not report(last_trained - 50 * MINUTE, start_open_time=last_trained).overlaps_training
+    assert not report(last_trained + MINUTE).overlaps_training
+    assert not report(data.last_open_time - 50 * MINUTE).overlaps_training  # validation
+    assert not report(last_trained - 50 * MINUTE, symbol="ETHUSDT").overlaps_training
     naive = evaluate(NaiveForecaster(), _series(closes, t0=data.last_open_time - 50 * MINUTE))
     assert not naive.overlaps_training
     assert naive.training_last_open_time is None

@@ -3,7 +3,7 @@
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from makeusrich.core.errors import ConfigError
@@ -64,6 +64,11 @@ class Settings(BaseSettings):
     history_maxlen: int = 200_000
     events_maxlen: int = 100_000
     state_dir: Path = Path(".mur")
+    archive_dir: Path = Field(
+        default=Path(".mur/archive"),
+        description="Parquet candle archive (symbol=/interval=/date= partitions), written by "
+        "the archiver and `mur backfill`, read by `mur train`; default: STATE_DIR/archive",
+    )
 
     # Worker (Faust). Tansu's group join takes ~30 s with Faust's default timeouts.
     worker_id: str = "makeusrich"
@@ -80,6 +85,13 @@ class Settings(BaseSettings):
     max_limit: int = 5_000
 
     log_level: str = "INFO"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _archive_in_state_dir(cls, data: object) -> object:
+        if isinstance(data, dict) and not data.get("archive_dir"):
+            return {**data, "archive_dir": Path(data.get("state_dir") or ".mur") / "archive"}
+        return data
 
     @field_validator("symbols", mode="before")
     @classmethod

@@ -108,8 +108,10 @@ class Parity(msgspec.Struct, frozen=True):
 
 
 class Manifest(msgspec.Struct, frozen=True):
-    """``manifest.json`` of a model version directory; ``parity`` is None in manifests
-    written before it existed."""
+    """``manifest.json`` of a model version directory. ``evaluation``: the trainer's report
+    of the model and the baselines on its validation span (a
+    :class:`makeusrich.trainer.evaluate.Report` as a dict). ``parity`` and ``evaluation``
+    are None in manifests written before they existed."""
 
     version: str
     architecture: Architecture
@@ -125,6 +127,7 @@ class Manifest(msgspec.Struct, frozen=True):
     created_at: str
     onnx: OnnxIO
     parity: Parity | None = None
+    evaluation: dict[str, Any] | None = None
 
 
 def sha256_of(path: Path) -> str:

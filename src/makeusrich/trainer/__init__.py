@@ -5,6 +5,16 @@ TrainingError when it is missing.
 """
 
 from makeusrich.trainer.data import CandleSeries, load_series
+from makeusrich.trainer.schedule import RunSummary, parse_duration, run_schedule
 from makeusrich.trainer.train import ARCHITECTURES, EXPORT_TOLERANCE, train
 
-__all__ = ["ARCHITECTURES", "EXPORT_TOLERANCE", "CandleSeries", "load_series", "train"]
+__all__ = [
+    "ARCHITECTURES",
+    "EXPORT_TOLERANCE",
+    "CandleSeries",
+    "RunSummary",
+    "load_series",
+    "parse_duration",
+    "run_schedule",
+    "train",
+]

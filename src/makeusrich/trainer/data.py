@@ -1,8 +1,9 @@
-"""Training candles from Binance kline CSVs (plain or .zip) and the pipeline's JSONL candles.
+"""Training candles from Binance kline CSVs (plain or .zip), the pipeline's JSONL candles and
+the Parquet candle archive (:mod:`makeusrich.trainer.archive`).
 
 Each (symbol, interval) becomes one gap-free :class:`CandleSeries`: rows sorted and
-de-duplicated by open time, missing intervals filled with flat zero-volume candles at the
-previous close, exactly as the live pipeline emits them.
+de-duplicated by open time across all sources, missing intervals filled with flat zero-volume
+candles at the previous close, exactly as the live pipeline emits them.
 """
 
 import glob
@@ -21,12 +22,13 @@ from makeusrich.core.errors import ConfigError, TrainingError
 from makeusrich.core.intervals import SUPPORTED_INTERVALS, interval_ms
 from makeusrich.core.schemas import candle_decoder
 from makeusrich.inference.features import OHLCV_COLUMNS, FloatArray
+from makeusrich.trainer.archive import last_of_each, read_part
 
 # data.binance.vision kline columns used: open_time, open, high, low, close, volume and
 # taker_buy_base_volume, in OHLCV_COLUMNS order after open_time.
 _KLINE_COLUMNS = (0, 1, 2, 3, 4, 5, 9)
 _KLINE_NAME = re.compile(r"^(?P<symbol>[A-Z0-9]+)-(?P<interval>\d+[smhd])-")
-_SUFFIXES = (".csv", ".zip", ".jsonl")
+_SUFFIXES = (".csv", ".zip", ".jsonl", ".parquet")
 # Epoch milliseconds stay below this until the year 5138; microseconds are far above it.
 _MICROSECONDS_ABOVE = 10**14
 _CLOSE = OHLCV_COLUMNS.index("close")
@@ -67,12 +69,16 @@ def _expand(paths: Sequence[Path]) -> list[Path]:
             )
         elif path.is_file():
             if path.suffix not in _SUFFIXES:
-                raise TrainingError(f"{path}: unsupported file type; use .csv, .zip or .jsonl")
+                raise TrainingError(
+                    f"{path}: unsupported file type; use .csv, .zip, .jsonl or .parquet"
+                )
             files.append(path)
         else:
             raise TrainingError(f"{path} does not exist")
     if not files:
-        raise TrainingError(f"no .csv, .zip or .jsonl candle files in {[str(p) for p in paths]}")
+        raise TrainingError(
+            f"no .csv, .zip, .jsonl or .parquet candle files in {[str(p) for p in paths]}"
+        )
     return files
 
 
@@ -147,14 +153,30 @@ def _read_jsonl(path: Path, groups: dict[tuple[str, str], _Rows]) -> None:
         rows.ohlcv.append(np.array([v for _, v in items], dtype=np.float64))
 
 
+def _read_parquet(path: Path, groups: dict[tuple[str, str], _Rows]) -> None:
+    try:
+        table = read_part(path)
+    except (ValueError, OSError) as exc:  # pyarrow's ArrowInvalid is a ValueError
+        raise TrainingError(f"{path} is not a candle archive part: {exc}") from exc
+    symbol = table.column("symbol").to_numpy(zero_copy_only=False)
+    interval = table.column("interval").to_numpy(zero_copy_only=False)
+    open_time = table.column("open_time").to_numpy()
+    # Candle's field names are the OHLCV column names.
+    ohlcv = np.column_stack([table.column(name).to_numpy() for name in OHLCV_COLUMNS])
+    # A part the archive wrote holds one (symbol, interval); any other file may hold more.
+    for key in sorted(set(zip(symbol.tolist(), interval.tolist(), strict=True))):
+        mine = (symbol == key[0]) & (interval == key[1])
+        rows = groups.setdefault(key, _Rows([], []))
+        rows.open_time.append(open_time[mine])
+        rows.ohlcv.append(ohlcv[mine])
+
+
 def _gap_free(symbol: str, interval: str, rows: _Rows, max_fill: int) -> list[CandleSeries]:
     open_time = np.concatenate(rows.open_time)
     ohlcv = np.concatenate(rows.ohlcv)
-    order = np.argsort(open_time, kind="stable")
-    open_time, ohlcv = open_time[order], ohlcv[order]
     # Keep the last copy of a duplicated open time: later files supersede earlier ones.
-    last = np.append(open_time[1:] != open_time[:-1], True)
-    open_time, ohlcv = open_time[last], ohlcv[last]
+    keep = last_of_each(open_time)
+    open_time, ohlcv = open_time[keep], ohlcv[keep]
     try:
         step = interval_ms(interval)
     except ConfigError as exc:
@@ -201,14 +223,20 @@ def load_series(
 
     Kline CSVs may have a header and times in ms or µs; symbol and interval come from the
     data.binance.vision file name (``BTCUSDT-1m-2025-11-20.csv``). JSONL holds one
-    ``Candle`` per line as the pipeline encodes it. Gaps of up to ``max_fill`` candles are
-    filled with flat zero-volume candles; longer gaps split the series.
+    ``Candle`` per line as the pipeline encodes it; Parquet files are candle archive parts,
+    so the archive root (``Settings.archive_dir``) or any partition directory can be passed.
+    A candle found in several sources (same symbol, interval and open time) is kept once,
+    from the source read last (files in the order given, directories sorted). Gaps of up to
+    ``max_fill`` candles are filled with flat zero-volume candles; longer gaps split the
+    series.
     """
     items = [paths] if isinstance(paths, str | Path) else list(paths)
     groups: dict[tuple[str, str], _Rows] = {}
     for path in _expand([Path(p) for p in items]):
         if path.suffix == ".jsonl":
             _read_jsonl(path, groups)
+        elif path.suffix == ".parquet":
+            _read_parquet(path, groups)
         else:
             _read_klines(path, groups)
     if not groups:

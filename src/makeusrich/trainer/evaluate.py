@@ -36,6 +36,7 @@ from makeusrich.inference.model import (
     Forecaster,
     Manifest,
     NaiveForecaster,
+    TrainingData,
     bundled_models_dir,
     load_forecaster,
     naive_log_quantiles,
@@ -267,9 +268,10 @@ class SymbolScores(Scores, frozen=True, kw_only=True):
 
 class Report(msgspec.Struct, frozen=True, kw_only=True):
     """Evaluation of one model. ``overall`` pools every forecast, so in MAE, RMSE and skill
-    symbols with higher prices weigh more. ``overlaps_training``: a target candle lies in
-    the model's training data range (same symbol and interval), so its scores are
-    optimistic."""
+    symbols with higher prices weigh more. ``training_first_open_time`` ..
+    ``training_last_open_time``: the candles the model was trained to forecast, i.e. its
+    training data up to its validation span, which training held out. ``overlaps_training``:
+    a target candle lies there (same symbol and interval), so its scores are optimistic."""
 
     model: str
     start_open_time: int | None
@@ -446,6 +448,13 @@ def _scores(parts: Sequence[_Scored]) -> dict[str, Any]:
     }
 
 
+def _trained_span(data: TrainingData) -> tuple[int, int]:
+    """First and last open time of the candles a model was trained to forecast: every
+    target before its validation span (held out in training, so scoring there is fair)."""
+    step = interval_ms(data.interval)
+    return data.first_open_time, data.validation_first_target_open_time - step
+
+
 def _overlaps(
     manifest: Manifest | None, key: tuple[str, str], target_time: NDArray[np.int64]
 ) -> bool:
@@ -454,8 +463,8 @@ def _overlaps(
     data = manifest.training_data
     if key[0] not in data.symbols or key[1] != data.interval:
         return False
-    inside = (target_time >= data.first_open_time) & (target_time <= data.last_open_time)
-    return bool(inside.any())
+    first, last = _trained_span(data)
+    return bool(((target_time >= first) & (target_time <= last)).any())
 
 
 def evaluate(
@@ -506,13 +515,14 @@ def evaluate(
             "the evaluated span overlaps the training data of %s: its scores are optimistic",
             forecaster.version,
         )
+    trained = (None, None) if manifest is None else _trained_span(manifest.training_data)
     return Report(
         model=forecaster.version,
         start_open_time=start_open_time,
         end_open_time=end_open_time,
         overlaps_training=overlaps,
-        training_first_open_time=manifest.training_data.first_open_time if manifest else None,
-        training_last_open_time=manifest.training_data.last_open_time if manifest else None,
+        training_first_open_time=trained[0],
+        training_last_open_time=trained[1],
         symbols=[
             SymbolScores(symbol=symbol, interval=interval, **_scores(parts))
             for (symbol, interval), parts in sorted(groups.items())

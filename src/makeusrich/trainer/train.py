@@ -3,13 +3,15 @@
 ``train(data_paths, out_dir)`` reads candles (see :func:`load_series`), builds windows with
 the serving feature code, splits them in time (the last ``validation_fraction`` is
 validation, normalisation is fitted on the training part only), trains with Adam on the
-pinball loss, exports ONNX, checks onnxruntime against torch, measures validation metrics
-with the exported model and writes ``<out_dir>/<version>/{model.onnx,manifest.json}``.
-The manifest carries a parity sample (a few validation inputs and their ONNX outputs) so a
-server can check that its onnxruntime computes what the trainer exported.
+pinball loss, exports ONNX, checks onnxruntime against torch, evaluates the exported model
+and the baselines on the validation candles (:func:`makeusrich.trainer.evaluate.evaluate`)
+and writes ``<out_dir>/<version>/{model.onnx,manifest.json}``. The manifest carries that
+evaluation and a parity sample (a few validation inputs and their ONNX outputs) so a server
+can check that its onnxruntime computes what the trainer exported.
 """
 
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -26,9 +28,9 @@ from numpy.lib.stride_tricks import sliding_window_view
 from numpy.typing import NDArray
 
 from makeusrich.core.errors import TrainingError
+from makeusrich.core.intervals import interval_ms
 from makeusrich.inference.features import (
     FEATURES,
-    OHLCV_COLUMNS,
     FloatArray,
     Normalisation,
     compute_features,
@@ -49,6 +51,7 @@ from makeusrich.inference.model import (
     sha256_of,
 )
 from makeusrich.trainer.data import CandleSeries, load_series
+from makeusrich.trainer.evaluate import MODEL, Report, evaluate
 
 if TYPE_CHECKING:
     from makeusrich.trainer.model import QuantileModel
@@ -61,7 +64,6 @@ log = logging.getLogger(__name__)
 ARCHITECTURES = ("lstm", "gru", "tcn", "transformer")
 #: Largest accepted |onnxruntime - torch| on validation outputs (log-return units).
 EXPORT_TOLERANCE = 1e-4
-_CLOSE = OHLCV_COLUMNS.index("close")
 _RETURN = FEATURES.index("log_return")
 _CHUNK = 4096  # windows per inference call; bounds memory on long validation sets
 
@@ -72,8 +74,6 @@ class _Part:
 
     windows: FloatArray
     target: FloatArray
-    last_close: FloatArray
-    next_close: FloatArray
     first_target_open_time: int
 
 
@@ -98,23 +98,19 @@ def _window_index(all_series: Sequence[CandleSeries], window: int) -> list[_Inde
 
 
 def _gather(indexes: Sequence[_Index], picks: Sequence[NDArray[np.int64]], window: int) -> _Part:
-    windows, target, last_close, next_close, first = [], [], [], [], []
+    windows, target, first = [], [], []
     for index, ends in zip(indexes, picks, strict=True):
         if not len(ends):
             continue
         view = sliding_window_view(index.features, window, axis=0)  # (rows, features, window)
         windows.append(view[ends - (window - 1)].transpose(0, 2, 1))
         target.append(index.features[ends + 1, _RETURN])
-        last_close.append(index.series.ohlcv[ends + 1, _CLOSE])
-        next_close.append(index.series.ohlcv[ends + 2, _CLOSE])
         first.append(int(index.series.open_time[ends[0] + 2]))
     if not windows:
         raise TrainingError("a split side has no windows; pass more candles")
     return _Part(
         windows=np.concatenate(windows),
         target=np.concatenate(target),
-        last_close=np.concatenate(last_close),
-        next_close=np.concatenate(next_close),
         first_target_open_time=min(first),
     )
 
@@ -140,33 +136,26 @@ def _pinball(quantiles: FloatArray, target: FloatArray) -> float:
     return float(np.mean(np.maximum(levels * error, (levels - 1) * error)))
 
 
-def _metrics(validation: _Part, quantiles: FloatArray) -> dict[str, float]:
-    """Validation metrics of the next close: MAE in quote currency against persistence
-    (``skill`` = 1 - mae / mae_persistence), 80% interval coverage and mean width in basis
-    points, and the pinball loss of the log-return quantiles; ``*_naive`` are the same for
-    the naive forecaster."""
-    quantiles = np.sort(quantiles, axis=1)
-    closes = validation.last_close[:, None] * np.exp(quantiles)
-    lower, predicted, upper = closes[:, 0], closes[:, 1], closes[:, 2]
-    actual, last = validation.next_close, validation.last_close
-    mae = float(np.mean(np.abs(predicted - actual)))
-    mae_persistence = float(np.mean(np.abs(last - actual)))
-    naive = naive_log_quantiles(validation.windows[:, :, _RETURN])
-    naive_closes = last[:, None] * np.exp(naive)
+def _metrics(validation: _Part, quantiles: FloatArray, report: Report) -> dict[str, float]:
+    """Headline validation metrics. Of the next close, from ``report`` (so they agree with
+    the manifest's evaluation): MAE in quote currency against persistence (``skill`` =
+    1 - mae / mae_persistence), 80% interval coverage and mean width in basis points. Of the
+    log return, from the validation windows: the pinball loss of the quantiles. ``*_naive``
+    are the same for the naive (persistence) forecaster."""
+    scores = report.overall.metrics
+    model, naive = scores[MODEL], scores["persistence"]
     return {
-        "mae": mae,
-        "mae_persistence": mae_persistence,
-        "skill": 1.0 - mae / mae_persistence if mae_persistence > 0 else 0.0,
-        "coverage_80": float(np.mean((actual >= lower) & (actual <= upper))),
-        "coverage_80_naive": float(
-            np.mean((actual >= naive_closes[:, 0]) & (actual <= naive_closes[:, 2]))
+        "mae": model.mae,
+        "mae_persistence": naive.mae,
+        "skill": 0.0 if model.skill is None else model.skill,
+        "coverage_80": model.coverage_80,
+        "coverage_80_naive": naive.coverage_80,
+        "interval_width_bp": model.interval_width_bp,
+        "interval_width_bp_naive": naive.interval_width_bp,
+        "pinball": _pinball(np.sort(quantiles, axis=1), validation.target),
+        "pinball_naive": _pinball(
+            naive_log_quantiles(validation.windows[:, :, _RETURN]), validation.target
         ),
-        "interval_width_bp": float(np.mean((upper - lower) / last) * 1e4),
-        "interval_width_bp_naive": float(
-            np.mean((naive_closes[:, 2] - naive_closes[:, 0]) / last) * 1e4
-        ),
-        "pinball": _pinball(quantiles, validation.target),
-        "pinball_naive": _pinball(naive, validation.target),
     }
 
 
@@ -182,8 +171,10 @@ def _fit(
     batch_size: int,
     learning_rate: float,
     seed: int,
+    progress: bool,
 ) -> tuple["QuantileModel", float]:
     import torch
+    from tqdm import tqdm
 
     from makeusrich.trainer.model import build_model, pinball_loss
 
@@ -203,20 +194,29 @@ def _fit(
     x, y = torch.from_numpy(inputs), torch.from_numpy(target)
     order = torch.Generator().manual_seed(seed)
     loss_value = float("nan")
-    for epoch in range(epochs):
-        model.train()
-        total, batches = 0.0, 0
-        for batch in torch.split(torch.randperm(len(x), generator=order), batch_size):
-            # Divided by the scale so the loss (and Adam's steps) are O(1).
-            loss = pinball_loss(model(x[batch]), y[batch]) / scale
-            optimiser.zero_grad()
-            torch.autograd.backward(loss)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimiser.step()
-            total += loss.item()
-            batches += 1
-        loss_value = total / batches
-        log.info("epoch %d/%d: pinball loss %.5f target stds", epoch + 1, epochs, loss_value)
+    # On stderr; disable=None turns the bar off when stderr is not a terminal (logs, tests).
+    with tqdm(
+        total=epochs * math.ceil(len(x) / batch_size),
+        desc=f"training {arch}",
+        unit="batch",
+        disable=None if progress else True,
+    ) as bar:
+        for epoch in range(epochs):
+            model.train()
+            total, batches = 0.0, 0
+            for batch in torch.split(torch.randperm(len(x), generator=order), batch_size):
+                # Divided by the scale so the loss (and Adam's steps) are O(1).
+                loss = pinball_loss(model(x[batch]), y[batch]) / scale
+                optimiser.zero_grad()
+                torch.autograd.backward(loss)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                optimiser.step()
+                total += loss.item()
+                batches += 1
+                bar.update()
+            loss_value = total / batches
+            bar.set_postfix(epoch=f"{epoch + 1}/{epochs}", loss=f"{loss_value:.4f}")
+            log.info("epoch %d/%d: pinball loss %.5f target stds", epoch + 1, epochs, loss_value)
     model.eval()
     return model, loss_value
 
@@ -301,6 +301,7 @@ def train(
     validation_fraction: float = 0.15,
     seed: int = 7,
     threads: int = 1,
+    progress: bool = True,
 ) -> Path:
     """Train on candle files and return the new version directory inside ``out_dir``.
 
@@ -310,7 +311,8 @@ def train(
     one model is shared by every symbol trained on. ``layers`` None is the architecture's
     default (see :func:`makeusrich.trainer.model.build_model`).
     ``stride`` keeps every n-th training window (validation keeps all) to trade data for
-    time. Deterministic for a given seed and thread count. Raises :class:`TrainingError`
+    time. ``progress``: a progress bar over the training batches on stderr, when it is a
+    terminal. Deterministic for a given seed and thread count. Raises :class:`TrainingError`
     when torch is missing, an option or symbol is unknown, the data is too short, or the
     ONNX export does not match torch.
     """
@@ -358,6 +360,7 @@ def train(
             batch_size=batch_size,
             learning_rate=learning_rate,
             seed=seed,
+            progress=progress,
         )
         seconds_per_epoch = (time.perf_counter() - fit_started) / epochs
         out = Path(out_dir)
@@ -403,12 +406,20 @@ def train(
             # Metrics come from the exported model through the serving code path.
             forecaster = OnnxForecaster(staging)
             diff = _check_export(model, forecaster, validation_inputs)
-            metrics = _metrics(validation, _in_chunks(forecaster.run, validation_inputs))
+            # Forecasts made at the candle before the first validation target on: the
+            # targets are the validation candles only, none the model trained on.
+            report = evaluate(
+                forecaster,
+                all_series,
+                start_open_time=validation.first_target_open_time - interval_ms(intervals[0]),
+            )
+            metrics = _metrics(validation, _in_chunks(forecaster.run, validation_inputs), report)
             metrics["onnx_torch_max_abs_diff"] = diff
             sample = validation_inputs[[0, -1]]  # the first and the last validation window
             manifest = msgspec.structs.replace(
                 manifest,
                 metrics=metrics,
+                evaluation=report.to_dict(),
                 parity=Parity(input=sample.tolist(), output=forecaster.run(sample).tolist()),
                 training={
                     **manifest.training,

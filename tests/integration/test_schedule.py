@@ -1,0 +1,199 @@
+"""Scheduled retraining on a real day of 1m klines: each run trains on the data as it is then,
+the promotion rule decides, and every run is summarised; and the evaluation in a manifest."""
+
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+
+from makeusrich.core.errors import ConfigError
+from makeusrich.core.settings import Settings
+from makeusrich.inference import Registry
+from makeusrich.trainer import RunSummary, parse_duration, run_schedule, schedule
+from makeusrich.trainer.evaluate import MODEL, Report
+
+DAY = Path(__file__).parent.parent / "data" / "BTCUSDT-1m-2025-11-20.csv"
+FIRST_CANDLES = 1100  # the first run sees these; the rest of the day arrives after it
+MINUTE = 60_000
+NO_BROKER = Settings(kafka_bootstrap=None)
+
+
+@pytest.fixture(scope="module")
+def scheduled(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[RunSummary], Registry]:
+    data = tmp_path_factory.mktemp("data")
+    lines = DAY.read_text().splitlines(keepends=True)
+    (data / "BTCUSDT-1m-2025-11-20-a.csv").write_text("".join(lines[:FIRST_CANDLES]))
+    real_train = schedule.train
+
+    def train_then_more_data_arrives(*args: Any, **kwargs: Any) -> Path:
+        version_dir = real_train(*args, **kwargs)
+        (data / "BTCUSDT-1m-2025-11-20-b.csv").write_text("".join(lines[FIRST_CANDLES:]))
+        return version_dir
+
+    registry_dir = tmp_path_factory.mktemp("registry")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(schedule, "train", train_then_more_data_arrives)
+        summaries = run_schedule(
+            NO_BROKER,
+            [str(data / "BTCUSDT-1m-*.csv")],  # a glob: resolved anew for each run
+            registry_dir,
+            every_s=0,
+            runs=2,
+            epochs=1,
+            hidden=16,
+            stride=8,
+            progress=False,
+        )
+    return summaries, Registry(registry_dir)
+
+
+@pytest.mark.train
+@pytest.mark.slow
+def test_first_run_is_promoted_and_the_second_decided_by_the_rule(
+    scheduled: tuple[list[RunSummary], Registry],
+) -> None:
+    (first, second), registry = scheduled
+
+    for number, summary in enumerate((first, second), start=1):
+        assert summary.ok, summary.error
+        assert summary.run == number and summary.arch == "lstm"
+        assert summary.version is not None and summary.version.startswith("lstm-")
+        assert summary.symbols == ("BTCUSDT",) and summary.interval == "1m"
+        assert summary.first_open_time is not None and summary.last_open_time is not None
+        assert summary.validation_mae is not None and summary.validation_mae > 0
+        assert summary.duration_s > 0 and summary.decision
+        assert not summary.announced  # no broker configured
+        assert summary.version in summary.render()
+    # The glob picked up the file that arrived after the first run.
+    assert (first.candles, second.candles) == (FIRST_CANDLES, 1440)
+    assert second.last_open_time == first.last_open_time + (1440 - FIRST_CANDLES) * MINUTE
+
+    assert first.promoted and first.decision == "no champion yet"
+    assert first.champion is None and first.mae is None
+    assert second.champion == first.version
+    assert second.mae is not None and second.champion_mae is not None
+    assert second.promoted == (second.mae < second.champion_mae)
+    assert ("promoted" if second.promoted else "kept unserved") in second.render()
+
+    # A losing version stays in the registry too. (Both may share a second: compare sets.)
+    assert set(registry.versions()) == {first.version, second.version}
+    assert registry.champion() == (second.version if second.promoted else first.version)
+
+
+@pytest.mark.train
+@pytest.mark.slow
+def test_manifest_holds_the_evaluation_on_the_validation_span(
+    scheduled: tuple[list[RunSummary], Registry],
+) -> None:
+    (_, second), registry = scheduled
+    assert second.version is not None
+    manifest = registry.show(second.version).manifest  # what `mur models show` prints
+    assert manifest is not None and manifest.evaluation is not None
+    report = msgspec.convert(manifest.evaluation, Report)
+    data = manifest.training_data
+
+    assert report.model == manifest.version
+    assert not report.overlaps_training  # its own validation span was held out
+    assert report.training_last_open_time == data.validation_first_target_open_time - MINUTE
+    assert report.start_open_time == data.validation_first_target_open_time - MINUTE
+    assert report.overall.first_target_open_time == data.validation_first_target_open_time
+    assert report.overall.last_target_open_time == data.last_open_time
+    assert report.overall.forecasts == data.validation_windows
+    assert [(s.symbol, s.interval) for s in report.symbols] == [("BTCUSDT", "1m")]
+    for scores in (report.overall, *report.symbols):
+        assert set(scores.metrics) == {MODEL, "persistence", "drift", "ema"}
+        for m in scores.metrics.values():
+            assert 0 < m.mae <= m.rmse
+            assert m.skill is not None and m.directional_accuracy is not None
+            assert 0 <= m.coverage_80 <= 1 and m.interval_width_bp > 0
+    # The headline metrics are the evaluation's numbers.
+    model, persistence = report.overall.metrics[MODEL], report.overall.metrics["persistence"]
+    assert persistence.skill == 0.0
+    assert manifest.metrics["mae"] == model.mae == second.validation_mae
+    assert manifest.metrics["mae_persistence"] == persistence.mae
+    assert manifest.metrics["skill"] == model.skill
+    assert manifest.metrics["coverage_80"] == model.coverage_80
+    assert manifest.metrics["coverage_80_naive"] == persistence.coverage_80
+    assert manifest.metrics["interval_width_bp"] == model.interval_width_bp
+
+
+@pytest.mark.train
+@pytest.mark.slow
+def test_a_failed_run_is_summarised_and_the_schedule_goes_on(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    summaries = run_schedule(
+        NO_BROKER,
+        [str(tmp_path / "BTCUSDT-1m-*.csv")],
+        tmp_path / "registry",
+        every_s=0,
+        runs=2,
+        epochs=1,
+    )
+
+    assert [s.run for s in summaries] == [1, 2]
+    for summary in summaries:
+        assert not summary.ok and summary.error is not None
+        assert summary.error.startswith("TrainingError") and "matches no files" in summary.error
+        assert summary.version is None and not summary.promoted and summary.decision is None
+    assert capsys.readouterr().out.count("FAILED") == 2
+    assert "run 2 failed" in caplog.text
+
+
+@pytest.mark.train
+@pytest.mark.slow
+def test_stop_ends_the_wait_for_the_next_run(tmp_path: Path) -> None:
+    stop = threading.Event()
+    timer = threading.Timer(0.2, stop.set)
+    timer.start()
+    started = time.monotonic()
+    try:
+        summaries = run_schedule(
+            NO_BROKER,
+            [str(tmp_path / "none-*.csv")],
+            tmp_path / "registry",
+            every_s=3600,
+            stop=stop,
+        )
+    finally:
+        timer.cancel()
+
+    assert len(summaries) == 1 and time.monotonic() - started < 60
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [
+        ("6h", 21_600),
+        ("30m", 1_800),
+        ("90s", 90),
+        ("1d", 86_400),
+        ("1h30m", 5_400),
+        (" 1.5H ", 5_400),
+        ("0.5s", 0.5),
+    ],
+)
+def test_parse_duration(text: str, seconds: float) -> None:
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "6", "h", "6x", "-1h", "1h 30m", "0s", "0h0m", "six hours"])
+def test_parse_duration_refuses_what_is_not_a_positive_duration(text: str) -> None:
+    with pytest.raises(ConfigError, match="duration"):
+        parse_duration(text)
+
+
+def test_an_invalid_schedule_is_a_config_error(tmp_path: Path) -> None:
+    day, registry = [DAY], tmp_path / "registry"
+    with pytest.raises(ConfigError, match="every_s"):
+        run_schedule(NO_BROKER, day, registry, every_s=-1)
+    with pytest.raises(ConfigError, match="runs"):
+        run_schedule(NO_BROKER, day, registry, every_s=0, runs=0)
+    with pytest.raises(ConfigError, match="'rnn'"):
+        run_schedule(NO_BROKER, day, registry, every_s=0, arch="rnn")
+    with pytest.raises(ConfigError, match="no candle data"):
+        run_schedule(NO_BROKER, [], registry, every_s=0)
+    assert not registry.exists()
