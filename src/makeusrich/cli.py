@@ -220,6 +220,8 @@ def _cmd_models(args: argparse.Namespace) -> None:
                 flag for flag, on in (("champion", info.is_champion), ("HASH-MISMATCH",
                                       not info.sha256_ok)) if on
             )
+            if info.champion_for:
+                flags += f" champion-for:{','.join(info.champion_for)}"
             skill = info.metrics.get("skill")
             skill_text = "" if skill is None else f"skill {skill:+.4f}"
             print(f"{info.version:40} {info.kind or '?':12} {skill_text:16} {flags}")
@@ -228,13 +230,16 @@ def _cmd_models(args: argparse.Namespace) -> None:
 
         details = registry.show(args.version)
         print(msgspec.json.format(msgspec.json.encode(details.manifest), indent=2).decode())
-        print(f"champion: {details.info.is_champion}  sha256 ok: {details.info.sha256_ok}")
+        print(f"champion: {details.info.is_champion}  "
+              f"champion for: {', '.join(details.info.champion_for) or '-'}  "
+              f"sha256 ok: {details.info.sha256_ok}")
     elif args.action == "promote":
         _promote(args, registry)
     else:
-        version = registry.rollback(args.reason or "rollback from the CLI")
-        print(f"rolled back: {version} is champion again")
-        _announce(args, registry, version)
+        version = registry.rollback(args.reason or "rollback from the CLI", symbol=args.symbol)
+        whose = "" if args.symbol is None else f" for {args.symbol}"
+        print(f"rolled back: {version} is champion{whose} again")
+        _announce(args, registry, version, args.symbol)
 
 
 def _promote(args: argparse.Namespace, registry: "Registry") -> None:
@@ -245,17 +250,20 @@ def _promote(args: argparse.Namespace, registry: "Registry") -> None:
             raise ConfigError("promote compares on a hold-out: pass --data (or --force)")
         from makeusrich.trainer.promotion import decide_promotion
 
-        decision = decide_promotion(registry, args.version, args.data)
+        decision = decide_promotion(registry, args.version, args.data, args.symbol)
         if not decision.promote:
             print(f"not promoted ({decision.reason}); {args.version} stays in the registry")
             sys.exit(1)
         reason = decision.reason
-    registry.promote(args.version, reason, force=args.force)
-    print(f"promoted {args.version}: {reason}")
-    _announce(args, registry, args.version)
+    registry.promote(args.version, reason, force=args.force, symbol=args.symbol)
+    whose = "" if args.symbol is None else f" for {args.symbol}"
+    print(f"promoted {args.version}{whose}: {reason}")
+    _announce(args, registry, args.version, args.symbol)
 
 
-def _announce(args: argparse.Namespace, registry: "Registry", version: str) -> None:
+def _announce(
+    args: argparse.Namespace, registry: "Registry", version: str, symbol: str | None = None
+) -> None:
     """Tell running workers, when there is a broker to tell them through."""
     settings = _settings(args)
     if not settings.kafka_bootstrap:
@@ -264,7 +272,7 @@ def _announce(args: argparse.Namespace, registry: "Registry", version: str) -> N
     from makeusrich.inference import read_manifest
     from makeusrich.stream.control import announce_model
 
-    announce_model(settings, version, read_manifest(registry.root / version).sha256)
+    announce_model(settings, version, read_manifest(registry.root / version).sha256, symbol)
     print(f"announced {version} to the workers on {settings.kafka_bootstrap}")
 
 
@@ -437,8 +445,12 @@ def _parser() -> argparse.ArgumentParser:
     promote.add_argument("--data", nargs="+", help="candles whose last 15% are the hold-out")
     promote.add_argument("--force", action="store_true", help="skip the hold-out comparison")
     promote.add_argument("--reason")
+    promote.add_argument("--symbol", type=str.upper,
+                         help="champion of this symbol only (default: the shared champion)")
     rollback = actions.add_parser("rollback", help="back to the previous champion")
     rollback.add_argument("--reason")
+    rollback.add_argument("--symbol", type=str.upper,
+                          help="this symbol's own champion (the first goes back to the shared)")
     models.set_defaults(func=_cmd_models)
     backfill = sub.add_parser("backfill", help="Binance REST klines into the candle archive")
     backfill.add_argument("--symbols", type=_symbol_list)

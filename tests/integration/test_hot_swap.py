@@ -3,7 +3,7 @@
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import msgspec
@@ -73,17 +73,18 @@ def _alerts(client: redis.Redis, settings: Settings) -> list[dict]:
             if fields[b"type"] == b"alert"]
 
 
-def test_announced_models_are_swapped_in_between_candles(
-    settings: Settings, registry: Path, worker: subprocess.Popen[bytes],
-    redis_client: redis.Redis,
-) -> None:
+def _sample() -> tuple[list[Trade], int, list[list[Trade]]]:
+    """The bundled hour of trades, its start and three parts of it."""
     trades = list(read_trades(BUNDLED_SAMPLE))  # 00:00-00:59
     hour = trades[0].ts_event - trades[0].ts_event % 3_600_000
     parts = [[t for t in trades if lo <= t.ts_event - hour < hi]
              for lo, hi in ((0, 45 * 60_000), (45 * 60_000, 52 * 60_000),
                             (52 * 60_000, 3_600_000))]
-    publisher = TradePublisher(settings)
+    return trades, hour, parts
 
+
+def _feeder(settings: Settings, publisher: TradePublisher, client: redis.Redis,
+            hour: int) -> Callable[[list[Trade]], int]:
     def feed(part: list[Trade]) -> int:
         """Publish, wait for every candle the part closes to be predicted; their count."""
         for trade in part:
@@ -91,9 +92,19 @@ def test_announced_models_are_swapped_in_between_candles(
         publisher.flush()
         # A candle closes once event time passes its end by grace_ms.
         closed = (part[-1].ts_event - settings.grace_ms - hour) // 60_000
-        wait_until(lambda: len(history(redis_client, settings, "prediction")) >= closed,
+        wait_until(lambda: len(history(client, settings, "prediction")) >= closed,
               f"{closed} predictions")
         return closed
+    return feed
+
+
+def test_announced_models_are_swapped_in_between_candles(
+    settings: Settings, registry: Path, worker: subprocess.Popen[bytes],
+    redis_client: redis.Redis,
+) -> None:
+    trades, hour, parts = _sample()
+    publisher = TradePublisher(settings)
+    feed = _feeder(settings, publisher, redis_client, hour)
 
     wait_until(lambda: _serving(redis_client, settings) == A, f"the worker to serve {A}")
     warm_up = read_manifest(registry / A).window  # candles predicted by the naive baseline
@@ -129,4 +140,41 @@ def test_announced_models_are_swapped_in_between_candles(
     versions = [p["model_version"] for p in predictions]
     assert versions == (["naive"] * warm_up + [A] * (switched_at - warm_up)
                         + [B] * (len(candles) - switched_at))
+    assert worker.poll() is None
+
+
+def test_symbol_champions_are_served_and_swapped_for_their_symbol_only(
+    settings: Settings, registry: Path, redis_client: redis.Redis,
+    request: pytest.FixtureRequest,
+) -> None:
+    Registry(registry).promote(B, "test: BTCUSDT's own champion", symbol="BTCUSDT")
+    worker: subprocess.Popen[bytes] = request.getfixturevalue("worker")  # starts after it
+    trades, hour, parts = _sample()
+    publisher = TradePublisher(settings)
+    feed = _feeder(settings, publisher, redis_client, hour)
+
+    wait_until(lambda: _serving(redis_client, settings) == A, f"the worker to serve {A}")
+    warm_up = read_manifest(registry / B).window
+    switched_at = feed(parts[0])
+
+    announce_model(settings, C, read_manifest(registry / C).sha256, "BTCUSDT")  # corrupt
+    wait_until(lambda: len(_alerts(redis_client, settings)) == 1, "an alert for BTCUSDT's C")
+    assert _alerts(redis_client, settings)[0]["model_version"] == C
+
+    assert Registry(registry).rollback(symbol="BTCUSDT") == A
+    announce_model(settings, A, read_manifest(registry / A).sha256, "BTCUSDT")
+    # Announcements are handled in order: once this one is rejected the rollback is in.
+    announce_model(settings, C, read_manifest(registry / C).sha256)
+    wait_until(lambda: len(_alerts(redis_client, settings)) == 2, "an alert for the shared C")
+    assert _serving(redis_client, settings) == A
+
+    feed(parts[1] + parts[2])
+    publisher.send(EndOfStream("BTCUSDT", trades[-1].ts_event, 0, "replay"))
+    publisher.close()
+    expected = binance_klines(minutes=60)
+    wait_until(lambda: len(history(redis_client, settings, "prediction")) >= len(expected),
+               "every candle's prediction")
+    versions = [p["model_version"] for p in history(redis_client, settings, "prediction")]
+    assert versions == (["naive"] * warm_up + [B] * (switched_at - warm_up)
+                        + [A] * (len(expected) - switched_at))
     assert worker.poll() is None

@@ -32,7 +32,7 @@ OLD = "lstm-20250101-000000-aaaaaaaa"
 NEW = "lstm-20250301-000000-bbbbbbbb"
 MODEL_FIELDS = {
     "version", "kind", "created_at", "window", "symbols", "interval", "metrics", "sha256_ok",
-    "is_champion", "serving", "problem",
+    "is_champion", "champion_for", "serving", "problem",
 }
 
 
@@ -111,7 +111,8 @@ async def test_list_models(client: httpx.AsyncClient, root: Path, store: RedisSt
         "version": OLD, "kind": source.architecture.kind, "created_at": source.created_at,
         "window": source.window, "symbols": list(source.training_data.symbols),
         "interval": source.training_data.interval, "metrics": None,
-        "sha256_ok": True, "is_champion": False, "serving": False, "problem": None,
+        "sha256_ok": True, "is_champion": False, "champion_for": [], "serving": False,
+        "problem": None,
     }
     assert body[0]["metrics"]["skill"] == source.metrics["skill"]
 
@@ -123,6 +124,11 @@ async def test_list_models(client: httpx.AsyncClient, root: Path, store: RedisSt
     flags = [(r["is_champion"], r["serving"], r["sha256_ok"]) for r in body]
     assert flags == [(True, False, True), (False, True, False)]
     assert "sha256" in body[1]["problem"]
+
+    # A per-symbol champion is listed with the symbols it serves.
+    Registry(root).promote(OLD, "test", symbol="ETHUSDT")
+    body = (await client.get("/v1/models")).json()
+    assert [r["champion_for"] for r in body] == [["ETHUSDT"], []]
 
 
 async def test_model_details(client: httpx.AsyncClient, root: Path, store: RedisStore) -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from makeusrich.core.errors import TrainingError
 from makeusrich.inference import Registry, load_forecaster
 from makeusrich.trainer.promotion import decide_promotion
 
@@ -73,3 +74,29 @@ def test_mur_models_promote_refuses_then_rollback(registry: Registry) -> None:
     assert registry.champion() == good
     listing = _mur("models", "--registry", root, "list").stdout
     assert good in listing and bad in listing
+
+
+def test_a_symbol_promotion_compares_with_that_symbols_champion(registry: Registry) -> None:
+    good, bad = "lstm-20250101-000000-aaaaaaaa", "lstm-20250102-000000-bbbbbbbb"
+    registry.promote(bad, "test", force=True)
+    registry.promote(good, "test", symbol="BTCUSDT")
+    # BTCUSDT's own champion is the one to beat, not the shared one.
+    refused = decide_promotion(registry, bad, [DAY], symbol="BTCUSDT")
+    assert not refused.promote and good in refused.reason
+    with pytest.raises(TrainingError, match="no ETHUSDT candles"):
+        decide_promotion(registry, good, [DAY], symbol="ETHUSDT")
+
+
+def test_mur_models_promote_and_rollback_per_symbol(registry: Registry) -> None:
+    good, bad = "lstm-20250101-000000-aaaaaaaa", "lstm-20250102-000000-bbbbbbbb"
+    root = str(registry.root)
+    assert _mur("models", "--registry", root, "promote", bad, "--force").returncode == 0
+    promoted = _mur("models", "--registry", root, "promote", good, "--symbol", "btcusdt",
+                    "--data", str(DAY))
+    assert promoted.returncode == 0, promoted.stderr
+    assert (registry.champion(), registry.champion("BTCUSDT")) == (bad, good)
+    listing = _mur("models", "--registry", root, "list").stdout
+    assert any(good in line and "champion-for:BTCUSDT" in line for line in listing.splitlines())
+    rolled = _mur("models", "--registry", root, "rollback", "--symbol", "BTCUSDT")
+    assert rolled.returncode == 0 and f"{bad} is champion for BTCUSDT again" in rolled.stdout
+    assert registry.symbol_champions() == {}

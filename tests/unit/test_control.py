@@ -7,7 +7,7 @@ import pytest
 
 from kit.registry import add_version, corrupt_model
 from makeusrich.core.errors import ModelError, ModelIntegrityError
-from makeusrich.core.schemas import ModelAnnouncement
+from makeusrich.core.schemas import ModelAnnouncement, announcement_decoder, encode
 from makeusrich.core.settings import Settings
 from makeusrich.inference import MANIFEST_FILE, Registry, read_manifest
 from makeusrich.stream.control import ModelWatcher, load_announced
@@ -70,3 +70,18 @@ def test_the_watcher_reports_the_champion(registry: Path) -> None:
     champion = watcher.champion()
     assert champion is not None
     assert (champion.version, champion.sha256) == (NAME, read_manifest(registry / NAME).sha256)
+
+
+def test_the_watcher_reports_symbol_champions(registry: Path) -> None:
+    watcher = ModelWatcher(Settings(_env_file=None, kafka_bootstrap="unused:9092",
+                                    model_dir=registry))
+    assert watcher.symbol_champions() == []
+    Registry(registry).promote(NAME, "test", symbol="ETHUSDT")
+    assert watcher.champion() is None  # no shared champion
+    (own,) = watcher.symbol_champions()
+    assert (own.version, own.symbol, own.sha256) == (
+        NAME, "ETHUSDT", read_manifest(registry / NAME).sha256,
+    )
+    # The symbol travels with the announcement; one without it (older senders) is shared.
+    assert announcement_decoder.decode(encode(own)).symbol == "ETHUSDT"
+    assert announcement_decoder.decode(encode(_announce(registry))).symbol is None

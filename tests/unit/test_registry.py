@@ -378,3 +378,101 @@ def test_load_forecaster_with_a_corrupt_pointer(root: Path) -> None:
 def test_empty_registry_serves_the_naive_baseline(tmp_path: Path) -> None:
     assert Registry(tmp_path).list() == []
     assert isinstance(load_forecaster(tmp_path), NaiveForecaster)
+
+
+# --- per-symbol champions ----------------------------------------------------------------
+
+
+def test_a_symbol_champion_overrides_the_shared_one_for_that_symbol_only(
+    registry: Registry, root: Path
+) -> None:
+    registry.promote(OLD, "shared")
+    registry.promote(NEW, "better on ETH", symbol="ETHUSDT")
+
+    assert registry.champion() == OLD
+    assert registry.champion("BTCUSDT") == OLD  # no champion of its own: the shared one
+    assert registry.champion("ETHUSDT") == NEW
+    assert registry.symbol_champions() == {"ETHUSDT": NEW}
+    assert registry.selected() == OLD  # what load_forecaster serves stays the shared one
+    flags = {i.version: (i.is_champion, i.champion_for) for i in registry.list()}
+    assert flags == {OLD: (True, ()), NEW: (False, ("ETHUSDT",))}
+    assert registry.show(NEW).info.champion_for == ("ETHUSDT",)
+    pointer = read_pointer(root)
+    assert pointer["version"] == OLD
+    assert [h["version"] for h in pointer["history"]] == [OLD]  # type: ignore[attr-defined]
+    eth = pointer["symbols"]["ETHUSDT"]  # type: ignore[index]
+    assert eth["version"] == NEW
+    assert [(h["version"], h["reason"]) for h in eth["history"]] == [(NEW, "better on ETH")]
+
+
+def test_a_symbol_champion_without_a_shared_one(registry: Registry) -> None:
+    registry.promote(OLD, "only ETH", symbol="ETHUSDT")
+    assert registry.champion() is None
+    assert registry.champion("ETHUSDT") == OLD
+    assert registry.selected() == NEW  # no shared champion: the newest, as before
+    with pytest.raises(RegistryError, match="no champion"):
+        registry.rollback()
+
+
+def test_promoting_for_a_symbol_the_model_was_not_trained_on_warns(
+    registry: Registry, caplog: pytest.LogCaptureFixture
+) -> None:
+    trained_on = read_manifest(registry.root / OLD).training_data.symbols
+    assert trained_on and "DOGEUSDT" not in trained_on
+    registry.promote(OLD, "try it", symbol="DOGEUSDT")
+    assert registry.champion("DOGEUSDT") == OLD
+    assert "trained on" in caplog.text and "DOGEUSDT" in caplog.text
+    caplog.clear()
+    registry.promote(NEW, "its own symbol", symbol=trained_on[0])
+    assert "trained on" not in caplog.text
+
+
+def test_symbol_rollback_walks_back_then_returns_to_the_shared_champion(
+    registry: Registry, root: Path
+) -> None:
+    registry.promote(OLD, "shared")
+    registry.promote(OLD, "eth a", symbol="ETHUSDT")
+    registry.promote(NEW, "eth b", symbol="ETHUSDT")
+
+    assert registry.rollback("worse", symbol="ETHUSDT") == OLD
+    assert registry.symbol_champions() == {"ETHUSDT": OLD}
+    # The first own champion rolls back to the shared one, which it then follows.
+    assert registry.rollback(symbol="ETHUSDT") == OLD
+    assert registry.symbol_champions() == {}
+    registry.promote(NEW, "shared b")
+    assert registry.champion("ETHUSDT") == NEW
+    eth = read_pointer(root)["symbols"]["ETHUSDT"]  # type: ignore[index]
+    assert eth["version"] is None
+    assert [(h["version"], h["action"]) for h in eth["history"]] == [
+        (OLD, "promote"), (NEW, "promote"), (OLD, "rollback"), ("", "rollback"),
+    ]
+    with pytest.raises(RegistryError, match="no champion for ETHUSDT"):
+        registry.rollback(symbol="ETHUSDT")
+    with pytest.raises(RegistryError, match="no champion for BTCUSDT"):
+        registry.rollback(symbol="BTCUSDT")
+    # The shared history is untouched by the symbol's.
+    assert registry.rollback() == OLD
+    registry.promote(NEW, "eth again", symbol="ETHUSDT")
+    assert registry.champion("ETHUSDT") == NEW
+
+
+def test_symbol_promotion_checks_integrity(registry: Registry, root: Path) -> None:
+    corrupt(root / NEW)
+    with pytest.raises(RegistryError, match="sha256"):
+        registry.promote(NEW, "x", symbol="ETHUSDT")
+    assert registry.symbol_champions() == {}
+
+
+def test_old_format_pointer_has_no_symbol_champions(registry: Registry, root: Path) -> None:
+    (root / CHAMPION_FILE).write_text(json.dumps({
+        "version": OLD, "promoted_at": 1,
+        "history": [{"version": OLD, "promoted_at": 1, "reason": "old", "action": "promote",
+                     "forced": False}],
+    }))
+    assert registry.champion("ETHUSDT") == OLD
+    assert registry.symbol_champions() == {}
+    registry.promote(NEW, "eth", symbol="ETHUSDT")
+    pointer = read_pointer(root)
+    assert (pointer["version"], pointer["promoted_at"]) == (OLD, 1)
+    assert registry.champion("ETHUSDT") == NEW
+    assert registry.rollback(symbol="ETHUSDT") == OLD

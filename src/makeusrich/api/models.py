@@ -114,6 +114,9 @@ class ModelOut(_Out):
     metrics: dict[str, float] = Field(description="headline validation metrics")
     sha256_ok: bool = Field(description="model.onnx matches the manifest's sha256 (rechecked)")
     is_champion: bool = Field(description="promoted in champion.json")
+    champion_for: list[str] = Field(
+        default_factory=list, description="symbols this version serves as their own champion"
+    )
     serving: bool = Field(description="the version the worker reports it serves")
     problem: str | None = Field(description="why it cannot be served; null when usable")
 

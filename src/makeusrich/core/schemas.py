@@ -99,12 +99,14 @@ class DeadLetter(msgspec.Struct, frozen=True):
 class ModelAnnouncement(msgspec.Struct, frozen=True):
     """On the ``model-control`` topic: every worker should now serve ``version`` from its
     model registry, whose ``model.onnx`` must have this ``sha256``. ``ts_event`` is when
-    the version was promoted."""
+    the version was promoted. With ``symbol``, only that symbol's model changes (its own
+    champion, see ``Registry.promote``); without, the shared model."""
 
     version: str
     sha256: str
     ts_event: int
     ts_ingest: int
+    symbol: str | None = None
 
 
 class Alert(msgspec.Struct, frozen=True):

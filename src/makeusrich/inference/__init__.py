@@ -36,6 +36,7 @@ from makeusrich.inference.registry import (
     ChampionPointer,
     Promotion,
     Registry,
+    SymbolChampion,
     VersionDetails,
     VersionInfo,
 )
@@ -61,6 +62,7 @@ __all__ = [
     "Parity",
     "Promotion",
     "Registry",
+    "SymbolChampion",
     "TrainingData",
     "VersionDetails",
     "VersionInfo",

@@ -8,11 +8,13 @@ Layout::
       .staging-*/                           # unfinished writes, never listed
 
 ``champion.json`` is ``{"version", "promoted_at", "history": [{"version", "promoted_at",
-"reason", "action", "forced"}, ...]}`` (times in epoch ms). ``history`` is append-only:
-every promotion and rollback is an entry, so it doubles as the audit log. It is rewritten
-atomically (temporary file + ``os.replace``), so a reader sees the old or the new pointer,
-never half of one. Without ``champion.json``, :func:`load_forecaster` serves the newest
-version by name, as before the registry existed.
+"reason", "action", "forced"}, ...], "symbols": {SYMBOL: {"version", "promoted_at",
+"history"}}}`` (times in epoch ms). ``history`` is append-only: every promotion and
+rollback is an entry, so it doubles as the audit log. ``version`` is the shared champion,
+which serves every symbol without one of its own in ``symbols`` (optional: files without it
+have no per-symbol champions). It is rewritten atomically (temporary file + ``os.replace``),
+so a reader sees the old or the new pointer, never half of one. Without ``champion.json``,
+:func:`load_forecaster` serves the newest version by name, as before the registry existed.
 
 The registry only records decisions: whether a challenger beats the champion on a hold-out
 is for the caller to decide before calling :meth:`Registry.promote`. What the registry does
@@ -22,6 +24,7 @@ manifest's sha256 or that onnxruntime cannot load. Only numpy and onnxruntime, n
 
 import contextlib
 import fcntl
+import logging
 import os
 import re
 import shutil
@@ -50,6 +53,7 @@ __all__ = [
     "ChampionPointer",
     "Promotion",
     "Registry",
+    "SymbolChampion",
     "VersionDetails",
     "VersionInfo",
 ]
@@ -58,6 +62,8 @@ CHAMPION_FILE: Final = "champion.json"
 #: The manifest metrics a listing shows (those a version has; the manifest holds them all).
 HEADLINE_METRICS: Final = ("skill", "mae", "mae_persistence", "coverage_80", "pinball",
                            "pinball_naive")
+
+log = logging.getLogger(__name__)
 
 _LOCK_FILE: Final = ".registry.lock"
 # Names that are safe as one path component (what the trainer produces: lstm-YYYYMMDD-...).
@@ -75,12 +81,23 @@ class Promotion(msgspec.Struct, frozen=True):
     forced: bool = False
 
 
-class ChampionPointer(msgspec.Struct, frozen=True):
-    """``champion.json``. Defaults let an operator write ``{"version": "..."}`` by hand."""
+class SymbolChampion(msgspec.Struct, frozen=True):
+    """One champion slot: the shared one, or a symbol's own in ``ChampionPointer.symbols``.
+    ``version`` is None when there is none (for a symbol: rolled back to the shared one)."""
 
-    version: str
+    version: str | None = None
     promoted_at: int = 0
     history: tuple[Promotion, ...] = ()
+
+
+class ChampionPointer(msgspec.Struct, frozen=True):
+    """``champion.json``. Defaults let an operator write ``{"version": "..."}`` by hand.
+    ``version`` is None when only symbols have champions."""
+
+    version: str | None = None
+    promoted_at: int = 0
+    history: tuple[Promotion, ...] = ()
+    symbols: dict[str, SymbolChampion] = {}
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +116,8 @@ class VersionInfo:
     #: model.onnx hashes to the manifest's sha256 (recomputed on every call).
     sha256_ok: bool = False
     is_champion: bool = False
+    #: The symbols it serves as their own champion (see ``Registry.promote(symbol=...)``).
+    champion_for: tuple[str, ...] = ()
     #: Why the version cannot be promoted or served; None when it looks usable.
     problem: str | None = None
 
@@ -128,8 +147,9 @@ def _replay(history: tuple[Promotion, ...]) -> list[str]:
     for entry in history:
         if entry.action == "rollback" and stack:
             stack.pop()
-            # A consistent history has the rolled-back-to version on top already.
-            if not stack or stack[-1] != entry.version:
+            # A consistent history has the rolled-back-to version on top already; an empty
+            # version is a symbol's rollback to the shared champion.
+            if entry.version and (not stack or stack[-1] != entry.version):
                 stack.append(entry.version)
         else:
             stack.append(entry.version)
@@ -188,10 +208,21 @@ class Registry:
         except (OSError, msgspec.DecodeError) as exc:
             raise RegistryError(f"{self.pointer_path} is unreadable: {exc}") from exc
 
-    def champion(self) -> str | None:
-        """The promoted version, or None when nothing was ever promoted."""
+    def champion(self, symbol: str | None = None) -> str | None:
+        """The promoted version (``symbol``'s own champion if it has one, else the shared
+        one), or None when nothing was promoted."""
         pointer = self.pointer()
-        return None if pointer is None else pointer.version
+        if pointer is None:
+            return None
+        own = pointer.symbols.get(symbol) if symbol is not None else None
+        return own.version if own is not None and own.version is not None else pointer.version
+
+    def symbol_champions(self) -> dict[str, str]:
+        """Symbol -> its own champion, for the symbols that have one."""
+        pointer = self.pointer()
+        if pointer is None:
+            return {}
+        return {sym: c.version for sym, c in pointer.symbols.items() if c.version is not None}
 
     def selected(self) -> str | None:
         """The version :func:`load_forecaster` serves from here: the champion, else the
@@ -208,13 +239,13 @@ class Registry:
 
     def list(self) -> list[VersionInfo]:
         """Every version, oldest first, with hashes recomputed."""
-        champion = self.champion()
-        return [self._inspect(name, champion)[0] for name in self.versions()]
+        champion, serves = self.champion(), self._serves()
+        return [self._inspect(name, champion, serves)[0] for name in self.versions()]
 
     def show(self, version: str) -> VersionDetails:
         """One version's manifest and status; :class:`RegistryError` if unknown."""
         self._require_known(version)
-        info, manifest = self._inspect(version, self.champion())
+        info, manifest = self._inspect(version, self.champion(), self._serves())
         return VersionDetails(info=info, manifest=manifest)
 
     def _require_known(self, version: str) -> None:
@@ -227,7 +258,16 @@ class Registry:
                 f"unknown model version {version!r} in {self.root}; known: {listed}"
             )
 
-    def _inspect(self, name: str, champion: str | None) -> tuple[VersionInfo, Manifest | None]:
+    def _serves(self) -> dict[str, tuple[str, ...]]:
+        """Version -> the symbols it is the own champion of."""
+        serves: dict[str, list[str]] = {}
+        for symbol, version in sorted(self.symbol_champions().items()):
+            serves.setdefault(version, []).append(symbol)
+        return {version: tuple(symbols) for version, symbols in serves.items()}
+
+    def _inspect(
+        self, name: str, champion: str | None, serves: dict[str, tuple[str, ...]] | None = None
+    ) -> tuple[VersionInfo, Manifest | None]:
         path = self.root / name
         problem: str | None = None
         sha256_ok = False
@@ -262,43 +302,57 @@ class Registry:
             else {k: manifest.metrics[k] for k in HEADLINE_METRICS if k in manifest.metrics},
             sha256_ok=sha256_ok,
             is_champion=name == champion,
+            champion_for=(serves or {}).get(name, ()),
             problem=problem,
         )
         return info, manifest
 
-    def _verify(self, version: str) -> None:
-        """RegistryError unless ``version`` exists, matches its hash and loads."""
+    def _verify(self, version: str) -> Manifest:
+        """RegistryError unless ``version`` exists, matches its hash and loads; returns
+        its manifest."""
         self._require_known(version)
-        info, _ = self._inspect(version, None)
+        info, manifest = self._inspect(version, None)
         if info.problem is not None:
             raise RegistryError(f"refusing version {version}: {info.problem}")
         try:
             OnnxForecaster(info.path)  # hashes the bytes it loads, checks the signature
         except ModelError as exc:
             raise RegistryError(f"refusing version {version}: {exc}") from exc
+        assert manifest is not None  # an unreadable manifest is a problem
+        return manifest
 
     # ------------------------------------------------------------------ writes
 
-    def promote(self, version: str, reason: str, *, force: bool = False) -> None:
-        """Make ``version`` the champion, recording ``reason`` in the history.
+    def promote(
+        self, version: str, reason: str, *, force: bool = False, symbol: str | None = None
+    ) -> None:
+        """Make ``version`` the champion (of ``symbol`` only, when given), recording
+        ``reason`` in the history.
 
         ``force`` only records that the caller overrode (or skipped) its hold-out
         comparison; integrity is checked regardless. Promoting the current champion again
-        changes nothing.
+        changes nothing. A version trained without ``symbol`` may serve it (with a warning).
         """
         self._require_writable()
         with self._locked():
-            self._verify(version)
+            trained_on = self._verify(version).training_data.symbols
+            if symbol is not None and trained_on and symbol not in trained_on:
+                log.warning("promoting %s for %s although it was trained on %s only",
+                            version, symbol, ", ".join(trained_on))
             pointer = self.pointer()
-            if pointer is not None and pointer.version == version:
+            slot = _slot(pointer, symbol)
+            if slot is not None and slot.version == version:
                 return
             now = now_ms()
             entry = Promotion(version=version, promoted_at=now, reason=reason, forced=force)
-            history = (*self._history_of(pointer), entry)
-            self._write_pointer(ChampionPointer(version=version, promoted_at=now, history=history))
+            history = (*_history_of(slot), entry)
+            self._write_pointer(_with_slot(
+                pointer, symbol, SymbolChampion(version=version, promoted_at=now, history=history)
+            ))
 
-    def rollback(self, reason: str = "") -> str:
-        """Make the champion before the current one champion again; returns its version.
+    def rollback(self, reason: str = "", *, symbol: str | None = None) -> str:
+        """Make the champion before the current one champion again; returns the version now
+        serving (``symbol``, when given: its own previous champion, else the shared one).
 
         Repeated rollbacks walk further back. RegistryError when there is no earlier
         champion or it no longer passes the integrity check (promote another version).
@@ -306,24 +360,36 @@ class Registry:
         self._require_writable()
         with self._locked():
             pointer = self.pointer()
-            if pointer is None:
-                raise RegistryError(f"no champion in {self.root}: nothing to roll back")
-            history = self._history_of(pointer)
+            slot = _slot(pointer, symbol)
+            whose = "" if symbol is None else f" for {symbol}"
+            if pointer is None or slot is None or slot.version is None:
+                raise RegistryError(f"no champion{whose} in {self.root}: nothing to roll back")
+            history = _history_of(slot)
             stack = _replay(history)
-            if len(stack) < 2:
+            note = f"rollback from {slot.version}" + (f": {reason}" if reason else "")
+            previous: str | None
+            serving: str | None
+            if len(stack) >= 2:
+                previous = serving = stack[-2]
+                self._verify(previous)
+            elif symbol is not None:
+                # A symbol's first own champion rolls back to the shared one; the entry's
+                # empty version records that.
+                previous, serving = None, pointer.version or self.selected()
+                if serving is None:
+                    raise RegistryError(f"no shared champion in {self.root} to roll back to")
+            else:
                 raise RegistryError(
-                    f"{pointer.version} is the first champion in {self.pointer_path}: "
+                    f"{slot.version} is the first champion in {self.pointer_path}: "
                     "nothing to roll back to"
                 )
-            previous = stack[-2]
-            self._verify(previous)
             now = now_ms()
-            note = f"rollback from {pointer.version}" + (f": {reason}" if reason else "")
-            entry = Promotion(version=previous, promoted_at=now, reason=note, action="rollback")
-            self._write_pointer(
-                ChampionPointer(version=previous, promoted_at=now, history=(*history, entry))
-            )
-            return previous
+            entry = Promotion(version=previous or "", promoted_at=now, reason=note,
+                              action="rollback")
+            self._write_pointer(_with_slot(pointer, symbol, SymbolChampion(
+                version=previous, promoted_at=now, history=(*history, entry)
+            )))
+            return serving
 
     def add(self, version_dir: Path) -> str:
         """Copy a trained version directory in (named after its manifest's version) after
@@ -373,21 +439,6 @@ class Registry:
                 f"{self.root / self._only} is a single version directory, not a registry"
             )
 
-    @staticmethod
-    def _history_of(pointer: ChampionPointer | None) -> tuple[Promotion, ...]:
-        """The pointer's history, with the current champion entered if a hand-written
-        pointer left it out (so a rollback can return to it)."""
-        if pointer is None:
-            return ()
-        stack = _replay(pointer.history)
-        if stack and stack[-1] == pointer.version:
-            return pointer.history
-        entry = Promotion(
-            version=pointer.version, promoted_at=pointer.promoted_at,
-            reason="champion.json without a matching history entry",
-        )
-        return (*pointer.history, entry)
-
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
         """Serialise read-modify-write of champion.json between processes."""
@@ -423,3 +474,38 @@ class Registry:
 def _chronological(version: str) -> tuple[str, str]:
     parts = version.split("-")
     return ("-".join(parts[1:3]), version) if len(parts) >= 4 else ("", version)
+
+
+def _slot(pointer: ChampionPointer | None, symbol: str | None) -> SymbolChampion | None:
+    """The shared champion slot (``symbol`` None) or the symbol's own; None if absent."""
+    if pointer is None:
+        return None
+    if symbol is None:
+        return SymbolChampion(pointer.version, pointer.promoted_at, pointer.history)
+    return pointer.symbols.get(symbol)
+
+
+def _with_slot(
+    pointer: ChampionPointer | None, symbol: str | None, slot: SymbolChampion
+) -> ChampionPointer:
+    base = ChampionPointer() if pointer is None else pointer
+    if symbol is None:
+        return msgspec.structs.replace(
+            base, version=slot.version, promoted_at=slot.promoted_at, history=slot.history
+        )
+    return msgspec.structs.replace(base, symbols={**base.symbols, symbol: slot})
+
+
+def _history_of(slot: SymbolChampion | None) -> tuple[Promotion, ...]:
+    """The slot's history, with the current champion entered if a hand-written pointer
+    left it out (so a rollback can return to it)."""
+    if slot is None or slot.version is None:
+        return () if slot is None else slot.history
+    stack = _replay(slot.history)
+    if stack and stack[-1] == slot.version:
+        return slot.history
+    entry = Promotion(
+        version=slot.version, promoted_at=slot.promoted_at,
+        reason="champion.json without a matching history entry",
+    )
+    return (*slot.history, entry)

@@ -39,7 +39,13 @@ from makeusrich.core.schemas import (
 )
 from makeusrich.core.settings import Settings
 from makeusrich.core.store import RedisStore
-from makeusrich.inference import Forecaster, NaiveForecaster, load_forecaster
+from makeusrich.inference import (
+    Forecaster,
+    NaiveForecaster,
+    OnnxForecaster,
+    Registry,
+    load_forecaster,
+)
 from makeusrich.stream.control import ModelWatcher, load_announced, registry_root
 from makeusrich.stream.pipeline import Outputs, TradePipeline
 
@@ -86,6 +92,25 @@ def _load_model(settings: Settings) -> Forecaster:
         return NaiveForecaster()
 
 
+def _load_symbol_models(settings: Settings) -> dict[str, Forecaster]:
+    """The symbols' own champions; one that cannot be loaded leaves its symbol on the
+    shared model."""
+    registry = Registry(registry_root(settings))
+    try:
+        champions = registry.symbol_champions()
+    except ModelError as exc:
+        log.error("per-symbol champions unreadable, serving the shared model: %s", exc)
+        return {}
+    models: dict[str, Forecaster] = {}
+    for symbol, version in champions.items():
+        try:
+            models[symbol] = OnnxForecaster(registry.root / version)
+        except ModelError as exc:
+            log.error("model %s for %s rejected, serving the shared model: %s",
+                      version, symbol, exc)
+    return models
+
+
 def create_app(settings: Settings, forecaster: Forecaster | None = None) -> faust.App:
     """Build the Faust app for ``settings`` (the broker must be reachable at start)."""
     assert settings.kafka_bootstrap and settings.redis_url, "resolve service URLs first"
@@ -121,6 +146,9 @@ def create_app(settings: Settings, forecaster: Forecaster | None = None) -> faus
                       **raw)
     pipeline = TradePipeline(settings.intervals, settings.grace_ms,
                              forecaster or _load_model(settings))
+    if forecaster is None:
+        for symbol, model in _load_symbol_models(settings).items():
+            pipeline.set_forecaster(model, symbol)
     store = RedisStore.from_settings(settings)
     stats = WorkerStats()
 
@@ -145,34 +173,52 @@ def create_app(settings: Settings, forecaster: Forecaster | None = None) -> faus
         stats.predictions += len(out.predictions)
         stats.late += len(out.late)
 
-    async def reject_model(version: str, ts_event: int, exc: ModelError) -> None:
+    async def reject_model(version: str, ts_event: int, exc: ModelError,
+                           symbol: str | None = None) -> None:
         stats.model_rejections += 1
-        log.error("model %s rejected, still serving %s: %s", version,
-                  pipeline.forecaster.version, exc)
+        serving = pipeline.forecaster if symbol is None else pipeline.forecaster_for(symbol)
+        log.error("model %s%s rejected, still serving %s: %s", version,
+                  "" if symbol is None else f" for {symbol}", serving.version, exc)
         await store.write_alert(Alert(kind="model_rejected", message=str(exc),
                                       model_version=version, ts_event=ts_event,
                                       ts_ingest=now_ms()))
 
     async def swap_model(announcement: ModelAnnouncement) -> None:
-        """Serve the announced version if it passes every check; else keep the old one."""
-        current = pipeline.forecaster.version
+        """Serve the announced version if it passes every check; else keep the old one.
+        An announcement with a symbol changes only that symbol's model."""
+        symbol = announcement.symbol
+        current = (pipeline.forecaster if symbol is None
+                   else pipeline.forecaster_for(symbol)).version
+        root = registry_root(settings)
+        if symbol is not None:
+            try:
+                own = await asyncio.to_thread(lambda: Registry(root).symbol_champions())
+            except ModelError as exc:
+                await reject_model(announcement.version, announcement.ts_event, exc, symbol)
+                return
+            if symbol not in own:
+                # Rolled back to the shared champion: follow it (and its later promotions).
+                pipeline.set_forecaster(None, symbol)
+                log.info("%s: now serving the shared model %s (was %s)", symbol,
+                         pipeline.forecaster.version, current)
+                return
         if announcement.version == current:
             return
         try:
             # Off the event loop: loading and the parity check take a while, and trades keep
             # flowing through the old model meanwhile.
-            forecaster = await asyncio.to_thread(
-                load_announced, registry_root(settings), announcement
-            )
+            forecaster = await asyncio.to_thread(load_announced, root, announcement)
         except ModelError as exc:
-            await reject_model(announcement.version, announcement.ts_event, exc)
+            await reject_model(announcement.version, announcement.ts_event, exc, symbol)
             return
         # Atomic between candles: this runs in the agent's event loop, the agent handles one
         # message at a time and TradePipeline.process (which predicts) never awaits, so the
         # swap lands between two messages and each prediction names the model that made it.
-        pipeline.forecaster = forecaster
-        await store.set_model(forecaster.version)
-        log.info("now serving model %s (was %s)", forecaster.version, current)
+        pipeline.set_forecaster(forecaster, symbol)
+        if symbol is None:
+            await store.set_model(forecaster.version)  # the redis entry names the shared model
+        log.info("%snow serving model %s (was %s)", "" if symbol is None else f"{symbol}: ",
+                 forecaster.version, current)
 
     @app.task
     async def follow_models() -> None:
@@ -184,11 +230,12 @@ def create_app(settings: Settings, forecaster: Forecaster | None = None) -> faus
             # was not announced to this worker: the champion read now covers it.
             try:
                 champion = await asyncio.to_thread(watcher.champion)
+                own = await asyncio.to_thread(watcher.symbol_champions)
             except ModelError as exc:
                 await reject_model("", now_ms(), exc)
             else:
-                if champion is not None:
-                    await swap_model(champion)
+                for announced in ([] if champion is None else [champion]) + own:
+                    await swap_model(announced)
             async for announcement in watcher.announcements():
                 await swap_model(announcement)
         finally:

@@ -36,13 +36,17 @@ def registry_root(settings: Settings) -> Path:
     return bundled_models_dir() if settings.model_dir is None else Path(settings.model_dir)
 
 
-def announce_model(settings: Settings, version: str, sha256: str) -> ModelAnnouncement:
-    """Tell every worker to serve ``version`` (already in the registry) and return the
-    announcement once the broker has it on all replicas."""
+def announce_model(
+    settings: Settings, version: str, sha256: str, symbol: str | None = None
+) -> ModelAnnouncement:
+    """Tell every worker to serve ``version`` (already in the registry) for ``symbol`` (all
+    symbols without their own champion when None) and return the announcement once the
+    broker has it on all replicas."""
     assert settings.kafka_bootstrap, "kafka_bootstrap must be resolved first"
     ensure_topics(settings)
     ts = now_ms()
-    announcement = ModelAnnouncement(version=version, sha256=sha256, ts_event=ts, ts_ingest=ts)
+    announcement = ModelAnnouncement(version=version, sha256=sha256, ts_event=ts, ts_ingest=ts,
+                                     symbol=symbol)
     topic = settings.topics.model_control
     producer = KafkaProducer(
         bootstrap_servers=settings.kafka_bootstrap, acks="all", retries=10,
@@ -123,16 +127,29 @@ class ModelWatcher:
         self._consumer = consumer
 
     def champion(self) -> ModelAnnouncement | None:
-        """The registry's current champion as an announcement (None when nothing was
+        """The registry's current shared champion as an announcement (None when none was
         promoted); blocking file reads. :class:`ModelError` if the registry or the
         champion's manifest is unreadable."""
         registry = Registry(registry_root(self._settings))
         pointer = registry.pointer()
-        if pointer is None:
+        if pointer is None or pointer.version is None:
             return None
         manifest = read_manifest(registry.root / pointer.version)
         return ModelAnnouncement(version=pointer.version, sha256=manifest.sha256,
                                  ts_event=pointer.promoted_at, ts_ingest=now_ms())
+
+    def symbol_champions(self) -> list[ModelAnnouncement]:
+        """The symbols' own champions as announcements, like :meth:`champion`."""
+        registry = Registry(registry_root(self._settings))
+        pointer = registry.pointer()
+        if pointer is None:
+            return []
+        return [
+            ModelAnnouncement(version=own.version,
+                              sha256=read_manifest(registry.root / own.version).sha256,
+                              ts_event=own.promoted_at, ts_ingest=now_ms(), symbol=symbol)
+            for symbol, own in sorted(pointer.symbols.items()) if own.version is not None
+        ]
 
     async def announcements(self) -> AsyncIterator[ModelAnnouncement]:
         """Announcements as they arrive; undecodable ones are logged and skipped."""

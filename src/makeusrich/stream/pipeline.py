@@ -29,7 +29,9 @@ class Outputs:
 
 
 class TradePipeline:
-    """Per-symbol candle building and inference for a set of intervals."""
+    """Per-symbol candle building and inference for a set of intervals.
+
+    ``forecaster`` serves every symbol without a model of its own (``set_forecaster``)."""
 
     def __init__(
         self, intervals: Iterable[str], grace_ms: int, forecaster: Forecaster
@@ -37,6 +39,7 @@ class TradePipeline:
         self.intervals = tuple(intervals)
         self.grace_ms = grace_ms
         self.forecaster = forecaster
+        self._own: dict[str, Forecaster] = {}  # symbol -> its own model
         # Until a series has a model's full window, and for intervals the model was not
         # trained on, the persistence baseline answers (labelled model_version "naive").
         self._baseline = NaiveForecaster()
@@ -91,11 +94,33 @@ class TradePipeline:
             if prediction is not None:
                 self._out.predictions.append(prediction)
 
+    def forecaster_for(self, symbol: str) -> Forecaster:
+        """The model that predicts ``symbol``: its own, else the shared one."""
+        return self._own.get(symbol, self.forecaster)
+
+    def set_forecaster(self, model: Forecaster | None, symbol: str | None = None) -> None:
+        """Serve ``model`` for ``symbol`` (None: back to the shared model), or as the shared
+        model when ``symbol`` is None."""
+        if symbol is None:
+            if model is None:
+                raise ValueError("the shared model cannot be removed")
+            self.forecaster = model
+        elif model is None:
+            self._own.pop(symbol, None)
+        else:
+            self._own[symbol] = model
+        # Histories kept so far may be shorter than a larger window needs: grow them.
+        length = self._history_len()
+        for key, history in self._history.items():
+            if history.maxlen is not None and history.maxlen < length:
+                self._history[key] = deque(history, maxlen=length)
+
     def _history_len(self) -> int:
-        return max(_HISTORY_MIN, self.forecaster.window + 1)
+        window = max([self.forecaster.window, *(f.window for f in self._own.values())])
+        return max(_HISTORY_MIN, window + 1)
 
     def _predict(self, candle: Candle, history: deque[Candle]) -> Prediction | None:
-        forecaster: Forecaster = self.forecaster
+        forecaster = self.forecaster_for(candle.symbol)
         if forecaster.interval not in (None, candle.interval):
             forecaster = self._baseline
         recent = list(history)[-(forecaster.window + 1) :]

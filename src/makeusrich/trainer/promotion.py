@@ -7,7 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from makeusrich.inference import OnnxForecaster, Registry
+from makeusrich.core.errors import TrainingError
+from makeusrich.inference import OnnxForecaster, Registry, read_manifest
 from makeusrich.trainer.data import load_series
 from makeusrich.trainer.evaluate import MODEL, evaluate
 
@@ -25,18 +26,27 @@ class Decision:
 
 
 def decide_promotion(
-    registry: Registry, challenger: str, data: Sequence[Path | str]
+    registry: Registry, challenger: str, data: Sequence[Path | str],
+    symbol: str | None = None,
 ) -> Decision:
-    """Compare ``challenger`` with the champion on the last 15% of ``data`` (by open time)."""
-    champion = registry.champion()
+    """Compare ``challenger`` with the champion on the last 15% of ``data`` (by open time).
+
+    With ``symbol``: with that symbol's champion (its own, else the shared one), on that
+    symbol's series only."""
+    champion = registry.champion(symbol)
     if champion is None:
         return Decision(True, "no champion yet")
     if champion == challenger:
         return Decision(False, f"{challenger} is already the champion")
-    series = load_series(data)
+    series = [s for s in load_series(data) if symbol is None or s.symbol == symbol]
+    if not series:
+        raise TrainingError(f"no {symbol} candles in the hold-out data")
     last_open = max(int(s.open_time[-1]) for s in series)
     first_open = min(int(s.open_time[0]) for s in series)
     start = int(np.floor(last_open - (last_open - first_open) * HOLDOUT_FRACTION))
+    # Never score the challenger on candles it was fitted on.
+    trained = read_manifest(registry.root / challenger).training_data
+    start = max(start, trained.validation_first_target_open_time)
     scores = {
         version: evaluate(OnnxForecaster(registry.root / version), series,
                           start_open_time=start).overall.metrics[MODEL].mae
