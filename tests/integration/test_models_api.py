@@ -3,7 +3,6 @@ registry on disk, the champion pointer and the version the worker says it serves
 
 import contextlib
 import json
-import shutil
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -13,16 +12,15 @@ import httpx
 import pytest
 
 from kit.api import serve_in_thread
+from kit.registry import add_version
 from makeusrich.core.embedded import EmbeddedService
 from makeusrich.core.settings import Settings
 from makeusrich.core.store import RedisStore
 from makeusrich.inference import (
     MANIFEST_FILE,
     MODEL_FILE,
-    OnnxForecaster,
     Registry,
     bundled_models_dir,
-    load_forecaster,
     read_manifest,
 )
 
@@ -36,27 +34,12 @@ MODEL_FIELDS = {
 }
 
 
-def _bundled_version_dir() -> Path:
-    """The bundled version the service serves by default."""
-    forecaster = load_forecaster(None)
-    assert isinstance(forecaster, OnnxForecaster)
-    return forecaster.path
-
-
-def _make_version(root: Path, name: str) -> Path:
-    path = Path(shutil.copytree(_bundled_version_dir(), root / name))
-    manifest = json.loads((path / MANIFEST_FILE).read_text())
-    manifest["version"] = name
-    (path / MANIFEST_FILE).write_text(json.dumps(manifest))
-    return path
-
-
 @pytest.fixture
 def root(tmp_path: Path) -> Path:
     root = tmp_path / "registry"
     root.mkdir()
-    _make_version(root, OLD)
-    _make_version(root, NEW)
+    add_version(root, OLD)
+    add_version(root, NEW)
     return root
 
 

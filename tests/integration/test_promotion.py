@@ -1,15 +1,14 @@
 """The promotion rule and `mur models`, on a registry of real model versions."""
 
-import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from kit.registry import add_version
 from makeusrich.core.errors import TrainingError
-from makeusrich.inference import Registry, load_forecaster
+from makeusrich.inference import Registry
 from makeusrich.trainer.promotion import decide_promotion
 
 pytestmark = [pytest.mark.integration]
@@ -17,24 +16,10 @@ pytestmark = [pytest.mark.integration]
 DAY = Path(__file__).parent.parent / "data" / "BTCUSDT-1m-2025-11-20.csv"
 
 
-def _copy_version(registry: Path, name: str, *, shift_mean: float = 0.0) -> str:
-    """The bundled model under a new name; a shifted return mean makes it a worse model
-    (the sha256 covers model.onnx only, so the copy stays valid)."""
-    source = load_forecaster(None).path
-    target = registry / name
-    shutil.copytree(source, target)
-    manifest_path = target / "manifest.json"
-    manifest = json.loads(manifest_path.read_text())
-    manifest["version"] = name
-    manifest["normalisation"]["mean"][0] += shift_mean
-    manifest_path.write_text(json.dumps(manifest))
-    return name
-
-
 @pytest.fixture
 def registry(tmp_path: Path) -> Registry:
-    _copy_version(tmp_path, "lstm-20250101-000000-aaaaaaaa")
-    _copy_version(tmp_path, "lstm-20250102-000000-bbbbbbbb", shift_mean=0.01)
+    add_version(tmp_path, "lstm-20250101-000000-aaaaaaaa")
+    add_version(tmp_path, "lstm-20250102-000000-bbbbbbbb", shift_return_mean=0.01)
     return Registry(tmp_path)
 
 

@@ -7,14 +7,19 @@ from pathlib import Path
 from makeusrich.inference import MANIFEST_FILE, MODEL_FILE, Registry, bundled_models_dir
 
 
-def add_version(registry: Path, name: str) -> Path:
-    """The bundled model the worker would serve, as version ``name`` (sha256 covers
-    model.onnx only, so the edited manifest stays valid)."""
+def bundled_version_dir() -> Path:
+    """The bundled version the service serves by default."""
     bundled = Registry(bundled_models_dir())
-    target = registry / name
-    shutil.copytree(bundled.root / str(bundled.selected()), target)
+    return bundled.root / str(bundled.selected())
+
+
+def add_version(registry: Path, name: str, *, shift_return_mean: float = 0.0) -> Path:
+    """The bundled model as version ``name`` (sha256 covers model.onnx only, so the edited
+    manifest stays valid); a shifted return mean makes it a worse forecaster."""
+    target = Path(shutil.copytree(bundled_version_dir(), registry / name))
     manifest = json.loads((target / MANIFEST_FILE).read_text())
     manifest["version"] = name
+    manifest["normalisation"]["mean"][0] += shift_return_mean
     (target / MANIFEST_FILE).write_text(json.dumps(manifest))
     return target
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import msgspec
 import pytest
 
+from kit.registry import add_version, bundled_version_dir
 from makeusrich.core.errors import ModelError, ModelIntegrityError, RegistryError
 from makeusrich.inference import (
     CHAMPION_FILE,
@@ -28,20 +29,6 @@ from makeusrich.inference.registry import HEADLINE_METRICS
 
 OLD = "lstm-20250101-000000-aaaaaaaa"
 NEW = "lstm-20250301-000000-bbbbbbbb"
-
-
-def _bundled_version_dir() -> Path:
-    """The bundled version the service serves by default."""
-    forecaster = load_forecaster(None)
-    assert isinstance(forecaster, OnnxForecaster)
-    return forecaster.path
-
-
-def make_version(root: Path, name: str) -> Path:
-    """A copy of the bundled model named ``name`` (directory and manifest agree)."""
-    path = Path(shutil.copytree(_bundled_version_dir(), root / name))
-    edit_manifest(path, version=name)
-    return path
 
 
 def edit_manifest(version_dir: Path, **changes: object) -> None:
@@ -67,8 +54,8 @@ def read_pointer(root: Path) -> dict[str, object]:
 def root(tmp_path: Path) -> Path:
     root = tmp_path / "registry"
     root.mkdir()
-    make_version(root, OLD)
-    make_version(root, NEW)
+    add_version(root, OLD)
+    add_version(root, NEW)
     (root / ".staging-x").mkdir()  # an unfinished write
     (root / "lstm-20250201-000000-cccccccc").mkdir()  # no model files: not a version
     return root
@@ -88,7 +75,7 @@ def test_list_describes_every_version_oldest_first(registry: Registry, root: Pat
     assert [info.version for info in infos] == [OLD, NEW]
     info = infos[0]
     assert info.path == root / OLD
-    source = read_manifest(_bundled_version_dir())
+    source = read_manifest(bundled_version_dir())
     assert (info.kind, info.window, info.symbols, info.interval, info.created_at) == (
         source.architecture.kind, source.window, source.training_data.symbols,
         source.training_data.interval, source.created_at,
@@ -181,7 +168,7 @@ def test_promote_and_rollback(registry: Registry, root: Path) -> None:
 
 def test_rollbacks_walk_back_through_promotions(registry: Registry, root: Path) -> None:
     third = "lstm-20250401-000000-dddddddd"
-    make_version(root, third)
+    add_version(root, third)
     registry.promote(OLD, "a")
     registry.promote(NEW, "b")
     registry.promote(third, "c")
@@ -301,7 +288,7 @@ def test_corrupt_pointer_is_an_error(registry: Registry, root: Path) -> None:
 
 
 def test_add_copies_a_version_in_under_its_manifest_name(tmp_path: Path) -> None:
-    source = make_version(tmp_path, "exported")
+    source = add_version(tmp_path, "exported")
     edit_manifest(source, version="lstm-20250501-000000-eeeeeeee")
     registry = Registry(tmp_path / "fresh")  # created on first add
 
@@ -316,7 +303,7 @@ def test_add_copies_a_version_in_under_its_manifest_name(tmp_path: Path) -> None
 
 
 def test_add_refuses_a_corrupted_version(tmp_path: Path, registry: Registry, root: Path) -> None:
-    source = make_version(tmp_path, "lstm-20250501-000000-eeeeeeee")
+    source = add_version(tmp_path, "lstm-20250501-000000-eeeeeeee")
     corrupt(source)
     before = sorted(p.name for p in root.iterdir())
 
@@ -327,7 +314,7 @@ def test_add_refuses_a_corrupted_version(tmp_path: Path, registry: Registry, roo
 
 @pytest.mark.parametrize("bad", ["../escape", ".hidden", "a/b"])
 def test_add_refuses_unsafe_version_names(tmp_path: Path, registry: Registry, bad: str) -> None:
-    source = make_version(tmp_path, "exported")
+    source = add_version(tmp_path, "exported")
     edit_manifest(source, version=bad)
     with pytest.raises(RegistryError, match="not a valid name"):
         registry.add(source)
