@@ -30,9 +30,12 @@ from makeusrich.core.settings import Settings
 from makeusrich.stream.publisher import TradeSink
 
 __all__ = [
+    "REST_ERRORS",
     "BinanceIngestor",
     "CombinedStream",
+    "backoff_s",
     "probe_binance",
+    "rest_client",
     "run_live",
     "stream_url",
     "validate_symbols",
@@ -44,7 +47,8 @@ _BACKOFF_BASE_S = 0.5
 _HISTORY_PAGE_MAX = 1000  # Binance's largest historicalTrades page
 _INVALID_SYMBOL = -1121
 _CONNECT_ERRORS = (OSError, TimeoutError, InvalidHandshake)
-_REST_ERRORS = (ClientError, TimeoutError, BinanceRequestException)
+#: Failures of a Binance REST call worth retrying (also used by `mur backfill`).
+REST_ERRORS = (ClientError, TimeoutError, BinanceRequestException)
 
 
 class _WsTrade(msgspec.Struct, frozen=True):
@@ -80,7 +84,7 @@ def stream_url(settings: Settings) -> str:
     return f"{settings.binance_ws_url.rstrip('/')}/stream?streams={streams}"
 
 
-def _backoff_s(failures: int, cap_s: float) -> float:
+def backoff_s(failures: int, cap_s: float) -> float:
     """Exponential in the number of consecutive failures, capped, with jitter so many
     clients cut off together do not reconnect in lockstep."""
     return min(cap_s, _BACKOFF_BASE_S * 2.0 ** (failures - 1)) * random.uniform(0.5, 1.0)
@@ -109,7 +113,7 @@ def _live_trade(
     )
 
 
-def _rest_client(settings: Settings) -> AsyncClient:
+def rest_client(settings: Settings) -> AsyncClient:
     # The plain constructor skips AsyncClient.create()'s ping and server-time calls;
     # API_URL is the instance attribute every public endpoint URL is built from.
     client = AsyncClient()
@@ -128,7 +132,7 @@ async def _check_symbols(rest: AsyncClient, settings: Settings) -> None:
                     f"Binance does not know symbol {symbol!r}; fix MUR_SYMBOLS / --symbols"
                 ) from exc
             raise IngestError(f"Binance exchangeInfo failed for {symbol}: {exc}") from exc
-        except _REST_ERRORS as exc:
+        except REST_ERRORS as exc:
             raise IngestError(
                 f"cannot reach Binance REST at {settings.binance_rest_url}: {exc!r}"
             ) from exc
@@ -141,7 +145,7 @@ async def _check_symbols(rest: AsyncClient, settings: Settings) -> None:
 
 async def validate_symbols(settings: Settings) -> None:
     """Raise IngestError unless Binance lists every symbol in ``settings.symbols``."""
-    rest = _rest_client(settings)
+    rest = rest_client(settings)
     try:
         await _check_symbols(rest, settings)
     finally:
@@ -168,7 +172,7 @@ class CombinedStream:
         connected_before = False
         while not self._stop.is_set():
             if failures and await _sleep_unless_stopped(
-                self._stop, _backoff_s(failures, self._settings.reconnect_max_backoff_s)
+                self._stop, backoff_s(failures, self._settings.reconnect_max_backoff_s)
             ):
                 return
             ws = await self._connect()
@@ -233,7 +237,7 @@ class BinanceIngestor:
         """Validate the symbols (IngestError if unknown), then ingest until ``stop`` is set;
         flushes the publisher before returning."""
         self._stop = stop
-        rest = _rest_client(self._settings)
+        rest = rest_client(self._settings)
         try:
             await _check_symbols(rest, self._settings)
             self._stream = CombinedStream(self._settings, stop)
@@ -328,10 +332,10 @@ class BinanceIngestor:
                         f"Binance refused historicalTrades for {symbol}: {exc}"
                     ) from exc
                 reason: object = exc
-            except _REST_ERRORS as exc:
+            except REST_ERRORS as exc:
                 reason = exc
             failures += 1
-            delay_s = _backoff_s(failures, self._settings.reconnect_max_backoff_s)
+            delay_s = backoff_s(failures, self._settings.reconnect_max_backoff_s)
             log.warning("historicalTrades %s fromId=%d failed (%r); retry in %.1f s", symbol,
                         from_id, reason, delay_s)
             if await _sleep_unless_stopped(self._stop, delay_s):

@@ -25,7 +25,7 @@ from makeusrich.core.schemas import Candle, now_ms
 from makeusrich.core.settings import Settings
 
 # The ingestor's REST client setup, retry backoff and retryable errors are the same here.
-from makeusrich.stream.ingest import _REST_ERRORS, _backoff_s, _rest_client
+from makeusrich.stream.ingest import REST_ERRORS, backoff_s, rest_client
 from makeusrich.trainer.archive import write_candles
 
 __all__ = ["backfill"]
@@ -83,10 +83,10 @@ async def _page(
             if exc.status_code not in (418, 429) and exc.status_code < 500:
                 raise IngestError(f"Binance refused klines for {symbol}: {exc}") from exc
             reason: object = exc
-        except _REST_ERRORS as exc:
+        except REST_ERRORS as exc:
             reason = exc
         if attempt < _ATTEMPTS:
-            delay_s = _backoff_s(attempt, settings.reconnect_max_backoff_s)
+            delay_s = backoff_s(attempt, settings.reconnect_max_backoff_s)
             log.warning("klines %s from %d failed (%r); retry in %.1f s", symbol, start, reason,
                         delay_s)
             await asyncio.sleep(delay_s)
@@ -143,7 +143,7 @@ async def backfill(
     end = now_ms() if until_ms is None else until_ms
     start = (end - int(days * _DAY_MS)) // step * step
     root = settings.archive_dir if out_dir is None else out_dir
-    rest = _rest_client(settings)
+    rest = rest_client(settings)
     try:
         parts: list[Path] = []
         for symbol in symbols:
