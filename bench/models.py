@@ -17,21 +17,19 @@ nothing about the figures.
 """
 
 import argparse
-import json
 import os
 import statistics
 import sys
 import tempfile
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from bench.pipeline import _machine
+from bench._common import write_results
 from makeusrich.core.errors import MakeUsRichError
 from makeusrich.inference import FEATURES, OnnxForecaster, read_manifest
 from makeusrich.trainer import ARCHITECTURES, train
@@ -176,11 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     except MakeUsRichError as exc:
         print(f"bench failed: {exc}", file=sys.stderr)
         return 1
-    result["machine"] = _machine()
-    result["bench_wall_s"] = round(time.monotonic() - started, 1)
-    result["measured_at"] = datetime.now(UTC).isoformat(timespec="seconds")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_results(args.out, result, started)
     _print_summary(result, args.out)
     return 0
 

@@ -20,7 +20,6 @@ import asyncio
 import contextlib
 import json
 import os
-import platform
 import signal
 import subprocess
 import sys
@@ -28,7 +27,6 @@ import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +35,7 @@ import redis
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from httpx_sse import connect_sse
 
+from bench._common import write_results
 from bench.hotpath import measure as measure_hot_path
 from makeusrich.cli import _to_env
 from makeusrich.core.embedded import free_port, start_kafka, start_redis
@@ -142,21 +141,6 @@ def _percentile(values: list[float], q: float) -> float:
     low = int(pos)
     high = min(low + 1, len(ordered) - 1)
     return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
-
-
-def _machine() -> dict[str, Any]:
-    model = platform.processor() or "unknown"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    return {
-        "cpu": model,
-        "cores": os.cpu_count(),
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-    }
 
 
 # ---- 1. throughput ---------------------------------------------------------------------
@@ -369,9 +353,7 @@ def measure_latency(seconds: float, warmup_s: float, tmp: Path, timeout_s: float
 # ---- report ----------------------------------------------------------------------------
 
 
-def _report(
-    throughput: Throughput, latency: Latency, hot_us: float, wall_s: float
-) -> dict[str, Any]:
+def _report(throughput: Throughput, latency: Latency, hot_us: float) -> dict[str, Any]:
     return {
         "trades_per_s": round(throughput.trades_per_s, 1),
         "raw_consume_per_s": round(throughput.raw_consume_per_s, 1),
@@ -379,7 +361,6 @@ def _report(
         "close_to_sse_ms_p50": round(latency.p50_ms, 2),
         "close_to_sse_ms_p99": round(latency.p99_ms, 2),
         "hot_path_us_per_trade": round(hot_us, 3),
-        "machine": _machine(),
         "n_trades": throughput.n_trades,
         "n_messages": throughput.messages,
         "publish_s": round(throughput.publish_s, 3),
@@ -392,8 +373,6 @@ def _report(
         "close_to_sse_ms_max": round(latency.max_ms, 2),
         "sse_seconds": latency.seconds,
         "sse_warmup_s": latency.warmup_s,
-        "bench_wall_s": round(wall_s, 1),
-        "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
 
 
@@ -446,9 +425,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("bench interrupted", file=sys.stderr)
         return 130
-    result = _report(throughput, latency, hot_us, time.monotonic() - started)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    result = _report(throughput, latency, hot_us)
+    write_results(args.out, result, started)
     _print_summary(result, args.out)
     return 0
 
