@@ -13,7 +13,7 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from kit.registry import add_version, bundled_version_dir
+from kit.registry import add_version, bundled_version_dir, corrupt_model
 from makeusrich.core.errors import ModelError, ModelIntegrityError, RegistryError
 from makeusrich.inference import (
     CHAMPION_FILE,
@@ -36,13 +36,6 @@ def edit_manifest(version_dir: Path, **changes: object) -> None:
     manifest = json.loads(manifest_path.read_text())
     manifest.update(changes)
     manifest_path.write_text(json.dumps(manifest, indent=2))
-
-
-def corrupt(version_dir: Path) -> None:
-    model = version_dir / MODEL_FILE
-    data = bytearray(model.read_bytes())
-    data[-1] ^= 0xFF
-    model.write_bytes(bytes(data))
 
 
 def read_pointer(root: Path) -> dict[str, object]:
@@ -104,7 +97,7 @@ def test_show_unknown_version_names_it(registry: Registry, name: str) -> None:
 
 
 def test_corrupted_model_is_flagged(registry: Registry, root: Path) -> None:
-    corrupt(root / NEW)
+    corrupt_model(root / NEW)
 
     new = registry.list()[1]
     assert not new.sha256_ok and not new.ok
@@ -213,7 +206,7 @@ def test_promote_refuses_unknown_versions(registry: Registry, root: Path) -> Non
 
 def test_promote_refuses_a_corrupted_model(registry: Registry, root: Path) -> None:
     registry.promote(OLD, "first")
-    corrupt(root / NEW)
+    corrupt_model(root / NEW)
     before = (root / CHAMPION_FILE).read_bytes()
 
     with pytest.raises(RegistryError, match=f"refusing version {NEW}: .*sha256"):
@@ -242,7 +235,7 @@ def test_promote_refuses_a_manifest_naming_another_version(
 def test_rollback_refuses_a_corrupted_previous_champion(registry: Registry, root: Path) -> None:
     registry.promote(OLD, "a")
     registry.promote(NEW, "b")
-    corrupt(root / OLD)
+    corrupt_model(root / OLD)
     with pytest.raises(RegistryError, match=f"refusing version {OLD}"):
         registry.rollback()
     assert registry.champion() == NEW
@@ -304,7 +297,7 @@ def test_add_copies_a_version_in_under_its_manifest_name(tmp_path: Path) -> None
 
 def test_add_refuses_a_corrupted_version(tmp_path: Path, registry: Registry, root: Path) -> None:
     source = add_version(tmp_path, "lstm-20250501-000000-eeeeeeee")
-    corrupt(source)
+    corrupt_model(source)
     before = sorted(p.name for p in root.iterdir())
 
     with pytest.raises(RegistryError, match=r"cannot add .*sha256"):
@@ -344,7 +337,7 @@ def test_load_forecaster_follows_the_champion(registry: Registry, root: Path) ->
 
 def test_load_forecaster_verifies_the_champion(registry: Registry, root: Path) -> None:
     registry.promote(OLD, "a")
-    corrupt(root / OLD)  # newer NEW is fine, but the champion is what must serve
+    corrupt_model(root / OLD)  # newer NEW is fine, but the champion is what must serve
     with pytest.raises(ModelIntegrityError):
         load_forecaster(root)
 
@@ -444,7 +437,7 @@ def test_symbol_rollback_walks_back_then_returns_to_the_shared_champion(
 
 
 def test_symbol_promotion_checks_integrity(registry: Registry, root: Path) -> None:
-    corrupt(root / NEW)
+    corrupt_model(root / NEW)
     with pytest.raises(RegistryError, match="sha256"):
         registry.promote(NEW, "x", symbol="ETHUSDT")
     assert registry.symbol_champions() == {}
