@@ -160,13 +160,10 @@ def create_app(settings: Settings, forecaster: Forecaster | None = None) -> faus
 
     async def ship(out: Outputs) -> None:
         for candle in out.candles:
-            key = candle.symbol.encode()
-            await candles_topic.send(key=key, value=encode(candle))
-            await store.write_candle(candle)
+            await candles_topic.send(key=candle.symbol.encode(), value=encode(candle))
         for prediction in out.predictions:
-            key = prediction.symbol.encode()
-            await predictions_topic.send(key=key, value=encode(prediction))
-            await store.write_prediction(prediction)
+            await predictions_topic.send(key=prediction.symbol.encode(), value=encode(prediction))
+        await store.write_many([*out.candles, *out.predictions])  # one Redis round trip
         for trade in out.late:
             await dead_letter("late: its candle had already closed", encode(trade))
         stats.candles += len(out.candles)
