@@ -39,6 +39,7 @@ test-fast: install-dev
 bench: install-dev
 	$(BIN)/python -m bench.pipeline
 	$(BIN)/python -m bench.models
+	$(BIN)/python -m bench.replay
 
 clean:
 	rm -rf $(VENV) .mur .pytest_cache .mypy_cache .ruff_cache

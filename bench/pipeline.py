@@ -20,7 +20,6 @@ import asyncio
 import contextlib
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -37,8 +36,7 @@ from httpx_sse import connect_sse
 
 from bench._common import write_results
 from bench.hotpath import measure as measure_hot_path
-from makeusrich.cli import _to_env
-from makeusrich.core.embedded import free_port, start_kafka, start_redis
+from makeusrich.core.embedded import free_port, start_kafka, start_redis, terminate
 from makeusrich.core.errors import MakeUsRichError
 from makeusrich.core.settings import Settings
 from makeusrich.stream.publisher import TradePublisher, ensure_topics
@@ -98,17 +96,7 @@ def _spawn(argv: list[str], env: dict[str, str], log_path: Path) -> subprocess.P
 
 
 def _stop(process: subprocess.Popen[bytes] | None) -> int | None:
-    """SIGTERM, wait, then SIGKILL if needed; returns the exit code."""
-    if process is None:
-        return None
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(_STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-    return process.returncode
+    return None if process is None else terminate(process, _STOP_TIMEOUT_S)
 
 
 def _tail(path: Path, lines: int = 30) -> str:
@@ -216,7 +204,7 @@ def _measure_worker(
     """
     assert settings.redis_url
     log_path = tmp / "worker.log"
-    env = _clean_env({**_to_env(settings), "MUR_LOG_LEVEL": "WARNING"})
+    env = _clean_env({**settings.as_env(), "MUR_LOG_LEVEL": "WARNING"})
     client = redis.Redis.from_url(settings.redis_url)
     key = settings.redis_keys.worker_stats(settings.worker_id)
     launched = time.perf_counter()

@@ -9,24 +9,29 @@ services, as in production.
 
 import argparse
 import asyncio
+import json
 import logging
 import os
+import secrets
 import signal
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Coroutine
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from makeusrich.core.embedded import EmbeddedService, kill_with_parent, start_kafka, start_redis
-from makeusrich.core.errors import ConfigError, MakeUsRichError
+from makeusrich.core.errors import ConfigError, MakeUsRichError, StreamError
 from makeusrich.core.intervals import parse_intervals
 from makeusrich.core.settings import Settings
 from makeusrich.trainer import ARCHITECTURES  # importing the trainer does not import torch
 
 if TYPE_CHECKING:
+    from makeusrich.backtest import BacktestResult
     from makeusrich.inference import Registry
+    from makeusrich.stream.replay import ReplaySpec
 
 __all__ = ["main"]
 
@@ -63,20 +68,6 @@ def _settings(args: argparse.Namespace) -> Settings:
     if hasattr(args, "speed"):  # absent unless given: None means "max"
         overrides["replay_speed"] = args.speed
     return Settings(**overrides)
-
-
-def _to_env(settings: Settings) -> dict[str, str]:
-    """Settings as MUR_* variables, so child processes build the same Settings."""
-    env = {}
-    for name, value in settings.model_dump().items():
-        if value is None:
-            if name == "replay_speed":
-                env["MUR_REPLAY_SPEED"] = "max"
-            continue
-        if isinstance(value, tuple | list):
-            value = ",".join(str(v) for v in value)
-        env[f"MUR_{name.upper()}"] = str(value)
-    return env
 
 
 # ---- child processes -------------------------------------------------------------------
@@ -276,12 +267,191 @@ def _announce(
     print(f"announced {version} to the workers on {settings.kafka_bootstrap}")
 
 
+def _start_missing_services(settings: Settings, started: list[EmbeddedService]) -> Settings:
+    """Start an embedded broker and redis-server for the URLs ``settings`` leave unset
+    (appending them to ``started``, for the caller to stop); the settings with every URL."""
+    log_dir = settings.state_dir / "logs"
+    updates: dict[str, Any] = {}
+    if not settings.kafka_bootstrap:
+        kafka = start_kafka(settings.kafka_port, log_dir)
+        started.append(kafka)
+        updates["kafka_bootstrap"] = kafka.url
+    if not settings.redis_url:
+        redis = start_redis(settings.redis_port, log_dir)
+        started.append(redis)
+        updates["redis_url"] = redis.url
+    return settings.model_copy(update=updates)
+
+
 def _require_services(settings: Settings) -> None:
     if not settings.kafka_bootstrap or not settings.redis_url:
         raise ConfigError(
             "this command runs against existing services: set MUR_KAFKA_BOOTSTRAP and "
             "MUR_REDIS_URL, or use `mur up` to start embedded ones"
         )
+
+
+# ---- replays and backtests ---------------------------------------------------------------
+
+
+def _timestamp(text: str) -> int:
+    """Epoch ms, or an ISO-8601 date/time (UTC unless it names a zone) -> epoch ms."""
+    if text.isdigit():
+        return int(text)
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a time: use ISO-8601 (2019-04-01T00:30, 2019-04-01) or epoch ms"
+        ) from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return int(moment.timestamp() * 1000)
+
+
+class _Progress:
+    """Reports a replay's or backtest's progress: a bar on a terminal, JSON lines on stdout
+    (for the API's job runner) or nothing."""
+
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
+        self.share = 0.0
+        self._bar: Any = None
+        if mode == "bar":
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=100, unit="%", disable=None, leave=False,
+                             bar_format="{l_bar}{bar}| {elapsed}")
+
+    def __call__(self, share: float, text: str, stage: str = "replay") -> None:
+        self.share = share
+        if self._bar is not None:
+            self._bar.set_description_str(text[:60])
+            self._bar.update(round(share * 100) - self._bar.n)
+        elif self.mode == "jsonl":
+            self.emit({"stage": stage, "progress": round(share, 4), "message": text})
+
+    def emit(self, line: dict[str, Any]) -> None:
+        print(json.dumps(line), flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+def _replay_spec(args: argparse.Namespace) -> "ReplaySpec":
+    from makeusrich.stream.replay import ReplaySpec
+
+    return ReplaySpec(source=args.source_from, symbols=args.symbols or (),
+                      start_ms=args.start, end_ms=args.end, speed=args.speed)
+
+
+async def _with_services(
+    settings: Settings, work: Callable[[Settings], Coroutine[Any, Any, None]]
+) -> None:
+    started: list[EmbeddedService] = []
+    # A signal cancels the work, so that its cleanup (stopping the replay's worker,
+    # deleting a backtest's namespaces) runs before the services stop.
+    task, loop = asyncio.current_task(), asyncio.get_running_loop()
+    assert task is not None
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, task.cancel)
+    try:
+        settings = await asyncio.to_thread(_start_missing_services, settings, started)
+        await work(settings)
+    except asyncio.CancelledError:
+        raise StreamError("stopped by a signal before the end") from None
+    finally:
+        for service in reversed(started):
+            service.stop()
+
+
+def _cmd_replay(args: argparse.Namespace) -> None:
+    from makeusrich.stream.replay import replay
+
+    settings = _settings(args)
+    spec = _replay_spec(args)
+    run_id = args.run_id or time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(2)
+    progress = _Progress(args.progress)
+    embedded = not settings.kafka_bootstrap or not settings.redis_url
+
+    async def work(settings: Settings) -> None:
+        model_dir = None
+        if args.model:
+            from makeusrich.backtest.run import resolve_model_dir
+            from makeusrich.stream.control import registry_root
+
+            model_dir = resolve_model_dir(args.model, registry_root(settings))
+        result = await replay(settings, spec, run_id, model_dir=model_dir, progress=progress)
+        progress.close()
+        run = result.settings
+        print(f"replayed {result.messages} {'candles' if spec.source == 'archive' else 'trades'}"
+              f" of {','.join(result.symbols)} in {result.elapsed_s:.1f} s: {result.candles} "
+              f"candles, {result.predictions} predictions\n"
+              f"  run {run_id}: Redis keys {run.redis_prefix}:*, topics {run.topic_prefix}*")
+        if embedded:
+            print("  (embedded Kafka and Redis stop now; set MUR_KAFKA_BOOTSTRAP and "
+                  "MUR_REDIS_URL to keep a replay)")
+        else:
+            print(f"  browse it: MUR_REDIS_URL={run.redis_url} "
+                  f"MUR_REDIS_PREFIX={run.redis_prefix} mur api")
+
+    asyncio.run(_with_services(settings, work))
+
+
+def _cmd_backtest(args: argparse.Namespace) -> None:
+    from makeusrich.backtest import Costs
+    from makeusrich.backtest.run import run_backtest
+
+    settings = _settings(args)
+    progress = _Progress(args.progress)
+    out = args.out or settings.state_dir / "backtests" / (
+        time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(2))
+
+    async def work(settings: Settings) -> None:
+        outcome = await run_backtest(
+            settings, _replay_spec(args), args.model, Path(out),
+            Costs(fee_bp=args.fee_bp, slippage_bp=args.slippage_bp), long_only=args.long_only,
+            progress=progress, keep=args.keep,
+        )
+        progress.close()
+        if progress.mode == "jsonl":
+            import msgspec
+
+            progress.emit({"stage": "done", "progress": 1.0, "report_dir": str(out),
+                           "files": {name: str(path) for name, path in outcome.files.items()},
+                           "metrics": msgspec.to_builtins(outcome.result)})
+        else:
+            print(_backtest_summary(outcome.result))
+            print(f"report: {outcome.files.get('report.html', out)}")
+
+    try:
+        asyncio.run(_with_services(settings, work))
+    except Exception as exc:
+        if progress.mode == "jsonl":
+            progress.emit({"stage": "failed", "progress": progress.share, "message": str(exc)})
+        raise
+
+
+def _backtest_summary(result: "BacktestResult") -> str:
+    lines = [f"{'model':<40}{'forecasts':>10}{'MAE':>12}{'skill':>9}{'cover80':>9}"
+             f"{'return':>9}{'sharpe':>8}{'maxDD':>8}{'hold':>9}"]
+    for label, model in result.models.items():
+        own = model.metrics["model"]
+        skill = "n/a" if own.skill is None else f"{own.skill:+.4f}"
+        for series in model.series:
+            strategy, hold = series.strategy, series.buy_and_hold
+            sharpe = "n/a" if strategy.sharpe is None else f"{strategy.sharpe:.2f}"
+            lines.append(
+                f"{label[:28] + ' ' + series.symbol + ' ' + series.interval:<40}"
+                f"{series.forecasts:>10}{series.metrics['model'].mae:>12.6g}{skill:>9}"
+                f"{series.metrics['model'].coverage_80:>9.1%}{strategy.total_return:>9.2%}"
+                f"{sharpe:>8}{strategy.max_drawdown:>8.2%}{hold.total_return:>9.2%}"
+            )
+    costs = result.costs
+    lines.append(f"costs: fee {costs.fee_bp} bp + slippage {costs.slippage_bp} bp per unit "
+                 "of position change")
+    return "\n".join(lines)
 
 
 # ---- mur up: the supervisor ------------------------------------------------------------
@@ -297,19 +467,8 @@ class _Supervisor:
         self.stopping = False
 
     def start(self) -> Settings:
-        settings = self.settings
-        log_dir = settings.state_dir / "logs"
-        updates: dict[str, Any] = {}
-        if not settings.kafka_bootstrap:
-            kafka = start_kafka(settings.kafka_port, log_dir)
-            self.services.append(kafka)
-            updates["kafka_bootstrap"] = kafka.url
-        if not settings.redis_url:
-            redis = start_redis(settings.redis_port, log_dir)
-            self.services.append(redis)
-            updates["redis_url"] = redis.url
-        settings = self.settings = settings.model_copy(update=updates)
-        env = {**os.environ, **_to_env(settings)}
+        settings = self.settings = _start_missing_services(self.settings, self.services)
+        env = {**os.environ, **settings.as_env()}
         # Start order matters little (each retries its connections); API first so the
         # URL answers as soon as it is printed.
         for name in ("api", "worker", "archive", "ingest"):
@@ -396,6 +555,21 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--api-port", type=int)
 
 
+def _add_span(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--from", dest="source_from", required=True,
+                        help="kafka (the live trades topic), archive (Parquet candles) or a "
+                        "trades file (Binance CSV/zip, JSONL)")
+    parser.add_argument("--symbols", type=_symbol_list, help="default: all in the source")
+    parser.add_argument("--intervals", type=parse_intervals)
+    parser.add_argument("--start", type=_timestamp, help="ISO-8601 UTC or epoch ms (inclusive)")
+    parser.add_argument("--end", type=_timestamp, help="ISO-8601 UTC or epoch ms (exclusive)")
+    parser.add_argument("--speed", type=_speed, default=None,
+                        help="a multiple of real time, or max (default)")
+    parser.add_argument("--grace-ms", type=int)
+    parser.add_argument("--model-dir", type=Path, help="model registry (default: bundled)")
+    parser.add_argument("--progress", choices=("bar", "jsonl", "none"), default="bar")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mur", description=__doc__.split("\n\n")[0])
     parser.add_argument("--log-level", default=None)
@@ -458,6 +632,25 @@ def _parser() -> argparse.ArgumentParser:
     backfill.add_argument("--days", type=float, default=7.0)
     backfill.add_argument("--out", type=Path, help="default: MUR_ARCHIVE_DIR")
     backfill.set_defaults(func=_cmd_backfill)
+    replay = sub.add_parser("replay", help="replay a recorded span into its own namespace")
+    _add_span(replay)
+    replay.add_argument("--model", help="VERSION or champion (default: what workers serve)")
+    replay.add_argument("--run-id", help="names the namespace (default: time + random)")
+    replay.set_defaults(func=_cmd_replay)
+    backtest = sub.add_parser("backtest", help="replay a span per model, score it, report")
+    _add_span(backtest)
+    backtest.add_argument("--model", action="append", required=True,
+                          help="VERSION, champion or a version directory; repeat to compare")
+    backtest.add_argument("--fee-bp", type=float, default=10.0,
+                          help="fee per unit of position change, basis points")
+    backtest.add_argument("--slippage-bp", type=float, default=2.0)
+    backtest.add_argument("--long-only", action="store_true",
+                          help="the strategy stays flat instead of going short")
+    backtest.add_argument("--out", type=Path, help="report directory "
+                          "(default: STATE_DIR/backtests/<time>-<random>)")
+    backtest.add_argument("--keep", action="store_true",
+                          help="keep the replays' Redis keys and topics")
+    backtest.set_defaults(func=_cmd_backtest)
     trainer = sub.add_parser("trainer", help="retrain on a schedule and promote by the rule")
     trainer.add_argument("--every", default="6h", help="e.g. 6h, 30m, 90s")
     trainer.add_argument("--data", nargs="+", help="default: the candle archive")

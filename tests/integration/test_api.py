@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import httpx
@@ -80,16 +80,6 @@ def make_settings(redis_server: EmbeddedService) -> Callable[..., Settings]:
         return Settings(_env_file=None, **values)
 
     return build
-
-
-@pytest.fixture
-def start_api(make_settings: Callable[..., Settings]) -> Iterator[Callable[..., RunningApi]]:
-    with contextlib.ExitStack() as stack:
-
-        def start(**overrides: Any) -> RunningApi:
-            return stack.enter_context(serve_in_thread(make_settings(**overrides)))
-
-        yield start
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ import redis
 from kit.klines import assert_same_as_binance, binance_klines
 from kit.registry import add_version, corrupt_model
 from kit.worker import history, wait_until, worker_stats
-from makeusrich.cli import BUNDLED_SAMPLE, _to_env
+from makeusrich.cli import BUNDLED_SAMPLE
 from makeusrich.core.embedded import EmbeddedService, kill_with_parent
 from makeusrich.core.schemas import EndOfStream, Trade
 from makeusrich.core.settings import Settings
@@ -55,7 +55,7 @@ def settings(kafka: EmbeddedService, redis_server: EmbeddedService, tmp_path: Pa
 def worker(settings: Settings) -> Iterator[subprocess.Popen[bytes]]:
     proc = subprocess.Popen(
         [sys.executable, "-m", "makeusrich", "worker"],
-        env={**os.environ, **_to_env(settings)}, preexec_fn=kill_with_parent,
+        env={**os.environ, **settings.as_env()}, preexec_fn=kill_with_parent,
     )
     yield proc
     if proc.poll() is None:

@@ -14,7 +14,6 @@ from kafka import KafkaConsumer, KafkaProducer
 
 from kit.klines import TRADES_SLICE, assert_same_as_binance, binance_klines
 from kit.worker import history, wait_until, worker_stats
-from makeusrich.cli import _to_env
 from makeusrich.core.embedded import EmbeddedService, kill_with_parent
 from makeusrich.core.schemas import EndOfStream, encode
 from makeusrich.core.settings import Settings
@@ -45,7 +44,7 @@ def worker(settings: Settings) -> Iterator[Callable[[], subprocess.Popen[bytes]]
     def start() -> subprocess.Popen[bytes]:
         proc = subprocess.Popen(
             [sys.executable, "-m", "makeusrich", "worker"],
-            env={**os.environ, **_to_env(settings)}, preexec_fn=kill_with_parent,
+            env={**os.environ, **settings.as_env()}, preexec_fn=kill_with_parent,
         )
         started.append(proc)
         return proc

@@ -1,4 +1,5 @@
-"""Test kit: build Trade objects and seeded random trade sequences, and a fake publisher.
+"""Test kit: build Trade objects and seeded random trade sequences, a fake publisher, and
+candles and predictions for scoring tests.
 
 Import as ``from kit.builders import make_trade, random_trades, FakePublisher``. Kept free
 of the code under test (no simulator reuse) so a bug there cannot hide in the fixtures.
@@ -6,14 +7,23 @@ of the code under test (no simulator reuse) so a bug there cannot hide in the fi
 
 import random
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from makeusrich.core.schemas import EndOfStream, Source, Trade
+from makeusrich.core.schemas import Candle, EndOfStream, Prediction, Source, Trade
 
-__all__ = ["T0_MS", "FakePublisher", "make_trade", "random_trades"]
+__all__ = [
+    "T0_MS",
+    "FakePublisher",
+    "make_candles",
+    "make_predictions",
+    "make_trade",
+    "random_closes",
+    "random_trades",
+]
 
 T0_MS = 1_554_076_800_000  # 2019-04-01 00:00:00 UTC, the start of the tests/data slices
+_STEP_MS = {"1s": 1_000, "1m": 60_000, "5m": 300_000, "1h": 3_600_000}
 
 
 def make_trade(
@@ -110,3 +120,87 @@ class FakePublisher:
     @property
     def end_of_streams(self) -> list[EndOfStream]:
         return [m for m in self.sent if isinstance(m, EndOfStream)]
+
+
+def random_closes(
+    n: int, *, seed: int = 0, start: float = 100.0, sigma: float = 0.002
+) -> list[float]:
+    """``n`` closes of a seeded multiplicative random walk from ``start``."""
+    rng = random.Random(seed)
+    closes = [start]
+    for _ in range(n - 1):
+        closes.append(closes[-1] * (1.0 + rng.gauss(0.0, sigma)))
+    return closes
+
+
+def make_candles(
+    closes: Sequence[float],
+    *,
+    symbol: str = "BTCUSDT",
+    interval: str = "1m",
+    start_ms: int = T0_MS,
+    source: Source = "replay",
+) -> list[Candle]:
+    """Consecutive closed candles with the given closes (``interval`` one of 1s, 1m, 5m,
+    1h); open = previous close, high/low 0.05% around the close."""
+    step = _STEP_MS[interval]
+    candles = []
+    for i, close in enumerate(closes):
+        open_time = start_ms + i * step
+        candles.append(
+            Candle(
+                symbol=symbol,
+                interval=interval,
+                open_time=open_time,
+                close_time=open_time + step - 1,
+                open=closes[i - 1] if i else close,
+                high=close * 1.0005,
+                low=close * 0.9995,
+                close=close,
+                volume=1.0,
+                quote_volume=close,
+                trades=1,
+                taker_buy_volume=0.5,
+                taker_buy_quote_volume=close / 2,
+                source=source,
+                ts_event=open_time + step - 1,
+                ts_ingest=open_time + step - 1,
+            )
+        )
+    return candles
+
+
+def make_predictions(
+    candles: Sequence[Candle],
+    predicted: Sequence[float],
+    *,
+    band: Sequence[tuple[float, float]] | None = None,
+    model_version: str = "test-model",
+    warmup: int = 0,
+) -> list[Prediction]:
+    """One prediction at the close of each candle (``predicted[i]`` made at ``candles[i]``,
+    targeting the next open time), like the pipeline's. ``band``: (lower, upper) per
+    prediction, else 0.5% either side of the predicted close. The first ``warmup`` are
+    labelled ``naive``, as the pipeline labels its warm-up."""
+    out = []
+    for i, (candle, mid) in enumerate(zip(candles, predicted, strict=False)):
+        lower, upper = (mid * 0.995, mid * 1.005) if band is None else band[i]
+        step = candle.close_time + 1 - candle.open_time
+        out.append(
+            Prediction(
+                symbol=candle.symbol,
+                interval=candle.interval,
+                candle_open_time=candle.open_time,
+                target_open_time=candle.open_time + step,
+                last_close=candle.close,
+                predicted_close=mid,
+                lower=lower,
+                upper=upper,
+                model_version="naive" if i < warmup else model_version,
+                made_at=candle.close_time + 1,
+                source=candle.source,
+                ts_event=candle.close_time,
+                ts_ingest=candle.close_time + 1,
+            )
+        )
+    return out

@@ -1,7 +1,8 @@
 """The FastAPI application: ``create_app(settings)``.
 
-The lifespan opens the Redis store and starts the live-event broadcaster; both are kept on
-``app.state`` next to the Settings and reached through :mod:`makeusrich.api.deps`.
+The lifespan opens the Redis store, starts the live-event broadcaster and the backtest job
+manager; all are kept on ``app.state`` next to the Settings and reached through
+:mod:`makeusrich.api.deps`. On shutdown running backtests are killed and marked failed.
 """
 
 import logging
@@ -14,7 +15,8 @@ from redis.exceptions import RedisError
 
 from makeusrich import __version__
 from makeusrich.api.broadcast import Broadcaster
-from makeusrich.api.routes import candles, health, models, predictions, stream
+from makeusrich.api.jobs import JobManager
+from makeusrich.api.routes import backtests, candles, health, models, predictions, stream
 from makeusrich.core.errors import ConfigError
 from makeusrich.core.settings import Settings
 from makeusrich.core.store import RedisStore
@@ -39,11 +41,15 @@ def create_app(settings: Settings) -> FastAPI:
         store = RedisStore.from_settings(settings)
         broadcaster = Broadcaster(store, queue_max=settings.sse_client_queue_max)
         await broadcaster.start()
+        jobs = JobManager(settings, store.client)
+        await jobs.start()
         app.state.store = store
         app.state.broadcaster = broadcaster
+        app.state.jobs = jobs
         try:
             yield
         finally:
+            await jobs.stop()  # first: it marks the stopped jobs failed through the store
             await broadcaster.stop()
             await store.aclose()
 
@@ -56,6 +62,6 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.settings = settings
     app.add_exception_handler(RedisError, _storage_unavailable)
     app.include_router(health.router)
-    for module in (candles, predictions, models, stream):
+    for module in (candles, predictions, models, stream, backtests):
         app.include_router(module.router, prefix="/v1")
     return app

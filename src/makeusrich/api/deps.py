@@ -1,4 +1,5 @@
-"""Request dependencies: the app's Settings/store/broadcaster and validated query values.
+"""Request dependencies: the app's Settings/store/broadcaster/backtest jobs and validated
+path and query values.
 
 Everything comes from ``app.state`` (filled by :func:`makeusrich.api.app.create_app`), so
 handlers never read the environment.
@@ -7,18 +8,21 @@ handlers never read the environment.
 from dataclasses import dataclass
 from typing import Annotated, Final, cast
 
-from fastapi import Depends, HTTPException, Path, Query, Request
+from fastapi import Depends, Header, HTTPException, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 
 from makeusrich.api.broadcast import Broadcaster
+from makeusrich.api.jobs import JobManager, is_job_id
 from makeusrich.core.intervals import SUPPORTED_INTERVALS
 from makeusrich.core.settings import Settings
-from makeusrich.core.store import RedisStore
+from makeusrich.core.store import RedisStore, parse_stream_id
 
 __all__ = [
     "DEFAULT_LIMIT",
     "BroadcasterDep",
     "IntervalDep",
+    "JobIdDep",
+    "JobsDep",
     "LimitDep",
     "OptionalIntervalDep",
     "SettingsDep",
@@ -47,9 +51,14 @@ def _broadcaster(request: Request) -> Broadcaster:
     return cast(Broadcaster, request.app.state.broadcaster)
 
 
+def _jobs(request: Request) -> JobManager:
+    return cast(JobManager, request.app.state.jobs)
+
+
 SettingsDep = Annotated[Settings, Depends(_settings)]
 StoreDep = Annotated[RedisStore, Depends(_store)]
 BroadcasterDep = Annotated[Broadcaster, Depends(_broadcaster)]
+JobsDep = Annotated[JobManager, Depends(_jobs)]
 
 
 async def all_symbols(settings: Settings, store: RedisStore) -> list[str]:
@@ -174,9 +183,43 @@ def _time_range_query(
     return TimeRange(start, end)
 
 
+def _job_id_path(
+    job_id: Annotated[str, Path(description="backtest id, as returned by POST /v1/backtests")],
+) -> str:
+    # Ids become Redis keys and a directory name: anything but uuid4 hex is simply unknown.
+    if not is_job_id(job_id):
+        raise HTTPException(404, f"unknown backtest '{job_id}'")
+    return job_id
+
+
 SymbolDep = Annotated[str, Depends(_symbol_path)]
 SymbolsDep = Annotated[tuple[str, ...] | None, Depends(_symbols_query)]
 IntervalDep = Annotated[str, Depends(_interval_query)]
 OptionalIntervalDep = Annotated[str | None, Depends(_optional_interval_query)]
 LimitDep = Annotated[int, Depends(_limit_query)]
 TimeRangeDep = Annotated[TimeRange, Depends(_time_range_query)]
+JobIdDep = Annotated[str, Depends(_job_id_path)]
+
+
+def _last_event_id(
+    header: Annotated[
+        str | None, Header(alias="Last-Event-ID", description="resume after this event id")
+    ] = None,
+    last_event_id: Annotated[
+        str | None,
+        Query(description="same as the Last-Event-ID header, for clients that cannot set it"),
+    ] = None,
+) -> str | None:
+    # The header wins: a browser reconnecting a `?last_event_id=` URL sends a newer one.
+    resume_from = header or last_event_id
+    if resume_from is None:
+        return None
+    try:
+        parse_stream_id(resume_from)
+    except ValueError as exc:
+        raise HTTPException(400, f"invalid Last-Event-ID: {exc}") from exc
+    return resume_from.strip()
+
+
+#: The SSE event id to resume after (``Last-Event-ID`` header or query), validated.
+LastEventIdDep = Annotated[str | None, Depends(_last_event_id)]

@@ -1,14 +1,32 @@
-"""Response bodies of the HTTP API (they are what /docs shows)."""
+"""Request and response bodies of the HTTP API (they are what /docs shows)."""
 
+import re
 from collections.abc import Sequence
-from typing import Any, Literal
+from datetime import UTC, datetime
+from typing import Annotated, Any, Final, Literal
 
 import msgspec
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
 
+from makeusrich.core.errors import ConfigError
+from makeusrich.core.intervals import interval_ms
 from makeusrich.core.schemas import Candle, Prediction
 
 __all__ = [
+    "BacktestAcceptedOut",
+    "BacktestIn",
+    "BacktestLinksOut",
+    "BacktestOut",
+    "BacktestStatus",
     "CandleOut",
     "CheckOut",
     "ErrorOut",
@@ -125,3 +143,166 @@ class ModelDetailsOut(ModelOut):
     """A model version with its whole manifest."""
 
     manifest: dict[str, Any] | None = Field(description="manifest.json; null if unreadable")
+
+
+# ------------------------------------------------------------------------------ backtests
+
+BacktestStatus = Literal["queued", "running", "done", "failed"]
+
+# What the registry accepts as a version name: one safe path component, so a name from an
+# HTTP body can never walk out of the registry (the registry itself is checked too).
+_MODEL_NAME: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}")
+_SYMBOL: Final = re.compile(r"[A-Z0-9]{2,20}")
+_MAX_BP: Final = 1_000.0  # 10 %: anything above is a typo, not a fee
+
+
+def _time_ms(value: object) -> object:
+    """ISO-8601 (UTC unless it says otherwise) or epoch ms -> epoch ms; the CLI takes both,
+    the API stores one form so that ``start < end`` and the echoed request are unambiguous."""
+    if isinstance(value, bool):
+        return value  # strict int validation refuses it with the usual message
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError("epoch milliseconds must be >= 0")
+        return value
+    if not isinstance(value, str):
+        return value
+    text = value.strip()
+    if text.isdigit():
+        return int(text)
+    try:
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise ValueError(
+            f"invalid time {value!r}: use ISO-8601 UTC (2019-04-01T00:30, 2019-04-01) "
+            "or epoch milliseconds"
+        ) from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    ms = int(moment.timestamp() * 1000)
+    if ms < 0:
+        raise ValueError(f"time {value!r} is before 1970")
+    return ms
+
+
+TimeMs = Annotated[
+    int,
+    BeforeValidator(_time_ms),
+    WithJsonSchema(
+        {
+            "anyOf": [{"type": "integer", "minimum": 0}, {"type": "string"}],
+            "description": "ISO-8601 UTC (2019-04-01T00:30) or epoch ms; answered as epoch ms",
+        }
+    ),
+]
+
+
+class BacktestIn(BaseModel):
+    """A backtest to run: replay trades, rebuild candles, score the models, write a report."""
+
+    # Strict: no "10" for 10, no unknown fields (a typo must not silently use a default).
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
+
+    models: list[str] = Field(
+        min_length=1, max_length=4,
+        description="model versions from /v1/models, or 'champion' (1 to 4); the naive "
+        "baselines are always scored next to them",
+    )
+    source: Literal["kafka", "archive"] = Field(
+        description="replay the live trades topic, or the Parquet candle archive"
+    )
+    symbols: list[str] | None = Field(
+        default=None, min_length=1, max_length=20,
+        description="symbols, e.g. BTCUSDT (case-insensitive); default: every one in the source",
+    )
+    interval: str | None = Field(
+        default=None, description="candle interval, e.g. 1m; default: the command's (1m)"
+    )
+    start: TimeMs | None = Field(default=None, description="start of the span (inclusive)")
+    end: TimeMs | None = Field(default=None, description="end of the span (exclusive)")
+    fee_bp: float = Field(
+        default=10.0, ge=0, le=_MAX_BP, allow_inf_nan=False,
+        description="fee per unit of position change, basis points",
+    )
+    slippage_bp: float = Field(
+        default=2.0, ge=0, le=_MAX_BP, allow_inf_nan=False,
+        description="slippage per unit of position change, basis points",
+    )
+
+    @field_validator("models")
+    @classmethod
+    def _models(cls, value: list[str]) -> list[str]:
+        for name in value:
+            if not _MODEL_NAME.fullmatch(name):
+                raise ValueError(
+                    f"invalid model name {name!r}: use a version from /v1/models or "
+                    "'champion' (letters, digits, '.', '_', '+', '-'; no path separators)"
+                )
+        return list(dict.fromkeys(value))
+
+    @field_validator("symbols", mode="before")
+    @classmethod
+    def _symbols(cls, value: object) -> object:
+        if not isinstance(value, list):
+            return value
+        symbols = []
+        for item in value:
+            if not isinstance(item, str):
+                return value  # strict str validation names the bad item
+            symbol = item.strip().upper()
+            if not _SYMBOL.fullmatch(symbol):
+                raise ValueError(
+                    f"invalid symbol {item!r}: expected 2 to 20 letters or digits, e.g. BTCUSDT"
+                )
+            symbols.append(symbol)
+        return list(dict.fromkeys(symbols))
+
+    @field_validator("interval")
+    @classmethod
+    def _interval(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        try:
+            interval_ms(value)
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
+        return value
+
+    @model_validator(mode="after")
+    def _span(self) -> "BacktestIn":
+        if self.start is not None and self.end is not None and self.start >= self.end:
+            raise ValueError(f"start ({self.start}) must be before end ({self.end}), epoch ms")
+        return self
+
+
+class BacktestLinksOut(BaseModel):
+    self: str = Field(description="this job: GET for its status")
+    events: str = Field(description="SSE of its progress: progress, done, failed")
+    report: str = Field(description="report.html, once done")
+
+
+class BacktestAcceptedOut(BaseModel):
+    """A backtest was queued; follow ``links``."""
+
+    id: str
+    status: BacktestStatus
+    links: BacktestLinksOut
+
+
+class BacktestOut(BaseModel):
+    """A backtest job as any API replica sees it (state lives in Redis)."""
+
+    id: str
+    status: BacktestStatus
+    stage: str = Field(
+        description="queued, starting, then the command's (replay, score, report), done or "
+        "failed"
+    )
+    progress: float = Field(ge=0, le=1, description="overall, 0..1")
+    message: str
+    created_ms: int = Field(description="when it was submitted, epoch ms")
+    updated_ms: int = Field(description="last progress or heartbeat, epoch ms")
+    request: BacktestIn
+    metrics: dict[str, Any] | None = Field(description="the report's metrics; null until done")
+    files: dict[str, str] = Field(description="report file name -> URL; empty until done")
+    links: BacktestLinksOut

@@ -14,7 +14,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from makeusrich.core.errors import EmbeddedServiceError
 
@@ -26,6 +26,7 @@ __all__ = [
     "start_kafka",
     "start_redis",
     "tansu_binary",
+    "terminate",
 ]
 
 _PR_SET_PDEATHSIG = 1
@@ -36,6 +37,19 @@ def kill_with_parent() -> None:
     if sys.platform.startswith("linux"):
         with contextlib.suppress(OSError):
             ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def terminate(process: "subprocess.Popen[Any]", timeout_s: float) -> int:
+    """SIGTERM ``process``, SIGKILL it if it is still running after ``timeout_s``; returns
+    its exit code."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    return process.returncode
 
 
 def free_port() -> int:
@@ -69,13 +83,7 @@ class EmbeddedService:
     _log: IO[bytes] = field(repr=False)
 
     def stop(self, timeout_s: float = 5.0) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        terminate(self.process, timeout_s)
         self._log.close()
 
     def __enter__(self) -> "EmbeddedService":

@@ -17,6 +17,13 @@ Redis (``{p}`` is ``Settings.redis_prefix``, ``mur`` by default):
 - ``{p}:model`` — hash describing the model the worker serves (version, loaded_at).
 - ``{p}:worker:{worker_id}`` — hash of the worker's counters (trades, candles, predictions,
   dead_letters, late, duplicates, model_rejections), refreshed every second.
+- ``{p}:backtest:{job_id}`` — hash of one backtest job run by the API (``status``
+  queued|running|done|failed, ``stage``, ``progress``, ``message``, ``created_ms``,
+  ``updated_ms``, ``request``/``metrics``/``files`` as JSON, ``report_dir``, ``owner``).
+  ``updated_ms`` doubles as the owner's heartbeat. Expires 7 days after its last update.
+- ``{p}:backtest:{job_id}:events`` — capped stream of that job's progress events (fields
+  ``type`` progress|done|failed and ``d`` JSON); the ids are the SSE event ids of
+  ``/v1/backtests/{id}/events``. Same expiry as the hash.
 
 Kafka topics (``{t}`` is ``Settings.topic_prefix``, empty by default): ``{t}trades``
 (keyed by symbol), ``{t}candles``, ``{t}predictions``, ``{t}trades-dlq``, and
@@ -54,6 +61,12 @@ class RedisKeys:
 
     def latest(self, kind: str, symbol: str, interval: str) -> str:
         return f"{self.prefix}:latest:{kind}:{symbol}:{interval}"
+
+    def backtest(self, job_id: str) -> str:
+        return f"{self.prefix}:backtest:{job_id}"
+
+    def backtest_events(self, job_id: str) -> str:
+        return f"{self.prefix}:backtest:{job_id}:events"
 
 
 @dataclass(frozen=True, slots=True)

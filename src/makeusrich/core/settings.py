@@ -84,6 +84,10 @@ class Settings(BaseSettings):
     sse_client_queue_max: int = 2_000
     max_limit: int = 5_000
 
+    # Backtests run by the API (each is a `mur backtest` child process).
+    backtest_max_concurrent: int = Field(default=2, ge=1)
+    backtest_max_queued: int = Field(default=8, ge=0)
+
     log_level: str = "INFO"
 
     @model_validator(mode="before")
@@ -114,6 +118,19 @@ class Settings(BaseSettings):
         if isinstance(value, tuple | list):
             return parse_intervals(",".join(str(item) for item in value))
         return value
+
+    def as_env(self) -> dict[str, str]:
+        """These settings as ``MUR_*`` variables, so a child process builds the same ones."""
+        env = {}
+        for name, value in self.model_dump().items():
+            if value is None:
+                if name == "replay_speed":
+                    env["MUR_REPLAY_SPEED"] = "max"
+                continue
+            if isinstance(value, tuple | list):
+                value = ",".join(str(v) for v in value)
+            env[f"MUR_{name.upper()}"] = str(value)
+        return env
 
     @property
     def redis_keys(self) -> RedisKeys:

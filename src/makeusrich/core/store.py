@@ -387,6 +387,11 @@ class RedisStore:
         raw = await self._client.hgetall(self._keys.model)
         return {_text(name): _text(value) for name, value in raw.items()}
 
+    async def worker_stats(self, worker_id: str) -> dict[str, int]:
+        """The counters worker ``worker_id`` last published (empty before its first)."""
+        raw = await self._client.hgetall(self._keys.worker_stats(worker_id))
+        return {_text(name): int(value) for name, value in raw.items()}
+
     async def events_after(self, last_id: str, count: int) -> list[StoredEvent]:
         """Up to ``count`` events strictly after ``last_id``, oldest first."""
         start = "(" + format_stream_id(parse_stream_id(last_id))

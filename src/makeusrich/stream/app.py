@@ -39,14 +39,13 @@ from makeusrich.core.schemas import (
 )
 from makeusrich.core.settings import Settings
 from makeusrich.core.store import RedisStore
-from makeusrich.inference import (
-    Forecaster,
-    NaiveForecaster,
-    OnnxForecaster,
-    Registry,
-    load_forecaster,
+from makeusrich.inference import Forecaster, Registry
+from makeusrich.stream.control import (
+    ModelWatcher,
+    load_announced,
+    load_serving_models,
+    registry_root,
 )
-from makeusrich.stream.control import ModelWatcher, load_announced, registry_root
 from makeusrich.stream.pipeline import Outputs, TradePipeline
 
 __all__ = ["WorkerStats", "create_app", "run_worker"]
@@ -67,6 +66,7 @@ class WorkerStats:
         self.predictions = 0
         self.duplicates = 0
         self.model_rejections = 0
+        self.end_of_streams = 0
 
     def as_dict(self) -> dict[str, int]:
         return dict(vars(self))
@@ -82,33 +82,6 @@ def _invalid_reason(message: Trade | EndOfStream) -> str | None:
     if message.trade_id < 0 or message.ts_event <= 0:
         return "trade_id and ts_event must be positive"
     return None
-
-
-def _load_model(settings: Settings) -> Forecaster:
-    try:
-        return load_forecaster(settings.model_dir)
-    except ModelError as exc:
-        log.error("model rejected, serving the naive baseline instead: %s", exc)
-        return NaiveForecaster()
-
-
-def _load_symbol_models(settings: Settings) -> dict[str, Forecaster]:
-    """The symbols' own champions; one that cannot be loaded leaves its symbol on the
-    shared model."""
-    registry = Registry(registry_root(settings))
-    try:
-        champions = registry.symbol_champions()
-    except ModelError as exc:
-        log.error("per-symbol champions unreadable, serving the shared model: %s", exc)
-        return {}
-    models: dict[str, Forecaster] = {}
-    for symbol, version in champions.items():
-        try:
-            models[symbol] = OnnxForecaster(registry.root / version)
-        except ModelError as exc:
-            log.error("model %s for %s rejected, serving the shared model: %s",
-                      version, symbol, exc)
-    return models
 
 
 def create_app(settings: Settings, forecaster: Forecaster | None = None) -> faust.App:
@@ -144,11 +117,13 @@ def create_app(settings: Settings, forecaster: Forecaster | None = None) -> faus
     # symbol -> msgspec JSON snapshot of its candle builders and recent candles
     state = app.Table("candle-state", default=None, partitions=settings.trades_partitions,
                       **raw)
-    pipeline = TradePipeline(settings.intervals, settings.grace_ms,
-                             forecaster or _load_model(settings))
     if forecaster is None:
-        for symbol, model in _load_symbol_models(settings).items():
-            pipeline.set_forecaster(model, symbol)
+        shared, own = load_serving_models(settings)
+    else:
+        shared, own = forecaster, {}
+    pipeline = TradePipeline(settings.intervals, settings.grace_ms, shared)
+    for symbol, model in own.items():
+        pipeline.set_forecaster(model, symbol)
     store = RedisStore.from_settings(settings)
     stats = WorkerStats()
 
@@ -288,6 +263,8 @@ def create_app(settings: Settings, forecaster: Forecaster | None = None) -> faus
     async def fold(message: Trade | EndOfStream) -> bool:
         """Process one message; True when it closed candles (which are then shipped)."""
         stats.trades += 1
+        if isinstance(message, EndOfStream):
+            stats.end_of_streams += 1
         pipeline.process(message)
         if not pipeline.has_output:
             return False

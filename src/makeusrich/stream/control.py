@@ -20,11 +20,25 @@ from kafka.errors import KafkaError
 from makeusrich.core.errors import ModelError, ModelIntegrityError, StreamError
 from makeusrich.core.schemas import ModelAnnouncement, announcement_decoder, encode, now_ms
 from makeusrich.core.settings import Settings
-from makeusrich.inference import OnnxForecaster, Registry, bundled_models_dir, read_manifest
+from makeusrich.inference import (
+    Forecaster,
+    NaiveForecaster,
+    OnnxForecaster,
+    Registry,
+    bundled_models_dir,
+    load_forecaster,
+    read_manifest,
+)
 from makeusrich.inference.model import check_parity
 from makeusrich.stream.publisher import ensure_topics
 
-__all__ = ["ModelWatcher", "announce_model", "load_announced", "registry_root"]
+__all__ = [
+    "ModelWatcher",
+    "announce_model",
+    "load_announced",
+    "load_serving_models",
+    "registry_root",
+]
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +48,31 @@ _SEND_TIMEOUT_S: Final = 30.0
 def registry_root(settings: Settings) -> Path:
     """The model registry (or single version directory) announced versions come from."""
     return bundled_models_dir() if settings.model_dir is None else Path(settings.model_dir)
+
+
+def load_serving_models(settings: Settings) -> tuple[Forecaster, dict[str, Forecaster]]:
+    """The shared model and the symbols' own champions a worker starts with. A model that
+    cannot be loaded is logged and replaced: the shared one by the naive baseline, a
+    symbol's own by the shared one."""
+    try:
+        shared = load_forecaster(settings.model_dir)
+    except ModelError as exc:
+        log.error("model rejected, serving the naive baseline instead: %s", exc)
+        shared = NaiveForecaster()
+    registry = Registry(registry_root(settings))
+    try:
+        champions = registry.symbol_champions()
+    except ModelError as exc:
+        log.error("per-symbol champions unreadable, serving the shared model: %s", exc)
+        return shared, {}
+    own: dict[str, Forecaster] = {}
+    for symbol, version in champions.items():
+        try:
+            own[symbol] = OnnxForecaster(registry.root / version)
+        except ModelError as exc:
+            log.error("model %s for %s rejected, serving the shared model: %s",
+                      version, symbol, exc)
+    return shared, own
 
 
 def announce_model(

@@ -80,19 +80,22 @@ class TradePipeline:
             self.duplicates += 1
 
     def _collect(self, builder: CandleBuilder) -> None:
-        closed = builder.closed()
-        if not closed:
-            return
-        key = (builder.symbol, builder.interval)
+        for candle in builder.closed():
+            self.add_candle(candle)
+
+    def add_candle(self, candle: Candle) -> None:
+        """Fold in a closed candle: keep it for the forecaster and predict the next close.
+        The builders' candles come through here; a replay of archived candles calls it
+        directly."""
+        key = (candle.symbol, candle.interval)
         history = self._history.get(key)
         if history is None:
             history = self._history[key] = deque(maxlen=self._history_len())
-        for candle in closed:
-            history.append(candle)
-            self._out.candles.append(candle)
-            prediction = self._predict(candle, history)
-            if prediction is not None:
-                self._out.predictions.append(prediction)
+        history.append(candle)
+        self._out.candles.append(candle)
+        prediction = self._predict(candle, history)
+        if prediction is not None:
+            self._out.predictions.append(prediction)
 
     def forecaster_for(self, symbol: str) -> Forecaster:
         """The model that predicts ``symbol``: its own, else the shared one."""

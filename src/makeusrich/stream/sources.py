@@ -28,11 +28,11 @@ import re
 import time
 import zipfile
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator
 from os import PathLike
 from pathlib import Path
 from random import Random
-from typing import Any, Literal, TextIO
+from typing import Any, Literal, Protocol, TextIO, TypeVar
 
 import msgspec
 
@@ -42,6 +42,7 @@ from makeusrich.core.settings import Settings
 from makeusrich.stream.publisher import TradeSink
 
 __all__ = [
+    "paced",
     "read_binance_csv",
     "read_jsonl",
     "read_trades",
@@ -631,6 +632,38 @@ def _send_end_of_stream(publisher: TradeSink, last: dict[str, tuple[int, Source]
         )
 
 
+class _Timed(Protocol):
+    @property
+    def ts_event(self) -> int: ...
+
+
+_T = TypeVar("_T", bound=_Timed)
+
+
+async def paced(
+    records: Iterable[_T], speed: float | None, stop: asyncio.Event
+) -> AsyncIterator[_T]:
+    """Yield ``records`` until ``stop``: at once with ``speed=None``, else keeping the gaps
+    between their ``ts_event`` values divided by ``speed`` (1.0 = real time)."""
+    if speed is not None and not speed > 0:
+        raise ConfigError(f"replay speed must be > 0 (or None for as fast as possible): {speed}")
+    started_s = time.monotonic()
+    first_event_ms: int | None = None
+    for count, record in enumerate(records, 1):
+        if stop.is_set():
+            return
+        if speed is not None:
+            if first_event_ms is None:
+                first_event_ms = record.ts_event
+            due_s = started_s + (record.ts_event - first_event_ms) / 1000.0 / speed
+            delay_s = due_s - time.monotonic()
+            if delay_s > _MIN_SLEEP_S and await _sleep_unless_stopped(stop, delay_s):
+                return
+        yield record
+        if count % _YIELD_EVERY == 0:
+            await asyncio.sleep(0)
+
+
 async def run_replay(
     trades: Iterable[Trade],
     publisher: TradeSink,
@@ -638,41 +671,24 @@ async def run_replay(
     speed: float | None,
     symbols_done_eos: bool = True,
 ) -> int:
-    """Publish ``trades`` in order, stamping ``ts_ingest`` with the wall clock; return the
-    number of trades sent.
+    """Publish ``trades`` in order, :func:`paced` by ``speed``, stamping ``ts_ingest`` with
+    the wall clock; return the number of trades sent.
 
-    ``speed=None`` sends as fast as possible; ``speed=x`` keeps the gaps between
-    ``ts_event`` values divided by ``x`` (1.0 = real time). When the trades run out (not
-    when ``stop`` ends the replay early) and ``symbols_done_eos`` is set, one
-    :class:`EndOfStream` per symbol follows, carrying that symbol's last ``ts_event``, so the
-    worker can close its open candles. The publisher is flushed in every case.
+    When the trades run out (not when ``stop`` ends the replay early) and
+    ``symbols_done_eos`` is set, one :class:`EndOfStream` per symbol follows, carrying that
+    symbol's last ``ts_event``, so the worker can close its open candles. The publisher is
+    flushed in every case.
     """
-    if speed is not None and not speed > 0:
-        raise ConfigError(f"replay speed must be > 0 (or None for as fast as possible): {speed}")
     last: dict[str, tuple[int, Source]] = {}
     count = 0
-    exhausted = False
     started_s = time.monotonic()
-    first_event_ms: int | None = None
     replace = msgspec.structs.replace
     send = publisher.send
-    for trade in trades:
-        if stop.is_set():
-            break
-        if speed is not None:
-            if first_event_ms is None:
-                first_event_ms = trade.ts_event
-            due_s = started_s + (trade.ts_event - first_event_ms) / 1000.0 / speed
-            delay_s = due_s - time.monotonic()
-            if delay_s > _MIN_SLEEP_S and await _sleep_unless_stopped(stop, delay_s):
-                break
+    async for trade in paced(trades, speed, stop):
         send(replace(trade, ts_ingest=now_ms()))
         last[trade.symbol] = (trade.ts_event, trade.source)
         count += 1
-        if count % _YIELD_EVERY == 0:
-            await asyncio.sleep(0)
-    else:
-        exhausted = True
+    exhausted = not stop.is_set()
     if exhausted and symbols_done_eos:
         _send_end_of_stream(publisher, last)
     publisher.flush()

@@ -35,7 +35,14 @@ from makeusrich.core.errors import StreamError
 from makeusrich.core.schemas import Candle, candle_decoder
 from makeusrich.core.settings import Settings
 
-__all__ = ["CANDLE_SCHEMA", "last_of_each", "read_part", "run_archiver", "write_candles"]
+__all__ = [
+    "CANDLE_SCHEMA",
+    "last_of_each",
+    "read_candles",
+    "read_part",
+    "run_archiver",
+    "write_candles",
+]
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +71,28 @@ def read_part(path: Path) -> pa.Table:
     if missing:
         raise ValueError(f"{path} is not a candle archive part: no {sorted(missing)} columns")
     return table.select(CANDLE_SCHEMA.names).cast(CANDLE_SCHEMA)
+
+
+def read_candles(
+    root: Path, symbol: str, interval: str, start_ms: int | None = None,
+    end_ms: int | None = None,
+) -> list[Candle]:
+    """The archived candles of one series whose ``open_time`` lies in [start_ms, end_ms),
+    de-duplicated (later parts win) and in time order."""
+    directory = root / f"symbol={symbol}" / f"interval={interval}"
+    parts = [read_part(part) for part in sorted(directory.glob("date=*/part-*.parquet"))]
+    if not parts:
+        return []
+    table = pa.concat_tables(parts)
+    table = table.take(last_of_each(table.column("open_time").to_numpy()))
+    open_time = table.column("open_time").to_numpy()
+    keep = np.ones(len(open_time), dtype=bool)
+    if start_ms is not None:
+        keep &= open_time >= start_ms
+    if end_ms is not None:
+        keep &= open_time < end_ms
+    rows: list[dict[str, object]] = table.filter(pa.array(keep)).to_pylist()
+    return msgspec.convert(rows, list[Candle])
 
 
 def _partition(root: Path, candle: Candle) -> Path:

@@ -57,6 +57,7 @@ __all__ = [
     "evaluate_paths",
     "feature_windows",
     "fit_train_normalisation",
+    "forecast_metrics",
     "resolve_forecaster",
     "walk_forward_splits",
 ]
@@ -416,7 +417,11 @@ def _score_series(
     )
 
 
-def _metrics(band: FloatArray, last: FloatArray, actual: FloatArray, mae_base: float) -> Metrics:
+def forecast_metrics(
+    band: FloatArray, last: FloatArray, actual: FloatArray, mae_base: float
+) -> Metrics:
+    """:class:`Metrics` of forecasts ``band`` (lower, predicted, upper per row) of closes
+    ``actual`` made at closes ``last``; skill is measured against ``mae_base``."""
     lower, predicted, upper = band[:, 0], band[:, 1], band[:, 2]
     error = predicted - actual
     mae = float(np.mean(np.abs(error)))
@@ -444,7 +449,7 @@ def _scores(parts: Sequence[_Scored]) -> dict[str, Any]:
         "forecasts": len(target_time),
         "first_target_open_time": int(target_time.min()),
         "last_target_open_time": int(target_time.max()),
-        "metrics": {name: _metrics(b, last, actual, mae_base) for name, b in bands.items()},
+        "metrics": {name: forecast_metrics(b, last, actual, mae_base) for name, b in bands.items()},
     }
 
 

@@ -14,13 +14,14 @@ from dataclasses import dataclass
 from typing import Annotated, Final
 
 import anyio
-from fastapi import APIRouter, Depends, Header, HTTPException, Query
+from fastapi import APIRouter, Depends, HTTPException, Query
 from redis.exceptions import RedisError
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from makeusrich.api.broadcast import Broadcaster, Subscription
 from makeusrich.api.deps import (
     BroadcasterDep,
+    LastEventIdDep,
     OptionalIntervalDep,
     SettingsDep,
     StoreDep,
@@ -152,27 +153,13 @@ async def stream(
     symbols: SymbolsDep,
     interval: OptionalIntervalDep,
     events: Annotated[frozenset[str], Depends(_events_query)],
-    last_event_id_header: Annotated[
-        str | None, Header(alias="Last-Event-ID", description="resume after this event id")
-    ] = None,
-    last_event_id: Annotated[
-        str | None,
-        Query(description="same as the Last-Event-ID header, for clients that cannot set it"),
-    ] = None,
+    resume_from: LastEventIdDep,
 ) -> EventSourceResponse:
     """Live events; with ``Last-Event-ID`` first the events missed since that id.
 
     Heartbeat comments keep idle connections open. Without ``Last-Event-ID`` only events
     from now on are sent.
     """
-    # The header wins: a browser reconnecting a `?last_event_id=` URL sends a newer one.
-    resume_from = last_event_id_header or last_event_id
-    if resume_from is not None:
-        try:
-            parse_stream_id(resume_from)
-        except ValueError as exc:
-            raise HTTPException(400, f"invalid Last-Event-ID: {exc}") from exc
-        resume_from = resume_from.strip()
     if not broadcaster.ready:
         raise HTTPException(503, "live events unavailable: the Redis subscription is down")
     event_filter = _Filter(

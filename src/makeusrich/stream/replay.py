@@ -1,0 +1,438 @@
+"""Replays: a recorded span through the live pipeline's own code, into a namespace of its own.
+
+Sources (:class:`ReplaySpec`):
+
+- a trades file, in any format :func:`~makeusrich.stream.sources.read_trades` reads;
+- ``kafka``: the live ``trades`` topic, selected by each message's ``ts_event`` (never by
+  broker timestamps: Tansu stamps append time and answers ``offsets_for_times`` wrongly);
+- ``archive``: the Parquet candle archive. It holds closed candles, so there is no candle
+  stage to run: each candle goes straight into ``TradePipeline.add_candle``, the inference
+  code the worker runs, in this process.
+
+Trades take the live path: they are published to the run's own ``trades`` topic and a
+``mur worker`` child process, the same program as in production, builds candles and
+predictions from them. Each run has its own topic prefix, Redis prefix, Faust app id and
+state directory (:func:`replay_settings`), so a replay never mixes with live data, and the
+models it serves are pinned: promotions announced to live workers do not reach it.
+"""
+
+import asyncio
+import contextlib
+import heapq
+import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+import msgspec
+import redis
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.errors import KafkaError
+from redis.exceptions import RedisError
+
+from makeusrich.core.embedded import kill_with_parent, terminate
+from makeusrich.core.errors import ConfigError, StreamError
+from makeusrich.core.schemas import Candle, EndOfStream, Trade, encode, now_ms, trade_decoder
+from makeusrich.core.settings import Settings
+from makeusrich.core.store import RedisStore
+from makeusrich.stream.control import load_serving_models
+from makeusrich.stream.pipeline import TradePipeline
+from makeusrich.stream.publisher import TradePublisher, ensure_topics
+from makeusrich.stream.sources import paced, read_trades, run_replay
+
+__all__ = [
+    "Progress",
+    "ReplayResult",
+    "ReplaySpec",
+    "drop_namespace",
+    "replay",
+    "replay_settings",
+    "span_candles",
+    "span_trades",
+]
+
+log = logging.getLogger(__name__)
+
+#: Called with the share of the span done (0..1) and a short description.
+Progress = Callable[[float, str], None]
+
+_RUN_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_POLL_S: Final = 0.25
+_KAFKA_POLL_MS: Final = 2_000  # an empty poll this long past the end offset ends a partition
+_WORKER_START_TIMEOUT_S: Final = 60.0
+_WORKER_STOP_TIMEOUT_S: Final = 15.0
+_STALL_TIMEOUT_S: Final = 120.0  # the worker wrote nothing new for this long: give up
+
+
+@dataclass(frozen=True)
+class ReplaySpec:
+    """What to replay: ``source`` is ``kafka``, ``archive`` or a trades file; ``symbols``
+    empty means every symbol in the source (for the archive: ``Settings.symbols``);
+    ``start_ms`` .. ``end_ms`` is a half-open span of ``ts_event`` (candles: ``open_time``)
+    in UTC epoch ms; ``speed`` a multiple of real time, None as fast as possible."""
+
+    source: str
+    symbols: tuple[str, ...] = ()
+    start_ms: int | None = None
+    end_ms: int | None = None
+    speed: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.start_ms is not None and self.end_ms is not None and self.start_ms >= self.end_ms:
+            raise ConfigError(
+                f"empty span: start {self.start_ms} must be before end {self.end_ms}"
+            )
+        if self.speed is not None and not self.speed > 0:
+            raise ConfigError(f"replay speed must be positive or max, not {self.speed}")
+
+    def describe(self) -> str:
+        span = f"{_utc(self.start_ms)} .. {_utc(self.end_ms)}"
+        symbols = ",".join(self.symbols) or "all symbols"
+        return f"{self.source} ({symbols}, {span})"
+
+    def selects(self, symbol: str, ts_ms: int) -> bool:
+        return (
+            (not self.symbols or symbol in self.symbols)
+            and (self.start_ms is None or ts_ms >= self.start_ms)
+            and (self.end_ms is None or ts_ms < self.end_ms)
+        )
+
+
+@dataclass(frozen=True)
+class ReplayResult:
+    """A finished replay; ``settings`` address its namespace (topics and Redis keys)."""
+
+    run_id: str
+    settings: Settings
+    messages: int  # trades, or candles from the archive
+    symbols: tuple[str, ...]
+    first_ts_event: int
+    last_ts_event: int
+    candles: int
+    predictions: int
+    elapsed_s: float
+
+
+def _utc(ms: int | None) -> str:
+    if ms is None:
+        return "open"
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ms / 1000))
+
+
+def replay_settings(settings: Settings, run_id: str, model_dir: Path | None = None) -> Settings:
+    """``settings`` moved into the namespace of replay ``run_id``; ``model_dir`` pins the
+    model it serves (default: the live setting)."""
+    if not _RUN_ID.match(run_id):
+        raise ConfigError(f"replay run id {run_id!r}: use 1-64 letters, digits, '-' or '_'")
+    return settings.model_copy(update={
+        "topic_prefix": f"{settings.topic_prefix}replay.{run_id}.",
+        "redis_prefix": f"{settings.redis_prefix}:replay:{run_id}",
+        "worker_id": f"{settings.worker_id}-replay-{run_id}",
+        "state_dir": settings.state_dir / "replays" / run_id,
+        "model_dir": settings.model_dir if model_dir is None else model_dir,
+    })
+
+
+# ---- what to replay ----------------------------------------------------------------------
+
+
+def span_trades(settings: Settings, spec: ReplaySpec) -> list[Trade]:
+    """The trades ``spec`` selects, each symbol's in source order (the order live saw)."""
+    if spec.source == "archive":
+        raise ConfigError("the archive holds candles, not trades: use span_candles")
+    if spec.source == "kafka":
+        return _kafka_trades(settings, spec)
+    path = Path(spec.source)
+    if not path.is_file():
+        raise ConfigError(f"--from {spec.source!r}: not kafka, archive or a trades file")
+    return [t for t in read_trades(path) if spec.selects(t.symbol, t.ts_event)]
+
+
+def _kafka_trades(settings: Settings, spec: ReplaySpec) -> list[Trade]:
+    if not settings.kafka_bootstrap:
+        raise ConfigError("replaying from kafka needs MUR_KAFKA_BOOTSTRAP (the live broker)")
+    topic = settings.topics.trades
+    started_ms = now_ms()
+    consumer = KafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, group_id=None,
+                             enable_auto_commit=False, client_id="mur-replay")
+    try:
+        partitions = consumer.partitions_for_topic(topic)
+        if not partitions:
+            raise ConfigError(f"no topic {topic!r} on {settings.kafka_bootstrap}: no trades "
+                              "to replay from kafka")
+        per_partition = [
+            _partition_trades(consumer, TopicPartition(topic, p), spec, started_ms)
+            for p in sorted(partitions)
+        ]
+    except KafkaError as exc:
+        raise StreamError(f"cannot read {topic} on {settings.kafka_bootstrap}: {exc}") from exc
+    finally:
+        consumer.close()
+    # Each symbol lives in one partition, so a stable merge keeps its order; across
+    # symbols the order only matters for pacing.
+    return list(heapq.merge(*per_partition, key=lambda trade: trade.ts_event))
+
+
+def _partition_trades(
+    consumer: KafkaConsumer, tp: TopicPartition, spec: ReplaySpec, started_ms: int
+) -> list[Trade]:
+    """Every selected trade of one partition, up to what it held when the replay started.
+
+    The end offset is only a hint: Tansu reports the base offset of the last batch. So
+    reading goes on past it until a poll comes back empty or brings a trade newer than
+    the replay (live ingest keeps appending)."""
+    consumer.assign([tp])
+    consumer.seek_to_beginning(tp)
+    end = consumer.end_offsets([tp])[tp]
+    trades: list[Trade] = []
+    while True:
+        records = consumer.poll(timeout_ms=_KAFKA_POLL_MS).get(tp, [])
+        if not records:
+            if consumer.position(tp) >= end:
+                return trades
+            continue
+        for record in records:
+            try:
+                message = trade_decoder.decode(record.value)
+            except (msgspec.DecodeError, msgspec.ValidationError):
+                continue  # the live worker dead-lettered it
+            if isinstance(message, EndOfStream):
+                continue  # a replay sends its own at its end
+            if record.offset >= end and message.ts_event >= started_ms:
+                return trades
+            if spec.selects(message.symbol, message.ts_event):
+                trades.append(message)
+
+
+def span_candles(settings: Settings, spec: ReplaySpec) -> list[Candle]:
+    """The archived candles ``spec`` selects, of ``settings.intervals``, in close order."""
+    from makeusrich.trainer.archive import read_candles  # pyarrow, only for this source
+
+    series = [
+        read_candles(settings.archive_dir, symbol, interval, spec.start_ms, spec.end_ms)
+        for symbol in (spec.symbols or settings.symbols)
+        for interval in settings.intervals
+    ]
+    return list(heapq.merge(*series, key=lambda candle: candle.close_time))
+
+
+# ---- running a replay --------------------------------------------------------------------
+
+
+async def replay(
+    settings: Settings,
+    spec: ReplaySpec,
+    run_id: str,
+    *,
+    model_dir: Path | None = None,
+    progress: Progress | None = None,
+    stop: asyncio.Event | None = None,
+) -> ReplayResult:
+    """Replay ``spec`` into the namespace of ``run_id`` and return once every candle and
+    prediction of the span is in its Redis keys and topics. ``settings`` must address
+    running services; ``stop`` ends the replay early (StreamError)."""
+    if not settings.kafka_bootstrap or not settings.redis_url:
+        raise ConfigError("a replay needs Kafka and Redis: set MUR_KAFKA_BOOTSTRAP and "
+                          "MUR_REDIS_URL (mur replay/backtest start embedded ones otherwise)")
+    run = replay_settings(settings, run_id, model_dir)
+    report = progress or (lambda share, text: None)
+    stop = stop or asyncio.Event()
+    started_s = time.monotonic()
+    if spec.source == "archive":
+        candles = await asyncio.to_thread(span_candles, settings, spec)
+        if not candles:
+            raise ConfigError(f"no archived candles in {spec.describe()} under "
+                              f"{settings.archive_dir}")
+        made = await _replay_candles(run, candles, spec.speed, stop, report)
+        first, last = candles[0].open_time, candles[-1].open_time
+        messages, symbols = len(candles), sorted({c.symbol for c in candles})
+    else:
+        report(0.0, f"reading {spec.describe()}")
+        trades = await asyncio.to_thread(span_trades, settings, spec)
+        if not trades:
+            raise ConfigError(f"no trades in {spec.describe()}")
+        made = await _replay_trades(run, trades, spec.speed, stop, report)
+        first, last = trades[0].ts_event, trades[-1].ts_event
+        messages, symbols = len(trades), sorted({t.symbol for t in trades})
+    result = ReplayResult(
+        run_id=run_id, settings=run, messages=messages, symbols=tuple(symbols),
+        first_ts_event=first, last_ts_event=last, candles=made[0], predictions=made[1],
+        elapsed_s=time.monotonic() - started_s,
+    )
+    report(1.0, f"replayed {messages} {'candles' if spec.source == 'archive' else 'trades'} "
+                f"in {result.elapsed_s:.1f} s")
+    return result
+
+
+async def _replay_trades(
+    run: Settings, trades: Sequence[Trade], speed: float | None, stop: asyncio.Event,
+    report: Progress,
+) -> tuple[int, int]:
+    """Publish ``trades`` to the run's topic, let a worker child fold them in; returns the
+    (candles, predictions) it made."""
+    await asyncio.to_thread(ensure_topics, run)
+    symbols = sorted({t.symbol for t in trades})
+    first_ms, last_ms = trades[0].ts_event, trades[-1].ts_event
+    worker = _start_worker(run)
+    publisher = TradePublisher(run)
+    store = RedisStore.from_settings(run)
+    try:
+        sending = asyncio.create_task(run_replay(trades, publisher, stop, speed))
+        last_change_s, seen, reported = time.monotonic(), -1, 0.0
+        while True:
+            await asyncio.sleep(_POLL_S)
+            if stop.is_set():
+                raise StreamError("replay stopped before its end")
+            if worker.poll() is not None:
+                raise StreamError(f"the replay's worker exited with code {worker.returncode}; "
+                                  f"see {_worker_log(run)}:\n{_tail(_worker_log(run))}")
+            stats = await store.worker_stats(run.worker_id)
+            folded = stats.get("trades", 0)
+            if folded != seen:
+                last_change_s, seen = time.monotonic(), folded
+            elif time.monotonic() - last_change_s > _STALL_TIMEOUT_S:
+                raise StreamError(f"the replay's worker made no progress for "
+                                  f"{_STALL_TIMEOUT_S:.0f} s; see {_worker_log(run)}")
+            # The worker writes a symbol's last candles before it counts the symbol's
+            # end-of-stream marker, so this count says when the span is complete.
+            if sending.done() and stats.get("end_of_streams", 0) >= len(symbols):
+                await sending  # surfaces a publishing error
+                return stats.get("candles", 0), stats.get("predictions", 0)
+            done_ms = await _closed_until(store, symbols, run.intervals)
+            share = 0.0 if last_ms == first_ms else (done_ms - first_ms) / (last_ms - first_ms)
+            share = min(max(share, 0.0), 0.99)
+            if share > reported:
+                reported = share
+                report(share, f"{folded} of {len(trades)} trades folded in")
+    finally:
+        if not sending.done():
+            stop.set()
+            with contextlib.suppress(Exception):
+                await sending
+        publisher.close()
+        await store.aclose()
+        terminate(worker, _WORKER_STOP_TIMEOUT_S)
+
+
+async def _closed_until(store: RedisStore, symbols: Sequence[str],
+                        intervals: Sequence[str]) -> int:
+    """Event time up to which every series has closed candles (0 when one has none)."""
+    ends = []
+    for symbol in symbols:
+        for interval in intervals:
+            candle = await store.latest_candle(symbol, interval)
+            ends.append(0 if candle is None else candle.close_time)
+    return min(ends, default=0)
+
+
+async def _replay_candles(
+    run: Settings, candles: Sequence[Candle], speed: float | None, stop: asyncio.Event,
+    report: Progress,
+) -> tuple[int, int]:
+    """Archived candles through the worker's inference code, written like the worker
+    writes (Redis and the run's candles/predictions topics)."""
+    await asyncio.to_thread(ensure_topics, run)
+    shared, own = load_serving_models(run)
+    pipeline = TradePipeline(run.intervals, run.grace_ms, shared)
+    for symbol, model in own.items():
+        pipeline.set_forecaster(model, symbol)
+    store = RedisStore.from_settings(run)
+    producer = KafkaProducer(bootstrap_servers=run.kafka_bootstrap, acks="all", linger_ms=20)
+    made = [0, 0]
+    try:
+        async for count, candle in _counted(paced(candles, speed, stop)):
+            pipeline.add_candle(candle)
+            out = pipeline.drain()
+            for record in out.candles:
+                producer.send(run.topics.candles, encode(record), key=record.symbol.encode())
+            for prediction in out.predictions:
+                producer.send(run.topics.predictions, encode(prediction),
+                              key=prediction.symbol.encode())
+            await store.write_many([*out.candles, *out.predictions])
+            made[0] += len(out.candles)
+            made[1] += len(out.predictions)
+            if count % 500 == 0:
+                report(count / len(candles), f"{count} of {len(candles)} candles")
+        if stop.is_set():
+            raise StreamError("replay stopped before its end")
+        producer.flush()
+    finally:
+        producer.close()
+        await store.aclose()
+    return made[0], made[1]
+
+
+async def _counted(records: AsyncIterable[Candle]) -> AsyncIterator[tuple[int, Candle]]:
+    count = 0
+    async for record in records:
+        count += 1
+        yield count, record
+
+
+def _worker_log(run: Settings) -> Path:
+    return run.state_dir / "worker.log"
+
+
+def _tail(path: Path, lines: int = 20) -> str:
+    with contextlib.suppress(OSError):
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    return ""
+
+
+def _start_worker(run: Settings) -> "subprocess.Popen[bytes]":
+    run.state_dir.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, **run.as_env(), "MUR_LOG_LEVEL": "WARNING"}
+    with _worker_log(run).open("ab") as log_file:
+        return subprocess.Popen(
+            [sys.executable, "-m", "makeusrich", "worker"], env=env,
+            stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
+            preexec_fn=kill_with_parent,
+        )
+
+
+def drop_namespace(run: Settings) -> None:
+    """Delete what a replay wrote, as far as it got: its Redis keys, its topics (where the
+    broker supports deleting them) and its state directory. Failures are logged: cleanup
+    must not hide the error that ended a replay."""
+    if run.redis_url:
+        client = redis.Redis.from_url(run.redis_url)
+        try:
+            keys = list(client.scan_iter(match=f"{run.redis_prefix}:*", count=1_000))
+            for chunk in range(0, len(keys), 1_000):
+                client.delete(*keys[chunk : chunk + 1_000])
+        except RedisError as exc:
+            log.warning("could not delete the replay's keys %s:*: %s", run.redis_prefix, exc)
+        finally:
+            client.close()
+    if run.kafka_bootstrap:
+        _delete_topics(run)
+    shutil.rmtree(run.state_dir, ignore_errors=True)
+
+
+def _delete_topics(run: Settings) -> None:
+    topics = run.topics
+    names = [topics.trades, topics.candles, topics.predictions, topics.dead_letter,
+             topics.model_control,
+             # Faust's own: the table's changelog and its leader-election topic.
+             f"{run.worker_id}-candle-state-changelog", f"{run.worker_id}-__assignor-__leader"]
+    try:
+        admin = KafkaAdminClient(bootstrap_servers=run.kafka_bootstrap, client_id="mur-replay")
+    except KafkaError as exc:
+        log.warning("could not delete the replay's topics %s: %s", names, exc)
+        return
+    try:
+        existing = set(admin.list_topics())
+        doomed = [name for name in names if name in existing]
+        if doomed:
+            admin.delete_topics(doomed)
+    except KafkaError as exc:
+        log.warning("could not delete the replay's topics %s: %s", names, exc)
+    finally:
+        admin.close()
