@@ -30,7 +30,7 @@ lint: install-dev
 	$(BIN)/ruff check src tests bench
 	$(BIN)/mypy
 
-test: install-dev lint
+test: install-dev lint browser
 	$(BIN)/pytest
 
 test-fast: install-dev
@@ -40,6 +40,49 @@ bench: install-dev
 	$(BIN)/python -m bench.pipeline
 	$(BIN)/python -m bench.models
 	$(BIN)/python -m bench.replay
+
+# The dashboard's charting library, vendored (committed) so that `make run` needs no npm and
+# the page loads nothing from the internet. Re-run only to change the pinned version.
+LWC_VERSION := 5.2.1
+VENDOR_DIR  := src/makeusrich/api/static/vendor
+LWC_FILE    := lightweight-charts.standalone.production.js
+
+# Writes vendor.json after checking the packed tarball against the registry's integrity.
+define VENDOR_MANIFEST_JS
+const fs = require("fs"), crypto = require("crypto"), env = process.env;
+const pack = JSON.parse(fs.readFileSync("pack.json", "utf8"))[0];
+if (pack.integrity !== env.REGISTRY_INTEGRITY)
+  throw new Error("tarball " + pack.integrity + " != registry " + env.REGISTRY_INTEGRITY);
+const body = fs.readFileSync(env.DEST + "/" + env.FILE);
+const manifest = {
+  name: pack.name, version: pack.version, file: env.FILE, license: "LICENSE",
+  sha256: crypto.createHash("sha256").update(body).digest("hex"),
+  integrity: pack.integrity, source: "npm pack " + pack.id,
+};
+fs.writeFileSync(env.DEST + "/vendor.json", JSON.stringify(manifest, null, 2) + "\n");
+console.log("vendored " + pack.id + " -> " + env.DEST + "/" + env.FILE);
+endef
+export VENDOR_MANIFEST_JS
+
+.PHONY: vendor browser
+
+vendor:
+	@command -v npm >/dev/null || { echo "make vendor needs npm (Node.js)"; exit 1; }
+	set -e; dest="$$(pwd)/$(VENDOR_DIR)"; tmp="$$(mktemp -d)"; trap 'rm -rf "$$tmp"' EXIT; \
+	cd "$$tmp"; \
+	npm pack --silent --json lightweight-charts@$(LWC_VERSION) > pack.json; \
+	tar -xzf lightweight-charts-$(LWC_VERSION).tgz package/dist/$(LWC_FILE) package/LICENSE; \
+	mkdir -p "$$dest"; \
+	cp package/dist/$(LWC_FILE) package/LICENSE "$$dest/"; \
+	REGISTRY_INTEGRITY="$$(npm view lightweight-charts@$(LWC_VERSION) dist.integrity)" \
+	DEST="$$dest" FILE=$(LWC_FILE) node -e "$$VENDOR_MANIFEST_JS"
+
+# Debian's chromium and chromedriver for the dashboard's headless-browser test.
+browser:
+	@if [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ]; then sudo=; else sudo=sudo; fi; \
+	echo "installing chromium and chromium-driver (apt)"; \
+	$$sudo apt-get update -q && $$sudo apt-get install -y -q chromium chromium-driver
 
 clean:
 	rm -rf $(VENV) .mur .pytest_cache .mypy_cache .ruff_cache

@@ -22,7 +22,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from makeusrich.core.embedded import EmbeddedService, kill_with_parent, start_kafka, start_redis
+from makeusrich.core.embedded import (
+    EmbeddedService,
+    free_port,
+    kill_with_parent,
+    start_kafka,
+    start_redis,
+)
 from makeusrich.core.errors import ConfigError, MakeUsRichError, StreamError
 from makeusrich.core.intervals import parse_intervals
 from makeusrich.core.settings import Settings
@@ -61,6 +67,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         ("symbols", "symbols"), ("intervals", "intervals"), ("source", "source"),
         ("api_port", "api_port"), ("kafka_port", "kafka_port"), ("redis_port", "redis_port"),
         ("grace_ms", "grace_ms"), ("model_dir", "model_dir"),
+        ("retrain_on_drift", "drift_retrain"),
     ]:
         value = getattr(args, flag, None)
         if value is not None:
@@ -226,6 +233,14 @@ def _cmd_models(args: argparse.Namespace) -> None:
               f"sha256 ok: {details.info.sha256_ok}")
     elif args.action == "promote":
         _promote(args, registry)
+    elif args.action == "reference":
+        from makeusrich.monitoring import reference_for_version, write_reference
+
+        directory = registry.root / args.version
+        if args.version not in registry.versions():
+            raise ConfigError(f"unknown model version {args.version!r} in {registry.root}")
+        path = write_reference(directory, reference_for_version(directory, args.data))
+        print(f"training reference for drift detection written to {path}")
     else:
         version = registry.rollback(args.reason or "rollback from the CLI", symbol=args.symbol)
         whose = "" if args.symbol is None else f" for {args.symbol}"
@@ -467,7 +482,10 @@ class _Supervisor:
         self.stopping = False
 
     def start(self) -> Settings:
-        settings = self.settings = _start_missing_services(self.settings, self.services)
+        settings = _start_missing_services(self.settings, self.services)
+        if settings.worker_metrics_port is None:  # a free port, so two `mur up` coexist
+            settings = settings.model_copy(update={"worker_metrics_port": free_port()})
+        self.settings = settings
         env = {**os.environ, **settings.as_env()}
         # Start order matters little (each retries its connections); API first so the
         # URL answers as soon as it is printed.
@@ -525,7 +543,10 @@ def _cmd_up(args: argparse.Namespace) -> None:
             f"make-us-rich is up (source: {settings.source})\n"
             f"  API        {base}/v1/predictions/latest\n"
             f"  live feed  {base}/v1/stream\n"
+            f"  dashboard  {base}/\n"
             f"  docs       {base}/docs\n"
+            f"  metrics    {base}/metrics (API), "
+            f"http://127.0.0.1:{settings.worker_metrics_port}/metrics (worker)\n"
             f"  Kafka      {settings.kafka_bootstrap}\n"
             f"  Redis      {settings.redis_url}\n"
             "Ctrl-C stops everything.",
@@ -621,6 +642,12 @@ def _parser() -> argparse.ArgumentParser:
     promote.add_argument("--reason")
     promote.add_argument("--symbol", type=str.upper,
                          help="champion of this symbol only (default: the shared champion)")
+    reference = actions.add_parser(
+        "reference", help="(re)build a version's training feature reference for drift "
+        "detection from the data it was trained on")
+    reference.add_argument("version")
+    reference.add_argument("--data", nargs="+", required=True,
+                           help="the candles it was trained on (its training span is used)")
     rollback = actions.add_parser("rollback", help="back to the previous champion")
     rollback.add_argument("--reason")
     rollback.add_argument("--symbol", type=str.upper,
@@ -658,6 +685,9 @@ def _parser() -> argparse.ArgumentParser:
     trainer.add_argument("--arch", default="lstm", choices=ARCHITECTURES)
     trainer.add_argument("--epochs", type=int, default=10)
     trainer.add_argument("--runs", type=int, help="stop after this many runs")
+    trainer.add_argument("--retrain-on-drift", action="store_true", default=None,
+                         help="start a run at once when a worker raises a drift event "
+                         "(MUR_DRIFT_RETRAIN; needs MUR_REDIS_URL)")
     trainer.set_defaults(func=_cmd_trainer)
     return parser
 

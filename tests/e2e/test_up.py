@@ -14,6 +14,7 @@ import httpx
 import pytest
 from httpx_sse import connect_sse
 
+from kit.api import wait_http
 from kit.klines import aggregate, assert_same_as_binance, binance_klines
 from makeusrich.cli import BUNDLED_SAMPLE
 from makeusrich.core.embedded import free_port
@@ -29,19 +30,6 @@ class Running:
     base_url: str
     process: subprocess.Popen[bytes]
     state_dir: Path
-
-
-def _wait_http(url: str, process: subprocess.Popen[bytes], timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        assert process.poll() is None, "mur up exited early"
-        try:
-            if httpx.get(url, timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise AssertionError(f"{url} did not answer within {timeout_s} s")
 
 
 def _pids_with_env(marker: str) -> list[int]:
@@ -71,7 +59,7 @@ def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
     )
     try:
         base = f"http://127.0.0.1:{port}"
-        _wait_http(f"{base}/healthz", process, 60)
+        wait_http(f"{base}/healthz", process, 60)
         yield Running(base, process, state_dir)
     finally:
         if process.poll() is None:

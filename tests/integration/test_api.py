@@ -335,7 +335,7 @@ async def test_symbol_known_only_from_redis(client: httpx.AsyncClient, store: Re
         ("/v1/stream", {"symbols": "nope"}, 404, "unknown symbol 'NOPE'; known: BTCUSDT, ETHUSDT"),
         (
             "/v1/stream", {"events": "candle,trade"}, 422,
-            "unknown event type 'trade'; use one of candle, prediction, alert",
+            "unknown event type 'trade'; use one of candle, prediction, alert, drift",
         ),
         (
             "/v1/stream", {"interval": "7m"}, 422,

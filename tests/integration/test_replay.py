@@ -2,9 +2,6 @@
 apart from live data, selected by event time."""
 
 import asyncio
-import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,14 +10,12 @@ import pytest
 import redis
 from kafka import KafkaConsumer, TopicPartition
 
-from kit.worker import history, wait_until
+from kit.worker import history, worker_over
 from makeusrich.cli import BUNDLED_SAMPLE
-from makeusrich.core.embedded import EmbeddedService, kill_with_parent
+from makeusrich.core.embedded import EmbeddedService
 from makeusrich.core.errors import ConfigError, RegistryError
 from makeusrich.core.settings import Settings
-from makeusrich.stream.publisher import TradePublisher, ensure_topics
 from makeusrich.stream.replay import ReplaySpec, drop_namespace, replay
-from makeusrich.stream.sources import read_trades, run_replay
 from makeusrich.trainer.archive import write_candles
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -75,23 +70,9 @@ def live(kafka: EmbeddedService, redis_server: EmbeddedService,
         state_dir=tmp_path_factory.mktemp("replay-live"), symbols=("BTCUSDT",),
         intervals=("1m",),
     )
-    ensure_topics(settings)
-    publisher = TradePublisher(settings)
-    asyncio.run(run_replay(read_trades(BUNDLED_SAMPLE), publisher, asyncio.Event(), None))
-    publisher.close()
-    worker = subprocess.Popen([sys.executable, "-m", "makeusrich", "worker"],
-                              env={**os.environ, **settings.as_env()},
-                              preexec_fn=kill_with_parent)
-    client = redis.Redis.from_url(redis_server.url)
-    stats_key = settings.redis_keys.worker_stats(settings.worker_id)
-    try:
-        wait_until(lambda: int(client.hget(stats_key, "end_of_streams") or 0) >= 1,
-                   "the live worker to fold in the whole sample")
-    finally:
-        worker.terminate()
-        worker.wait(30)
+    with worker_over(settings, BUNDLED_SAMPLE):
+        pass
     yield settings
-    client.close()
 
 
 @pytest.fixture

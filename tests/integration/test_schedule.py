@@ -197,3 +197,44 @@ def test_an_invalid_schedule_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="no candle data"):
         run_schedule(NO_BROKER, [], registry, every_s=0)
     assert not registry.exists()
+
+
+@pytest.mark.train
+@pytest.mark.slow
+@pytest.mark.integration
+def test_a_drift_event_starts_the_next_run_at_once(
+    redis_server: Any, tmp_path: Path
+) -> None:
+    import asyncio
+
+    from makeusrich.core.store import RedisStore
+
+    settings = Settings(kafka_bootstrap=None, redis_url=redis_server.url,
+                        redis_prefix="drift-retrain", drift_retrain=True)
+    done: list[RunSummary] = []
+
+    def schedule_in_background() -> None:
+        done.extend(run_schedule(settings, [str(DAY)], tmp_path / "registry", every_s=3_600,
+                                 runs=2, epochs=1, hidden=16, stride=8, progress=False))
+
+    thread = threading.Thread(target=schedule_in_background, daemon=True)
+    started = time.monotonic()
+    thread.start()
+    # Once the first run has written its version, a worker raises drift.
+    while not list((tmp_path / "registry").glob("lstm-*")) and thread.is_alive():
+        time.sleep(0.2)
+
+    async def raise_drift() -> None:
+        store = RedisStore.from_settings(settings)
+        await store.write_drift("BTCUSDT", "1m", msgspec.json.encode({
+            "symbol": "BTCUSDT", "interval": "1m", "status": "drift",
+            "reason": "PSI of log_range 0.41 > 0.25"}))
+        await store.aclose()
+
+    asyncio.run(raise_drift())
+    thread.join(300)
+    assert not thread.is_alive(), "the second run did not start on the drift event"
+    first, second = done
+    assert first.trigger == "schedule"
+    assert second.trigger == "drift (BTCUSDT 1m: PSI of log_range 0.41 > 0.25)"
+    assert time.monotonic() - started < 3_600  # not the hour the schedule would have waited

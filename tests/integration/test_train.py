@@ -12,8 +12,8 @@ import msgspec
 import numpy as np
 import pytest
 
+from kit.builders import kline_candles
 from makeusrich.core.errors import TrainingError
-from makeusrich.core.schemas import Candle
 from makeusrich.inference import (
     MODEL_FILE,
     OnnxForecaster,
@@ -28,34 +28,6 @@ DAY_START_MS = 1763596800000
 
 def _day_lines() -> list[str]:
     return DAY.read_text().splitlines()
-
-
-def _candles(lines: list[str]) -> list[Candle]:
-    """Pipeline candles (ms times) from kline CSV lines (µs times)."""
-    out = []
-    for line in lines:
-        f = line.split(",")
-        out.append(
-            Candle(
-                symbol="BTCUSDT",
-                interval="1m",
-                open_time=int(f[0]) // 1000,
-                close_time=int(f[6]) // 1000,
-                open=float(f[1]),
-                high=float(f[2]),
-                low=float(f[3]),
-                close=float(f[4]),
-                volume=float(f[5]),
-                quote_volume=float(f[7]),
-                trades=int(f[8]),
-                taker_buy_volume=float(f[9]),
-                taker_buy_quote_volume=float(f[10]),
-                source="replay",
-                ts_event=int(f[6]) // 1000,
-                ts_ingest=int(f[6]) // 1000,
-            )
-        )
-    return out
 
 
 # --- training ---------------------------------------------------------------------------
@@ -96,7 +68,7 @@ def test_train_writes_a_verified_loadable_version(tmp_path: Path) -> None:
     forecaster = load_forecaster(tmp_path / "models")
     assert isinstance(forecaster, OnnxForecaster)
     assert forecaster.version == manifest.version
-    candles = _candles(_day_lines())
+    candles = kline_candles(DAY)
     forecast = forecaster.predict(candles)
     assert forecast is not None
     assert forecast.lower <= forecast.predicted_close <= forecast.upper
@@ -202,7 +174,7 @@ def test_long_gaps_split_the_series(tmp_path: Path) -> None:
 
 
 def test_reads_pipeline_candles_as_jsonl(tmp_path: Path) -> None:
-    candles = _candles(_day_lines()[:40])
+    candles = kline_candles(DAY)[:40]
     path = tmp_path / "candles.jsonl"
     path.write_bytes(b"\n".join(msgspec.json.encode(c) for c in reversed(candles)) + b"\n")
 

@@ -1,11 +1,13 @@
 """The real API served by uvicorn in a background thread on a free port."""
 
 import contextlib
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import httpx
 import uvicorn
 from fastapi import FastAPI
 
@@ -47,3 +49,17 @@ def serve_in_thread(settings: Settings) -> Iterator[RunningApi]:
         server.should_exit = True
         thread.join(15)
         assert not thread.is_alive(), "uvicorn did not stop"
+
+
+def wait_http(url: str, process: "subprocess.Popen[bytes]", timeout_s: float) -> None:
+    """Wait until ``url`` answers 200 while ``process`` (e.g. `mur up`) keeps running."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        assert process.poll() is None, "the process serving it exited early"
+        try:
+            if httpx.get(url, timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise AssertionError(f"{url} did not answer within {timeout_s} s")

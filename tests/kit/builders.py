@@ -5,21 +5,27 @@ Import as ``from kit.builders import make_trade, random_trades, FakePublisher``.
 of the code under test (no simulator reuse) so a bug there cannot hide in the fixtures.
 """
 
+import itertools
+import math
 import random
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from makeusrich.core.schemas import Candle, EndOfStream, Prediction, Source, Trade
 
 __all__ = [
     "T0_MS",
     "FakePublisher",
+    "bootstrap_candles",
+    "kline_candles",
     "make_candles",
     "make_predictions",
     "make_trade",
     "random_closes",
     "random_trades",
+    "scale_volatility",
 ]
 
 T0_MS = 1_554_076_800_000  # 2019-04-01 00:00:00 UTC, the start of the tests/data slices
@@ -201,6 +207,130 @@ def make_predictions(
                 source=candle.source,
                 ts_event=candle.close_time,
                 ts_ingest=candle.close_time + 1,
+            )
+        )
+    return out
+
+
+def kline_candles(path: Path, *, symbol: str = "BTCUSDT", interval: str = "1m") -> list[Candle]:
+    """The candles of a Binance kline CSV as the pipeline emits them (times in ms or µs,
+    no header), e.g. ``tests/data/BTCUSDT-1m-2025-11-20.csv``."""
+    candles = []
+    for line in path.read_text().splitlines():
+        f = line.split(",")
+        open_time, close_time = int(f[0]), int(f[6])
+        if open_time > 10**14:  # microseconds
+            open_time, close_time = open_time // 1000, close_time // 1000
+        candles.append(
+            Candle(
+                symbol=symbol,
+                interval=interval,
+                open_time=open_time,
+                close_time=close_time,
+                open=float(f[1]),
+                high=float(f[2]),
+                low=float(f[3]),
+                close=float(f[4]),
+                volume=float(f[5]),
+                quote_volume=float(f[7]),
+                trades=int(f[8]),
+                taker_buy_volume=float(f[9]),
+                taker_buy_quote_volume=float(f[10]),
+                source="replay",
+                ts_event=close_time,
+                ts_ingest=close_time,
+            )
+        )
+    return candles
+
+
+def _shape(candle: Candle, previous_close: float) -> tuple[float, ...]:
+    """Log open, high, low and close of ``candle`` relative to the close before it."""
+    return tuple(
+        math.log(price / previous_close)
+        for price in (candle.open, candle.high, candle.low, candle.close)
+    )
+
+
+def _rebuilt(
+    template: Candle,
+    shape: Sequence[float],
+    previous_close: float,
+    open_time: int,
+    *,
+    volume: float,
+    taker_buy_volume: float,
+) -> Candle:
+    open_, high, low, close = (previous_close * math.exp(x) for x in shape)
+    step = template.close_time + 1 - template.open_time
+    return Candle(
+        symbol=template.symbol,
+        interval=template.interval,
+        open_time=open_time,
+        close_time=open_time + step - 1,
+        open=open_,
+        high=high,
+        low=low,
+        close=close,
+        volume=volume,
+        quote_volume=volume * close,
+        trades=template.trades,
+        taker_buy_volume=taker_buy_volume,
+        taker_buy_quote_volume=taker_buy_volume * close,
+        source=template.source,
+        ts_event=open_time + step - 1,
+        ts_ingest=open_time + step - 1,
+    )
+
+
+def bootstrap_candles(
+    candles: Sequence[Candle], n: int, *, seed: int = 0, start_ms: int | None = None
+) -> list[Candle]:
+    """``n`` consecutive candles whose shapes (open/high/low/close relative to the previous
+    close, volume, taker-buy volume) are drawn with replacement from real ``candles``
+    (seeded), chained from the first close and starting at ``start_ms`` (default: the
+    first open time). Real marginal distributions without the intraday volatility cycle,
+    so windows of them are alike: a stationary market made of real candles."""
+    rng = random.Random(seed)
+    shapes = [
+        (_shape(c, p.close), c.volume, c.taker_buy_volume)
+        for p, c in itertools.pairwise(candles)
+    ]
+    step = candles[0].close_time + 1 - candles[0].open_time
+    t0 = candles[0].open_time if start_ms is None else start_ms
+    close = candles[0].close
+    out = []
+    for i in range(n):
+        shape, volume, taker = rng.choice(shapes)
+        candle = _rebuilt(
+            candles[0], shape, close, t0 + i * step, volume=volume, taker_buy_volume=taker
+        )
+        out.append(candle)
+        close = candle.close
+    return out
+
+
+def scale_volatility(
+    candles: Sequence[Candle], factor: float, *, start: int = 0, stop: int | None = None
+) -> list[Candle]:
+    """``candles`` with the log moves of candles ``start .. stop - 1`` (open, high, low and
+    close relative to the previous close) multiplied by ``factor``, so their log returns
+    and log ranges are ``factor`` times the originals; later candles keep their own moves
+    from the new prices. Times and volumes are unchanged."""
+    stop = len(candles) if stop is None else stop
+    out = list(candles[:1])
+    for i in range(1, len(candles)):
+        shape = _shape(candles[i], candles[i - 1].close)
+        if start <= i < stop:
+            shape = tuple(factor * x for x in shape)
+        out.append(
+            _rebuilt(
+                candles[i],
+                shape,
+                out[-1].close,
+                candles[i].open_time,
+                volume=candles[i].volume,
+                taker_buy_volume=candles[i].taker_buy_volume,
             )
         )
     return out

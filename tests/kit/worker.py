@@ -1,13 +1,22 @@
 """Watching a running `mur worker` through what it writes to Redis."""
 
+import asyncio
+import contextlib
+import os
+import subprocess
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import msgspec
 import redis
 
+from makeusrich.core.embedded import kill_with_parent, terminate
 from makeusrich.core.settings import Settings
+from makeusrich.stream.publisher import TradePublisher, ensure_topics
+from makeusrich.stream.sources import read_trades, run_replay
 
 
 def wait_until(predicate: Callable[[], bool], what: str, timeout_s: float = 90) -> None:
@@ -29,3 +38,26 @@ def history(client: redis.Redis, settings: Settings, kind: str, symbol: str = "B
 def worker_stats(client: redis.Redis, settings: Settings) -> dict[str, int]:
     raw = client.hgetall(settings.redis_keys.worker_stats(settings.worker_id))
     return {k.decode(): int(v) for k, v in raw.items()}
+
+
+@contextlib.contextmanager
+def worker_over(settings: Settings, trades_file: Path) -> Iterator[None]:
+    """Publish ``trades_file`` (with its end-of-stream markers) to the settings' trades topic
+    and run `mur worker` until it has folded all of it in; it is stopped when the block
+    ends."""
+    ensure_topics(settings)
+    publisher = TradePublisher(settings)
+    asyncio.run(run_replay(read_trades(trades_file), publisher, asyncio.Event(), None))
+    publisher.close()
+    worker = subprocess.Popen([sys.executable, "-m", "makeusrich", "worker"],
+                              env={**os.environ, **settings.as_env()},
+                              preexec_fn=kill_with_parent)
+    client = redis.Redis.from_url(settings.redis_url or "")
+    stats = settings.redis_keys.worker_stats(settings.worker_id)
+    try:
+        wait_until(lambda: int(client.hget(stats, "end_of_streams") or 0) >= 1,
+                   f"the worker to fold in {trades_file.name}")
+        yield
+    finally:
+        terminate(worker, 30)
+        client.close()

@@ -3,6 +3,9 @@
 The lifespan opens the Redis store, starts the live-event broadcaster and the backtest job
 manager; all are kept on ``app.state`` next to the Settings and reached through
 :mod:`makeusrich.api.deps`. On shutdown running backtests are killed and marked failed.
+
+Each app has its own Prometheus metric set (``app.state.metrics``, served at ``/metrics``):
+request latency by route template, SSE clients and events, Redis errors.
 """
 
 import logging
@@ -16,8 +19,20 @@ from redis.exceptions import RedisError
 from makeusrich import __version__
 from makeusrich.api.broadcast import Broadcaster
 from makeusrich.api.jobs import JobManager
-from makeusrich.api.routes import backtests, candles, health, models, predictions, stream
+from makeusrich.api.routes import (
+    backtests,
+    candles,
+    dashboard,
+    health,
+    metrics,
+    models,
+    monitoring,
+    predictions,
+    stream,
+)
+from makeusrich.api.routes.metrics import RequestMetricsMiddleware, api_metrics
 from makeusrich.core.errors import ConfigError
+from makeusrich.core.metrics import ApiMetrics
 from makeusrich.core.settings import Settings
 from makeusrich.core.store import RedisStore
 
@@ -28,6 +43,7 @@ log = logging.getLogger(__name__)
 
 async def _storage_unavailable(request: Request, exc: Exception) -> JSONResponse:
     log.warning("redis error serving %s: %r", request.url.path, exc)
+    api_metrics(request).redis_errors.labels("request").inc()
     return JSONResponse({"detail": f"storage unavailable: {exc}"}, status_code=503)
 
 
@@ -35,11 +51,15 @@ def create_app(settings: Settings) -> FastAPI:
     """Build the app for ``settings`` (``redis_url`` must be set)."""
     if not settings.redis_url:
         raise ConfigError("the API needs redis_url; pass --redis-url or set MUR_REDIS_URL")
+    app_metrics = ApiMetrics()
+    for kind in stream.EVENT_TYPES:
+        app_metrics.sse_events_sent.labels(kind)  # exported as 0 before the first event
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         store = RedisStore.from_settings(settings)
-        broadcaster = Broadcaster(store, queue_max=settings.sse_client_queue_max)
+        broadcaster = Broadcaster(store, queue_max=settings.sse_client_queue_max,
+                                  metrics=app_metrics)
         await broadcaster.start()
         jobs = JobManager(settings, store.client)
         await jobs.start()
@@ -60,8 +80,12 @@ def create_app(settings: Settings) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.settings = settings
+    app.state.metrics = app_metrics
+    app.add_middleware(RequestMetricsMiddleware, metrics=app_metrics)
     app.add_exception_handler(RedisError, _storage_unavailable)
     app.include_router(health.router)
-    for module in (candles, predictions, models, stream, backtests):
+    app.include_router(metrics.router)
+    for module in (candles, predictions, models, monitoring, stream, backtests):
         app.include_router(module.router, prefix="/v1")
+    dashboard.install(app)  # GET / and /static
     return app

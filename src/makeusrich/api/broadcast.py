@@ -16,6 +16,7 @@ from typing import Final
 
 from redis.exceptions import RedisError
 
+from makeusrich.core.metrics import ApiMetrics
 from makeusrich.core.store import (
     RedisStore,
     StoredEvent,
@@ -70,8 +71,10 @@ class Subscription:
 class Broadcaster:
     """Owns the process's single subscription to ``keys.events_channel``."""
 
-    def __init__(self, store: RedisStore, *, queue_max: int) -> None:
+    def __init__(self, store: RedisStore, *, queue_max: int,
+                 metrics: ApiMetrics | None = None) -> None:
         self._store = store
+        self._metrics = metrics
         self._channel = store.keys.events_channel
         self._queue_max = queue_max
         self._subscribers: set[Subscription] = set()
@@ -132,6 +135,8 @@ class Broadcaster:
                             self._queue_max)
                 subscription.overflowed = True
                 self.unsubscribe(subscription)
+                if self._metrics is not None:
+                    self._metrics.sse_clients_dropped.inc()
 
     async def _catch_up(self) -> None:
         """Dispatch events written after the last one dispatched (while unsubscribed)."""
@@ -175,6 +180,8 @@ class Broadcaster:
             except (RedisError, OSError) as exc:
                 self._first_attempt_done.set()
                 self.reconnects += 1
+                if self._metrics is not None:
+                    self._metrics.redis_errors.labels("subscription").inc()
                 log.warning("events subscription lost (%s); retrying in %.1fs", exc, backoff_s)
             except Exception:
                 # A bug must not silently end live events for every client: log and retry.

@@ -306,3 +306,51 @@ class BacktestOut(BaseModel):
     metrics: dict[str, Any] | None = Field(description="the report's metrics; null until done")
     files: dict[str, str] = Field(description="report file name -> URL; empty until done")
     links: BacktestLinksOut
+
+
+class QualityOut(BaseModel):
+    """Rolling scores of one model version's live forecasts, as their target candles
+    closed (the last ``window`` of ``scored``). ``skill`` = 1 - mae / mae_persistence;
+    ``error_ratio`` = mae / mae_persistence; ``updated_at``: close time of the last scored
+    candle (epoch ms)."""
+
+    model_version: str
+    window: int
+    scored: int
+    mae: float
+    mae_persistence: float
+    skill: float | None
+    hit_rate: float | None
+    coverage_80: float
+    error_ratio: float | None
+    updated_at: int
+
+
+class DriftOut(BaseModel):
+    """Live features against the model's training reference. ``state`` is ``warming_up``
+    until ``drift_window`` candles were seen, then ``ok`` or ``drift`` (entered when the
+    largest PSI or the error-ratio drift crosses its threshold, left when both are back
+    under 80% of it); ``since``: when the state began (event time, epoch ms)."""
+
+    model_version: str
+    state: Literal["warming_up", "ok", "drift"]
+    psi: dict[str, float]
+    psi_max: float | None
+    error_ratio_drift: float | None
+    psi_threshold: float
+    error_ratio_threshold: float
+    since: int
+    updated_at: int
+    reason: str
+
+
+class MonitoringOut(BaseModel):
+    """Live quality and drift of one series; ``model_version`` is the model whose drift is
+    reported (the one serving the series), ``quality`` lists every version scored, most
+    recently updated first."""
+
+    symbol: str
+    interval: str
+    model_version: str | None
+    quality: list[QualityOut]
+    drift: DriftOut | None

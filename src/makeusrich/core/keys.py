@@ -9,14 +9,17 @@ Redis (``{p}`` is ``Settings.redis_prefix``, ``mur`` by default):
 - ``{p}:prediction:{symbol}:{interval}`` — same, for predictions, id ``{candle_open_time}-0``.
 - ``{p}:latest:candle:{symbol}:{interval}`` / ``{p}:latest:prediction:{symbol}:{interval}``
   — string with the newest record's JSON.
-- ``{p}:events`` — stream of every candle/prediction/alert event (auto ids); the ids are the
-  SSE event ids, so ``Last-Event-ID`` resumes with ``XRANGE (id +``. Fields ``type``,
-  ``symbol``, ``interval``, ``d`` (alerts have an empty symbol and interval).
+- ``{p}:events`` — stream of every candle/prediction/alert/drift event (auto ids); the ids
+  are the SSE event ids, so ``Last-Event-ID`` resumes with ``XRANGE (id +``. Fields
+  ``type``, ``symbol``, ``interval``, ``d`` (alerts have an empty symbol and interval).
 - ``{p}:events:live`` — pub/sub channel carrying ``{id}\\n{type}\\n{symbol}\\n{interval}\\n{d}``
   for each new event, fanned out to SSE clients by each API process.
+- ``{p}:monitoring:quality:{symbol}:{interval}`` / ``{p}:monitoring:drift:{symbol}:{interval}``
+  — JSON of the series' rolling live-quality scores (a list, one per model version) and of
+  its drift status, replaced by the worker as each candle closes.
 - ``{p}:model`` — hash describing the model the worker serves (version, loaded_at).
 - ``{p}:worker:{worker_id}`` — hash of the worker's counters (trades, candles, predictions,
-  dead_letters, late, duplicates, model_rejections), refreshed every second.
+  dead_letters, late, duplicates, model_rejections, end_of_streams), refreshed every second.
 - ``{p}:backtest:{job_id}`` — hash of one backtest job run by the API (``status``
   queued|running|done|failed, ``stage``, ``progress``, ``message``, ``created_ms``,
   ``updated_ms``, ``request``/``metrics``/``files`` as JSON, ``report_dir``, ``owner``).
@@ -61,6 +64,9 @@ class RedisKeys:
 
     def latest(self, kind: str, symbol: str, interval: str) -> str:
         return f"{self.prefix}:latest:{kind}:{symbol}:{interval}"
+
+    def monitoring(self, kind: str, symbol: str, interval: str) -> str:
+        return f"{self.prefix}:monitoring:{kind}:{symbol}:{interval}"
 
     def backtest(self, job_id: str) -> str:
         return f"{self.prefix}:backtest:{job_id}"

@@ -84,6 +84,22 @@ class Settings(BaseSettings):
     sse_client_queue_max: int = 2_000
     max_limit: int = 5_000
 
+    # Monitoring. The worker serves Prometheus metrics on this port (None: not at all;
+    # `mur up` picks a free one).
+    worker_metrics_port: int | None = None
+    quality_window: int = Field(default=240, ge=10, description="predictions in the rolling "
+                                "live-quality scores, per symbol, interval and model version")
+    drift_window: int = Field(default=240, ge=30, description="recent candles whose features "
+                              "are compared with the model's training reference")
+    drift_psi_threshold: float = Field(
+        default=0.5, gt=0, description="floor of every feature's PSI limit; the limit is the "
+        "larger of this and the 99th percentile of the training data's own windows")
+    drift_error_ratio_threshold: float = Field(
+        default=1.5, gt=1, description="live (model MAE / persistence MAE) over the same "
+        "ratio on the validation span, above which the model is drifting")
+    drift_retrain: bool = Field(default=False, description="`mur trainer` starts a run as "
+                                "soon as a drift event is raised")
+
     # Backtests run by the API (each is a `mur backtest` child process).
     backtest_max_concurrent: int = Field(default=2, ge=1)
     backtest_max_queued: int = Field(default=8, ge=0)

@@ -43,7 +43,7 @@ __all__ = [
     "parse_stream_id",
 ]
 
-EventType = Literal["candle", "prediction", "alert"]
+EventType = Literal["candle", "prediction", "alert", "drift"]
 
 _CONNECT_TIMEOUT_S: Final = 3.0
 # Idle pooled/pub-sub connections are PINGed after this long, so dead sockets surface.
@@ -151,6 +151,10 @@ def _text(value: bytes | str) -> str:
 _Fields = dict[bytes, bytes]
 
 
+def _raw(value: bytes | str | None) -> bytes | None:
+    return value.encode() if isinstance(value, str) else value
+
+
 def _entries(raw: Sequence[tuple[Any, Any]] | None) -> list[tuple[bytes, _Fields]]:
     """XRANGE/XREVRANGE reply -> ``[(id, fields)]``; redis-py types allow None parts (only
     XCLAIM-style replies have them), so drop those."""
@@ -251,6 +255,31 @@ class RedisStore:
         event_id = self._event_id(await self._write_script(keys=keys, args=args))
         assert event_id is not None, "an event without history is never refused"
         return event_id
+
+    async def write_drift(self, symbol: str, interval: str, data: bytes) -> str:
+        """Append a drift event (``data``: its JSON) to the events stream (type ``drift``)
+        and notify live SSE clients; returns its events-stream id."""
+        keys, args = self._write_args("drift", symbol, interval, None, data)
+        event_id = self._event_id(await self._write_script(keys=keys, args=args))
+        assert event_id is not None, "an event without history is never refused"
+        return event_id
+
+    async def set_monitoring(
+        self, symbol: str, interval: str, *, quality: bytes, drift: bytes
+    ) -> None:
+        """Replace a series' live-quality and drift status (each a JSON document)."""
+        await self._client.mset({
+            self._keys.monitoring("quality", symbol, interval): quality,
+            self._keys.monitoring("drift", symbol, interval): drift,
+        })
+
+    async def monitoring(self, symbol: str, interval: str) -> tuple[bytes | None, bytes | None]:
+        """A series' (quality, drift) JSON documents as last set; None where absent."""
+        quality, drift = await self._client.mget([
+            self._keys.monitoring("quality", symbol, interval),
+            self._keys.monitoring("drift", symbol, interval),
+        ])
+        return _raw(quality), _raw(drift)
 
     async def write_many(self, records: Iterable[Candle | Prediction]) -> list[str | None]:
         """Write records in one round trip (pipeline, in order); one result per record."""

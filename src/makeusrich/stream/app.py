@@ -13,6 +13,12 @@ builders drop trade ids they have seen and Redis refuses a candle id it already 
 Models are hot-swapped: announcements on the ``model-control`` topic (see
 :mod:`makeusrich.stream.control`) replace the forecaster between two messages once the new
 version passed its checks; a rejected one leaves the old model serving and raises an alert.
+
+Prometheus metrics (:class:`makeusrich.core.metrics.WorkerMetrics`) are served on
+``Settings.worker_metrics_port`` when it is set. Each is measured here: trades consumed and
+ingest lag per folded trade, dead letters where they are sent, candles, predictions, late
+trades, inference and candle-close latency once a message's outputs are written, the model
+info on every (hot) swap, Redis and Kafka errors around each write and send.
 """
 
 import asyncio
@@ -25,8 +31,12 @@ import faust
 import msgspec
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from faust.types import TP, EventT
+from prometheus_client import start_http_server
+from prometheus_client.context_managers import ExceptionCounter
+from redis.exceptions import RedisError
 
-from makeusrich.core.errors import ModelError, StreamError
+from makeusrich.core.errors import ConfigError, ModelError, StreamError
+from makeusrich.core.metrics import WorkerMetrics
 from makeusrich.core.schemas import (
     Alert,
     DeadLetter,
@@ -40,6 +50,7 @@ from makeusrich.core.schemas import (
 from makeusrich.core.settings import Settings
 from makeusrich.core.store import RedisStore
 from makeusrich.inference import Forecaster, Registry
+from makeusrich.monitoring import MonitorConfig, latest_per_series, store_observations
 from makeusrich.stream.control import (
     ModelWatcher,
     load_announced,
@@ -48,15 +59,18 @@ from makeusrich.stream.control import (
 )
 from makeusrich.stream.pipeline import Outputs, TradePipeline
 
-__all__ = ["WorkerStats", "create_app", "run_worker"]
+__all__ = ["WorkerStats", "create_app", "run_worker", "serve_metrics"]
 
 log = logging.getLogger(__name__)
 
 _SNAPSHOT_EVERY_S = 1.0  # how often open candles are snapshotted between candle closes
+# What a failed Redis call raises (timeouts are OSError too); anything else is a bug.
+_REDIS_FAILURES = (RedisError, OSError)
 
 
 class WorkerStats:
-    """Counters the worker keeps (exported as metrics in a later issue)."""
+    """Counters the worker publishes to Redis every second (``mur`` and tests read them;
+    Prometheus gets the finer-grained :class:`WorkerMetrics`)."""
 
     def __init__(self) -> None:
         self.trades = 0
@@ -67,6 +81,7 @@ class WorkerStats:
         self.duplicates = 0
         self.model_rejections = 0
         self.end_of_streams = 0
+        self.drift_events = 0
 
     def as_dict(self) -> dict[str, int]:
         return dict(vars(self))
@@ -84,8 +99,10 @@ def _invalid_reason(message: Trade | EndOfStream) -> str | None:
     return None
 
 
-def create_app(settings: Settings, forecaster: Forecaster | None = None) -> faust.App:
-    """Build the Faust app for ``settings`` (the broker must be reachable at start)."""
+def create_app(settings: Settings, forecaster: Forecaster | None = None,
+               metrics: WorkerMetrics | None = None) -> faust.App:
+    """Build the Faust app for ``settings`` (the broker must be reachable at start);
+    ``metrics`` receives its measurements (default: a set nobody serves)."""
     assert settings.kafka_bootstrap and settings.redis_url, "resolve service URLs first"
     app = faust.App(
         settings.worker_id,
@@ -121,24 +138,54 @@ def create_app(settings: Settings, forecaster: Forecaster | None = None) -> faus
         shared, own = load_serving_models(settings)
     else:
         shared, own = forecaster, {}
-    pipeline = TradePipeline(settings.intervals, settings.grace_ms, shared)
-    for symbol, model in own.items():
-        pipeline.set_forecaster(model, symbol)
+    metrics = WorkerMetrics() if metrics is None else metrics
+    pipeline = TradePipeline(settings.intervals, settings.grace_ms, shared,
+                             MonitorConfig.from_settings(settings))
+    metrics.model_served(None, shared.version)
+    metrics.count_duplicates(lambda: pipeline.duplicates)
     store = RedisStore.from_settings(settings)
     stats = WorkerStats()
 
+    def serve(model: Forecaster | None, symbol: str | None = None) -> None:
+        pipeline.set_forecaster(model, symbol)
+        metrics.model_served(symbol, None if model is None else model.version)
+
+    for symbol, model in own.items():
+        serve(model, symbol)
+
+    # Failures still propagate as before; these only count them.
+    def redis_errors(operation: str) -> ExceptionCounter:
+        return metrics.redis_errors.labels(operation).count_exceptions(_REDIS_FAILURES)
+
+    def kafka_errors(topic: str) -> ExceptionCounter:
+        return metrics.kafka_errors.labels(topic).count_exceptions(Exception)
+
     async def dead_letter(reason: str, payload: bytes | str, stage: str = "worker") -> None:
         stats.dead_letters += 1
+        metrics.dead_letter(reason)
         text = payload if isinstance(payload, str) else payload.decode("utf-8", "replace")
         letter = DeadLetter(reason=reason, payload=text[:10_000], stage=stage, ts_ingest=now_ms())
-        await dlq_topic.send(value=encode(letter))
+        with kafka_errors("dead_letter"):
+            await dlq_topic.send(value=encode(letter))
 
-    async def ship(out: Outputs) -> None:
-        for candle in out.candles:
-            await candles_topic.send(key=candle.symbol.encode(), value=encode(candle))
-        for prediction in out.predictions:
-            await predictions_topic.send(key=prediction.symbol.encode(), value=encode(prediction))
-        await store.write_many([*out.candles, *out.predictions])  # one Redis round trip
+    async def ship(out: Outputs, closed_by_ingest_ms: int) -> None:
+        """Write what one message produced; ``closed_by_ingest_ms``: that message's
+        ts_ingest, the start of the candle-close latency."""
+        with kafka_errors("candles"):
+            for candle in out.candles:
+                await candles_topic.send(key=candle.symbol.encode(), value=encode(candle))
+        with kafka_errors("predictions"):
+            for prediction in out.predictions:
+                await predictions_topic.send(key=prediction.symbol.encode(),
+                                             value=encode(prediction))
+        with redis_errors("write"):
+            await store.write_many([*out.candles, *out.predictions])  # one Redis round trip
+            await store_observations(store, out.monitoring)
+        for observation in latest_per_series(out.monitoring):
+            metrics.monitored(observation)
+        stats.drift_events += sum(len(o.events) for o in out.monitoring)
+        metrics.closed(out.candles, out.predictions, out.inference_s, out.late,
+                       closed_by_ingest_ms, time.time())
         for trade in out.late:
             await dead_letter("late: its candle had already closed", encode(trade))
         stats.candles += len(out.candles)
@@ -148,12 +195,14 @@ def create_app(settings: Settings, forecaster: Forecaster | None = None) -> faus
     async def reject_model(version: str, ts_event: int, exc: ModelError,
                            symbol: str | None = None) -> None:
         stats.model_rejections += 1
+        metrics.model_rejections.inc()
         serving = pipeline.forecaster if symbol is None else pipeline.forecaster_for(symbol)
         log.error("model %s%s rejected, still serving %s: %s", version,
                   "" if symbol is None else f" for {symbol}", serving.version, exc)
-        await store.write_alert(Alert(kind="model_rejected", message=str(exc),
-                                      model_version=version, ts_event=ts_event,
-                                      ts_ingest=now_ms()))
+        with redis_errors("alert"):
+            await store.write_alert(Alert(kind="model_rejected", message=str(exc),
+                                          model_version=version, ts_event=ts_event,
+                                          ts_ingest=now_ms()))
 
     async def swap_model(announcement: ModelAnnouncement) -> None:
         """Serve the announced version if it passes every check; else keep the old one.
@@ -170,7 +219,7 @@ def create_app(settings: Settings, forecaster: Forecaster | None = None) -> faus
                 return
             if symbol not in own:
                 # Rolled back to the shared champion: follow it (and its later promotions).
-                pipeline.set_forecaster(None, symbol)
+                serve(None, symbol)
                 log.info("%s: now serving the shared model %s (was %s)", symbol,
                          pipeline.forecaster.version, current)
                 return
@@ -186,15 +235,18 @@ def create_app(settings: Settings, forecaster: Forecaster | None = None) -> faus
         # Atomic between candles: this runs in the agent's event loop, the agent handles one
         # message at a time and TradePipeline.process (which predicts) never awaits, so the
         # swap lands between two messages and each prediction names the model that made it.
-        pipeline.set_forecaster(forecaster, symbol)
+        serve(forecaster, symbol)
         if symbol is None:
-            await store.set_model(forecaster.version)  # the redis entry names the shared model
+            with redis_errors("model"):
+                # The redis entry names the shared model.
+                await store.set_model(forecaster.version)
         log.info("%snow serving model %s (was %s)", "" if symbol is None else f"{symbol}: ",
                  forecaster.version, current)
 
     @app.task
     async def follow_models() -> None:
-        await store.set_model(pipeline.forecaster.version)
+        with redis_errors("model"):
+            await store.set_model(pipeline.forecaster.version)
         watcher = ModelWatcher(settings)
         await watcher.start()
         try:
@@ -215,8 +267,9 @@ def create_app(settings: Settings, forecaster: Forecaster | None = None) -> faus
 
     @app.timer(1.0)
     async def publish_stats() -> None:
-        await store.client.hset(settings.redis_keys.worker_stats(settings.worker_id),
-                                mapping=stats.as_dict())  # type: ignore[arg-type]
+        with redis_errors("stats"):
+            await store.client.hset(settings.redis_keys.worker_stats(settings.worker_id),
+                                    mapping=stats.as_dict())  # type: ignore[arg-type]
 
     # Resuming exactly. An event is acked (so its offset may be committed) only once a
     # snapshot holding its effect is in the changelog; Faust flushes the producer before it
@@ -265,10 +318,12 @@ def create_app(settings: Settings, forecaster: Forecaster | None = None) -> faus
         stats.trades += 1
         if isinstance(message, EndOfStream):
             stats.end_of_streams += 1
+        else:
+            metrics.trade(message)
         pipeline.process(message)
         if not pipeline.has_output:
             return False
-        await ship(pipeline.drain())
+        await ship(pipeline.drain(), message.ts_ingest)
         return True
 
     async def resume(symbol: str, partition: int, offset: int) -> None:
@@ -378,12 +433,28 @@ async def _read_span(
 
 
 def run_worker(settings: Settings) -> None:
-    """Run the worker until SIGINT/SIGTERM (blocks)."""
+    """Run the worker until SIGINT/SIGTERM (blocks); with ``worker_metrics_port`` set, serve
+    its Prometheus metrics there."""
     from makeusrich.stream.publisher import ensure_topics
 
     ensure_topics(settings)
-    app = create_app(settings)
+    metrics = WorkerMetrics()
+    app = create_app(settings, metrics=metrics)
+    if settings.worker_metrics_port is not None:
+        serve_metrics(metrics, settings.api_host, settings.worker_metrics_port)
     worker = faust.Worker(app, loglevel=settings.log_level.lower(), quiet=True)
     worker.execute_from_commandline()
 
 
+def serve_metrics(metrics: WorkerMetrics, host: str, port: int) -> None:
+    """Serve ``metrics`` at ``http://host:port/metrics`` from a daemon thread.
+
+    The worker binds where the API does (``MUR_API_HOST``, loopback by default): one setting
+    decides whether the service is reachable from other hosts, Prometheus included.
+    """
+    try:
+        start_http_server(port, addr=host, registry=metrics.registry)
+    except OSError as exc:
+        raise ConfigError(f"cannot serve worker metrics on {host}:{port}: {exc}; free the "
+                          "port or set MUR_WORKER_METRICS_PORT to another one") from exc
+    log.info("worker metrics on http://%s:%d/metrics", host, port)

@@ -5,6 +5,7 @@ the forecaster needs. The Faust agent feeds it decoded messages and ships what
 ``drain()`` returns; tests and benchmarks drive it directly.
 """
 
+import time
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -14,6 +15,7 @@ import msgspec
 
 from makeusrich.core.schemas import Candle, EndOfStream, Prediction, Trade, now_ms
 from makeusrich.inference import Forecaster, NaiveForecaster
+from makeusrich.monitoring import Monitor, MonitorConfig, Observation
 from makeusrich.stream.candles import CandleBuilder, UpdateResult
 
 __all__ = ["Outputs", "TradePipeline"]
@@ -26,6 +28,9 @@ class Outputs:
     candles: list[Candle] = field(default_factory=list)
     predictions: list[Prediction] = field(default_factory=list)
     late: list[Trade] = field(default_factory=list)
+    # (model version, seconds) of each forecast made, for the inference-latency metric.
+    inference_s: list[tuple[str, float]] = field(default_factory=list)
+    monitoring: list[Observation] = field(default_factory=list)
 
 
 class TradePipeline:
@@ -34,9 +39,12 @@ class TradePipeline:
     ``forecaster`` serves every symbol without a model of its own (``set_forecaster``)."""
 
     def __init__(
-        self, intervals: Iterable[str], grace_ms: int, forecaster: Forecaster
+        self, intervals: Iterable[str], grace_ms: int, forecaster: Forecaster,
+        monitoring: MonitorConfig | None = None,
     ) -> None:
         self.intervals = tuple(intervals)
+        # Live quality and drift, on every closed candle (None: not monitored).
+        self.monitor = None if monitoring is None else Monitor(monitoring)
         self.grace_ms = grace_ms
         self.forecaster = forecaster
         self._own: dict[str, Forecaster] = {}  # symbol -> its own model
@@ -93,9 +101,13 @@ class TradePipeline:
             history = self._history[key] = deque(maxlen=self._history_len())
         history.append(candle)
         self._out.candles.append(candle)
-        prediction = self._predict(candle, history)
+        serving = self._serving(candle)
+        prediction = self._predict(candle, history, serving)
         if prediction is not None:
             self._out.predictions.append(prediction)
+        if self.monitor is not None:
+            self._out.monitoring.append(self.monitor.observe(candle, history, serving,
+                                                             prediction))
 
     def forecaster_for(self, symbol: str) -> Forecaster:
         """The model that predicts ``symbol``: its own, else the shared one."""
@@ -122,17 +134,25 @@ class TradePipeline:
         window = max([self.forecaster.window, *(f.window for f in self._own.values())])
         return max(_HISTORY_MIN, window + 1)
 
-    def _predict(self, candle: Candle, history: deque[Candle]) -> Prediction | None:
+    def _serving(self, candle: Candle) -> Forecaster:
+        """The model that forecasts ``candle``'s series once its window is full."""
         forecaster = self.forecaster_for(candle.symbol)
         if forecaster.interval not in (None, candle.interval):
-            forecaster = self._baseline
+            return self._baseline
+        return forecaster
+
+    def _predict(
+        self, candle: Candle, history: deque[Candle], forecaster: Forecaster
+    ) -> Prediction | None:
         recent = list(history)[-(forecaster.window + 1) :]
+        started_s = time.perf_counter()
         forecast = forecaster.predict(recent)
         if forecast is None:
             forecaster = self._baseline
             forecast = forecaster.predict(recent)
         if forecast is None:
             return None
+        self._out.inference_s.append((forecaster.version, time.perf_counter() - started_s))
         made_at = now_ms()
         step_ms = candle.close_time + 1 - candle.open_time
         return Prediction(
@@ -164,6 +184,8 @@ class TradePipeline:
         self._builders.pop(symbol, None)
         for interval in self.intervals:
             self._history.pop((symbol, interval), None)
+        if self.monitor is not None:
+            self.monitor.forget(symbol)
 
     # Snapshots of one symbol's state, for the worker's Faust table.
     def snapshot(self, symbol: str) -> dict[str, Any]:
@@ -173,6 +195,7 @@ class TradePipeline:
                 interval: msgspec.to_builtins(list(self._history.get((symbol, interval), ())))
                 for interval in self.intervals
             },
+            "monitor": None if self.monitor is None else self.monitor.snapshot(symbol),
         }
 
     def restore(self, symbol: str, state: dict[str, Any]) -> None:
@@ -188,3 +211,5 @@ class TradePipeline:
                 self._history[(symbol, interval)] = deque(
                     msgspec.convert(candles, list[Candle]), maxlen=self._history_len()
                 )
+        if self.monitor is not None and state.get("monitor") is not None:
+            self.monitor.restore(symbol, state["monitor"], self.forecaster_for(symbol))

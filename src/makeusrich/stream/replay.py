@@ -42,6 +42,7 @@ from makeusrich.core.errors import ConfigError, StreamError
 from makeusrich.core.schemas import Candle, EndOfStream, Trade, encode, now_ms, trade_decoder
 from makeusrich.core.settings import Settings
 from makeusrich.core.store import RedisStore
+from makeusrich.monitoring import MonitorConfig, store_observations
 from makeusrich.stream.control import load_serving_models
 from makeusrich.stream.pipeline import TradePipeline
 from makeusrich.stream.publisher import TradePublisher, ensure_topics
@@ -340,7 +341,8 @@ async def _replay_candles(
     writes (Redis and the run's candles/predictions topics)."""
     await asyncio.to_thread(ensure_topics, run)
     shared, own = load_serving_models(run)
-    pipeline = TradePipeline(run.intervals, run.grace_ms, shared)
+    pipeline = TradePipeline(run.intervals, run.grace_ms, shared,
+                             MonitorConfig.from_settings(run))
     for symbol, model in own.items():
         pipeline.set_forecaster(model, symbol)
     store = RedisStore.from_settings(run)
@@ -356,6 +358,7 @@ async def _replay_candles(
                 producer.send(run.topics.predictions, encode(prediction),
                               key=prediction.symbol.encode())
             await store.write_many([*out.candles, *out.predictions])
+            await store_observations(store, out.monitoring)
             made[0] += len(out.candles)
             made[1] += len(out.predictions)
             if count % 500 == 0:

@@ -8,8 +8,13 @@ rule (:func:`makeusrich.trainer.promotion.decide_promotion`) on the same data, a
 the version only if it wins, announcing it to the workers when a broker is configured; a
 losing version stays in the registry, unserved. Each run ends with a printed
 :class:`RunSummary`. A failed run is logged and summarised, and the schedule goes on.
+
+With ``Settings.drift_retrain`` (and Redis configured), a drift event raised by a worker
+(type ``drift`` on the events stream, see :mod:`makeusrich.monitoring`) starts the next run
+at once instead of at its scheduled time.
 """
 
+import json
 import logging
 import re
 import threading
@@ -18,7 +23,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
+
+import redis
 
 from makeusrich.core.errors import ConfigError, MakeUsRichError
 from makeusrich.core.schemas import now_ms
@@ -64,6 +71,7 @@ class RunSummary:
     run: int
     arch: str
     started_at: int
+    trigger: str = "schedule"  # or the drift event that started the run early
     duration_s: float = 0.0
     version: str | None = None
     symbols: tuple[str, ...] = ()
@@ -87,7 +95,7 @@ class RunSummary:
     def render(self) -> str:
         lines = [
             f"run {self.run} ({self.arch}) {'ok' if self.ok else 'FAILED'} "
-            f"in {self.duration_s:.1f} s"
+            f"in {self.duration_s:.1f} s, started by {self.trigger}"
         ]
         if self.version is not None:
             lines += [
@@ -181,9 +189,12 @@ def run_schedule(
     stop = threading.Event() if stop is None else stop
     registry = Registry(registry_dir)
     summaries: list[RunSummary] = []
+    drift = _DriftWatch(settings) if settings.drift_retrain and settings.redis_url else None
+    trigger = "schedule"
     while not stop.is_set():
         started = time.monotonic()
-        summary = RunSummary(run=len(summaries) + 1, arch=arch, started_at=now_ms())
+        summary = RunSummary(run=len(summaries) + 1, arch=arch, started_at=now_ms(),
+                             trigger=trigger)
         log.info("run %d: training %s on %s", summary.run, arch, [str(d) for d in data])
         try:
             _run_once(summary, settings, data, registry, epochs, train_options)
@@ -201,6 +212,53 @@ def run_schedule(
             break
         wait = max(0.0, every_s - (time.monotonic() - started))
         log.info("run %d: next run in %.0f s", summary.run, wait)
-        if stop.wait(wait):
-            break
+        if drift is None:
+            if stop.wait(wait):
+                break
+            continue
+        reason = drift.wait(wait, stop)
+        trigger = "schedule" if reason is None else f"drift ({reason})"
+        if reason is not None:
+            log.warning("drift: %s; retraining now", reason)
+    if drift is not None:
+        drift.close()
     return summaries
+
+
+_Entry = tuple[bytes, dict[bytes, bytes]]  # a stream entry as redis-py returns it
+
+
+class _DriftWatch:
+    """Drift events raised on the events stream since the watch began."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._client = redis.Redis.from_url(settings.redis_url or "")
+        self._key = settings.redis_keys.events
+        newest = cast(list[_Entry], self._client.xrevrange(self._key, count=1))
+        self._last_id: bytes | str = newest[0][0] if newest else "0-0"
+
+    def wait(self, timeout_s: float, stop: threading.Event) -> str | None:
+        """Block up to ``timeout_s`` (or until ``stop``) for a drift event; its reason."""
+        deadline = time.monotonic() + timeout_s
+        while not stop.is_set():
+            remaining_s = deadline - time.monotonic()
+            if remaining_s <= 0:
+                return None
+            # Short blocks, so that `stop` is noticed within a second.
+            reply = cast(list[tuple[bytes, list[_Entry]]], self._client.xread(
+                {self._key: self._last_id}, count=100,
+                block=max(1, int(min(remaining_s, 1.0) * 1000)),
+            ))
+            for _, entries in reply or ():
+                for entry_id, fields in entries:
+                    self._last_id = entry_id
+                    if fields.get(b"type") != b"drift":
+                        continue
+                    event = json.loads(fields[b"d"])
+                    if event.get("status") == "drift":
+                        return f"{event.get('symbol')} {event.get('interval')}: " \
+                               f"{event.get('reason')}"
+        return None
+
+    def close(self) -> None:
+        self._client.close()

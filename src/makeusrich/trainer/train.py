@@ -50,6 +50,7 @@ from makeusrich.inference.model import (
     naive_log_quantiles,
     sha256_of,
 )
+from makeusrich.monitoring.reference import reference_from_manifest, write_reference
 from makeusrich.trainer.data import CandleSeries, load_series
 from makeusrich.trainer.evaluate import MODEL, Report, evaluate
 
@@ -427,6 +428,9 @@ def train(
                 },
             )
             _write_manifest(staging, manifest)
+            # Drift monitoring: the training feature distribution, from the candles in
+            # memory, written before the rename so a version never appears without it.
+            write_reference(staging, reference_from_manifest(manifest, all_series))
             target = out / manifest.version
             if target.exists():
                 raise TrainingError(f"{target} already exists")

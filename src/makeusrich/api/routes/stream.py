@@ -27,6 +27,8 @@ from makeusrich.api.deps import (
     StoreDep,
     SymbolsDep,
 )
+from makeusrich.api.routes.metrics import ApiMetricsDep
+from makeusrich.core.metrics import ApiMetrics
 from makeusrich.core.store import RedisStore, StoredEvent, parse_stream_id
 
 __all__ = ["EVENT_TYPES", "router"]
@@ -35,7 +37,7 @@ log = logging.getLogger(__name__)
 
 router = APIRouter(tags=["stream"])
 
-EVENT_TYPES: Final = ("candle", "prediction", "alert")
+EVENT_TYPES: Final = ("candle", "prediction", "alert", "drift")
 _BACKLOG_PAGE: Final = 500
 # A client whose socket accepts nothing for this long is dropped.
 _SEND_TIMEOUT_S: Final = 30.0
@@ -64,7 +66,7 @@ class _Filter:
 def _events_query(
     events: Annotated[
         str | None,
-        Query(description="comma-separated event types: candle, prediction, alert; "
+        Query(description="comma-separated event types: candle, prediction, alert, drift; "
               "default: all"),
     ] = None,
 ) -> frozenset[str]:
@@ -96,7 +98,12 @@ async def _event_stream(
     event_filter: _Filter,
     resume_from: str | None,
     shutdown: anyio.Event,
+    metrics: ApiMetrics,
 ) -> AsyncIterator[ServerSentEvent]:
+    # Counted after each yield returns, i.e. once sse-starlette has written the event and
+    # asks for the next: an event the client never got (it left) is not counted.
+    sent = {kind: metrics.sse_events_sent.labels(kind) for kind in EVENT_TYPES}
+    metrics.sse_clients.inc()
     subscription = broadcaster.subscribe()
     watcher = asyncio.create_task(_end_on_shutdown(shutdown, broadcaster, subscription))
     try:
@@ -110,11 +117,13 @@ async def _event_stream(
                 except RedisError as exc:
                     # Headers are already sent: end the stream; the client retries later.
                     log.warning("cannot read the SSE backlog: %r", exc)
+                    metrics.redis_errors.labels("stream").inc()
                     return
                 for stored in page:
                     last_key = stored.key
                     if event_filter.accepts(stored):
                         yield _sse(stored)
+                        sent[stored.type].inc()
                 if len(page) < _BACKLOG_PAGE:
                     break
                 cursor = page[-1].id
@@ -127,9 +136,11 @@ async def _event_stream(
             last_key = event.key
             if event_filter.accepts(event):
                 yield _sse(event)
+                sent[event.type].inc()
     finally:
         watcher.cancel()
         broadcaster.unsubscribe(subscription)
+        metrics.sse_clients.dec()
 
 
 @router.get(
@@ -154,6 +165,7 @@ async def stream(
     interval: OptionalIntervalDep,
     events: Annotated[frozenset[str], Depends(_events_query)],
     resume_from: LastEventIdDep,
+    metrics: ApiMetricsDep,
 ) -> EventSourceResponse:
     """Live events; with ``Last-Event-ID`` first the events missed since that id.
 
@@ -169,7 +181,7 @@ async def stream(
     )
     shutdown = anyio.Event()
     return EventSourceResponse(
-        _event_stream(store, broadcaster, event_filter, resume_from, shutdown),
+        _event_stream(store, broadcaster, event_filter, resume_from, shutdown, metrics),
         ping=settings.sse_heartbeat_s,
         send_timeout=_SEND_TIMEOUT_S,
         shutdown_event=shutdown,
