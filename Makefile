@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 ARGS   ?=
 
-.PHONY: run test test-fast lint bench install-run install-dev clean
+.PHONY: run test test-fast lint bench load install-run install-dev clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,10 @@ bench: install-dev
 	$(BIN)/python -m bench.pipeline
 	$(BIN)/python -m bench.models
 	$(BIN)/python -m bench.replay
+
+# One API worker under SSE clients and polling load (not part of `make bench`).
+load: install-dev
+	$(BIN)/python -m bench.load $(ARGS)
 
 # The dashboard's charting library, vendored (committed) so that `make run` needs no npm and
 # the page loads nothing from the internet. Re-run only to change the pinned version.
@@ -85,4 +89,4 @@ browser:
 	$$sudo apt-get update -q && $$sudo apt-get install -y -q chromium chromium-driver
 
 clean:
-	rm -rf $(VENV) .mur .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .mur .pytest_cache .mypy_cache .ruff_cache .hypothesis

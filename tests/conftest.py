@@ -1,5 +1,6 @@
 """Session-wide real services: a Tansu broker and a redis-server on free ports."""
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -7,6 +8,16 @@ import pytest
 import redis
 
 from makeusrich.core.embedded import EmbeddedService, start_kafka, start_redis
+
+# Tests run as a developer does (`mur up`): anonymous clients allowed unless a test says
+# otherwise. Child processes (`mur worker`, `mur api`) inherit it.
+os.environ.setdefault("MUR_ENVIRONMENT", "dev")
+# Tests hammer the API anonymously from one IP (e.g. several backtests a second): raise the
+# anonymous limits so that only tests about limits meet them (tests/integration/
+# test_access.py sets its own). The limiter itself is unchanged.
+for _name, _value in (("MUR_ANONYMOUS_RPM", "1000000"), ("MUR_ANONYMOUS_DAILY", "100000000"),
+                      ("MUR_ANONYMOUS_SSE", "1000")):
+    os.environ.setdefault(_name, _value)
 
 LOG_DIR = Path(__file__).parent.parent / ".mur" / "test-logs"
 DATA_DIR = Path(__file__).parent / "data"

@@ -469,6 +469,94 @@ def _backtest_summary(result: "BacktestResult") -> str:
     return "\n".join(lines)
 
 
+# ---- mur keys: API keys ---------------------------------------------------------------
+
+
+def _keys_settings() -> Settings:
+    settings = Settings()
+    if not settings.redis_url:
+        raise ConfigError(
+            "mur keys needs MUR_REDIS_URL: the Redis of the API whose keys to manage, e.g. "
+            "redis://localhost:6379/0 (`mur up` prints the one it started); MUR_REDIS_PREFIX "
+            "too if the API uses another prefix than 'mur'"
+        )
+    return settings
+
+
+def _utc(ms: int | None) -> str:
+    if ms is None:
+        return "-"
+    return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _duration(seconds: int) -> str:
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}h {rest // 60:02d}m" if hours else f"{rest // 60}m {rest % 60:02d}s"
+
+
+def _cmd_keys(args: argparse.Namespace) -> None:
+    import redis.asyncio as aioredis
+
+    from makeusrich.access import KeyStore, Limiter, Subject, plan_limits
+
+    settings = _keys_settings()
+
+    async def work() -> None:
+        client = aioredis.Redis.from_url(str(settings.redis_url), socket_connect_timeout=5)
+        keys = KeyStore(client, settings.redis_keys)
+        limiter = Limiter(client, settings.redis_keys)
+        try:
+            if args.action == "create":
+                limits = plan_limits(args.plan, args.rpm, args.daily, args.sse)
+                key, record = await keys.create(args.name, args.plan, limits, admin=args.admin)
+                print(key, flush=True)  # alone on stdout: KEY=$(mur keys create ...)
+                print(f"created API key {record.id} ('{record.name}', plan {record.plan}: "
+                      f"{record.rpm} rpm, {record.daily}/day, {record.sse} streams"
+                      f"{', admin' if record.admin else ''}). It is shown only now: store it; "
+                      "Redis keeps only its sha256.", file=sys.stderr)
+            elif args.action == "list":
+                records = await keys.list()
+                if args.json:
+                    print(json.dumps([record.to_dict() for record in records], indent=2))
+                    return
+                print(f"{'ID':<10}{'NAME':<24}{'PLAN':<8}{'RPM':>9}{'DAILY':>11}{'SSE':>5}  "
+                      f"{'ADMIN':<6}{'CREATED (UTC)':<21}STATUS")
+                for r in records:
+                    status = "active" if not r.revoked else f"revoked {_utc(r.revoked_ms)}"
+                    print(f"{r.id:<10}{r.name[:23]:<24}{r.plan:<8}{r.rpm:>9}{r.daily:>11}"
+                          f"{r.sse:>5}  {'yes' if r.admin else 'no':<6}"
+                          f"{_utc(r.created_ms):<21}{status}")
+            elif args.action == "revoke":
+                record = await keys.revoke(args.id)
+                print(f"revoked API key {record.id} ('{record.name}') at "
+                      f"{_utc(record.revoked_ms)} UTC: every API replica now answers 401 to "
+                      "it (open streams run until they end)")
+            else:
+                records = [await keys.get(args.id)] if args.id else await keys.list()
+                usages = [(r, await limiter.usage(Subject.for_key_id(r.id), r.limits))
+                          for r in records]
+                if args.json:
+                    print(json.dumps([{"id": r.id, "name": r.name, "revoked": r.revoked,
+                                       **u.to_dict()} for r, u in usages], indent=2))
+                    return
+                for r, u in usages:
+                    state = " REVOKED" if r.revoked else ""
+                    print(f"{r.id} '{r.name}' (plan {r.plan}){state}\n"
+                          f"  today (UTC)  {u.today} of {u.daily_limit} requests, "
+                          f"{u.daily_remaining} left; resets in {_duration(u.daily_reset_s)}")
+                    for c in u.classes:
+                        line = (f"  {c.route_class:<12} {c.today} today; "
+                                f"{c.remaining} of {c.capacity} left now ({c.capacity}/min)")
+                        if c.route_class == "stream":
+                            line += f"; {u.streams_open} of {u.streams_limit} streams open"
+                        print(line)
+                    print(f"  last request {_utc(u.last_ms)}")
+        finally:
+            await client.aclose()
+
+    asyncio.run(work())
+
+
 # ---- mur up: the supervisor ------------------------------------------------------------
 
 
@@ -483,6 +571,8 @@ class _Supervisor:
 
     def start(self) -> Settings:
         settings = _start_missing_services(self.settings, self.services)
+        if "environment" not in settings.model_fields_set:  # `mur up` is for developers
+            settings = settings.model_copy(update={"environment": "dev"})
         if settings.worker_metrics_port is None:  # a free port, so two `mur up` coexist
             settings = settings.model_copy(update={"worker_metrics_port": free_port()})
         self.settings = settings
@@ -689,6 +779,28 @@ def _parser() -> argparse.ArgumentParser:
                          help="start a run at once when a worker raises a drift event "
                          "(MUR_DRIFT_RETRAIN; needs MUR_REDIS_URL)")
     trainer.set_defaults(func=_cmd_trainer)
+    keys = sub.add_parser(
+        "keys", help="API keys: create, list, revoke, usage (needs MUR_REDIS_URL)",
+        description="API keys of the HTTP API, kept in the Redis of MUR_REDIS_URL under "
+        "MUR_REDIS_PREFIX. Plans: free (60 rpm, 10000/day, 2 streams), pro (1200 rpm, "
+        "1000000/day, 20 streams), custom (--rpm, --daily and --sse).")
+    key_actions = keys.add_subparsers(dest="action", required=True)
+    create = key_actions.add_parser("create", help="a new key, printed once on stdout")
+    create.add_argument("--name", required=True, help="who or what the key is for")
+    create.add_argument("--plan", required=True, choices=("free", "pro", "custom"))
+    create.add_argument("--rpm", type=int, help="custom: requests a minute (REST); SSE "
+                        "stream opens get a tenth, backtests a sixtieth")
+    create.add_argument("--daily", type=int, help="custom: requests a UTC day")
+    create.add_argument("--sse", type=int, help="custom: concurrent SSE streams")
+    create.add_argument("--admin", action="store_true", help="may use /admin (when "
+                        "MUR_ADMIN_API is on)")
+    key_list = key_actions.add_parser("list", help="every key (never the keys themselves)")
+    key_list.add_argument("--json", action="store_true")
+    key_actions.add_parser("revoke", help="refuse a key from now on").add_argument("id")
+    key_usage = key_actions.add_parser("usage", help="today's requests and what is left")
+    key_usage.add_argument("id", nargs="?", help="one key (default: all)")
+    key_usage.add_argument("--json", action="store_true")
+    keys.set_defaults(func=_cmd_keys)
     return parser
 
 

@@ -145,6 +145,10 @@ def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("MUR_")}
     env["MUR_STATE_DIR"] = str(tmp_path_factory.mktemp("mur-dashboard"))
+    # The test polls the API from the browser's IP many times a second: lift the anonymous
+    # limits (per client IP) of `mur up`'s dev mode; the limits are tested in test_access.py.
+    env.update(MUR_ANONYMOUS_RPM="1000000", MUR_ANONYMOUS_DAILY="100000000",
+               MUR_ANONYMOUS_SSE="1000")
     process = subprocess.Popen(
         [sys.executable, "-m", "makeusrich", "up", "--source", f"replay:{BUNDLED_SAMPLE}",
          "--speed", "20", "--symbols", SYMBOL, "--intervals", INTERVAL,

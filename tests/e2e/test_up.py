@@ -51,6 +51,10 @@ def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("MUR_")}
     env["MUR_STATE_DIR"] = str(state_dir)
+    # The test polls the API every half second while it waits: lift the anonymous
+    # limits (per client IP) of `mur up`'s dev mode; the limits are tested in test_access.py.
+    env.update(MUR_ANONYMOUS_RPM="1000000", MUR_ANONYMOUS_DAILY="100000000",
+               MUR_ANONYMOUS_SSE="1000")
     process = subprocess.Popen(
         [sys.executable, "-m", "makeusrich", "up", "--source", f"replay:{BUNDLED_SAMPLE}",
          "--speed", "max", "--symbols", "BTCUSDT", "--intervals", "1m,5m",

@@ -655,6 +655,7 @@ def test_serve_stops_promptly_with_open_streams(redis_server: EmbeddedService) -
     env.update(
         MUR_REDIS_URL=redis_server.url, MUR_API_PORT=str(port), MUR_LOG_LEVEL="WARNING",
         MUR_REDIS_PREFIX=f"t-{uuid.uuid4().hex[:10]}",
+        MUR_ENVIRONMENT="dev",  # anonymous clients allowed (the default is prod)
     )
     code = (
         "from makeusrich.api import serve; from makeusrich.core.settings import Settings; "

@@ -29,8 +29,9 @@ class RunningApi:
 
 
 @contextlib.contextmanager
-def serve_in_thread(settings: Settings) -> Iterator[RunningApi]:
-    app = create_app(settings)
+def serve_in_thread(settings: Settings, app: FastAPI | None = None) -> Iterator[RunningApi]:
+    """``app`` (default: ``create_app(settings)``) served on a free port."""
+    app = create_app(settings) if app is None else app
     config = uvicorn.Config(
         app, host="127.0.0.1", port=0, log_level="warning", timeout_graceful_shutdown=1
     )

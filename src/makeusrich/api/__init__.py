@@ -25,5 +25,6 @@ def serve(settings: Settings) -> None:
         log_level=settings.log_level.lower(),
         workers=1,
         timeout_graceful_shutdown=_GRACEFUL_SHUTDOWN_S,
+        server_header=False,  # no software banner for clients
     )
     uvicorn.Server(config).run()

@@ -5,7 +5,10 @@ manager; all are kept on ``app.state`` next to the Settings and reached through
 :mod:`makeusrich.api.deps`. On shutdown running backtests are killed and marked failed.
 
 Each app has its own Prometheus metric set (``app.state.metrics``, served at ``/metrics``):
-request latency by route template, SSE clients and events, Redis errors.
+request latency by route template, SSE clients and events, Redis errors, access refusals.
+
+Who may call which route, and how often, is :mod:`makeusrich.api.access` (API keys,
+anonymous clients, rate limits and quotas, ``/admin``).
 """
 
 import logging
@@ -17,7 +20,9 @@ from fastapi.responses import JSONResponse
 from redis.exceptions import RedisError
 
 from makeusrich import __version__
+from makeusrich.api import access
 from makeusrich.api.broadcast import Broadcaster
+from makeusrich.api.hardening import harden
 from makeusrich.api.jobs import JobManager
 from makeusrich.api.routes import (
     backtests,
@@ -44,7 +49,8 @@ log = logging.getLogger(__name__)
 async def _storage_unavailable(request: Request, exc: Exception) -> JSONResponse:
     log.warning("redis error serving %s: %r", request.url.path, exc)
     api_metrics(request).redis_errors.labels("request").inc()
-    return JSONResponse({"detail": f"storage unavailable: {exc}"}, status_code=503)
+    return JSONResponse({"detail": "storage unavailable: Redis is not answering; retry "
+                                   "shortly"}, status_code=503)
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -81,6 +87,9 @@ def create_app(settings: Settings) -> FastAPI:
     )
     app.state.settings = settings
     app.state.metrics = app_metrics
+    # API keys and limits (and /admin when enabled); inside the request metrics, so that
+    # their time and their 401/429 answers are measured too.
+    access.install(app, settings, app_metrics)
     app.add_middleware(RequestMetricsMiddleware, metrics=app_metrics)
     app.add_exception_handler(RedisError, _storage_unavailable)
     app.include_router(health.router)
@@ -88,4 +97,5 @@ def create_app(settings: Settings) -> FastAPI:
     for module in (candles, predictions, models, monitoring, stream, backtests):
         app.include_router(module.router, prefix="/v1")
     dashboard.install(app)  # GET / and /static
+    harden(app, settings)  # last: outermost, so it wraps every response
     return app

@@ -6,13 +6,14 @@ handlers never read the environment.
 """
 
 from dataclasses import dataclass
-from typing import Annotated, Final, cast
+from typing import Annotated, Any, Final, cast
 
 from fastapi import Depends, Header, HTTPException, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 
 from makeusrich.api.broadcast import Broadcaster
 from makeusrich.api.jobs import JobManager, is_job_id
+from makeusrich.api.models import ErrorOut, ValidationErrorOut
 from makeusrich.core.intervals import SUPPORTED_INTERVALS
 from makeusrich.core.settings import Settings
 from makeusrich.core.store import RedisStore, parse_stream_id
@@ -34,6 +35,7 @@ __all__ = [
     "all_symbols",
     "check_interval",
     "check_symbol",
+    "unprocessable",
 ]
 
 DEFAULT_LIMIT: Final = 500
@@ -79,6 +81,18 @@ async def check_symbol(raw: str, settings: Settings, store: RedisStore) -> str:
     return symbol
 
 
+def unprocessable(refused: str) -> dict[int | str, dict[str, Any]]:
+    """The ``responses`` entry for the 422 of a route that, beyond FastAPI's validation
+    (a list of problems), refuses ``refused`` with a one-message ``detail`` (e.g.
+    :func:`check_interval`): both shapes, so the schema documents what clients get."""
+    return {
+        422: {
+            "model": ValidationErrorOut | ErrorOut,
+            "description": f"invalid request (a list of problems), or {refused} (a message)",
+        }
+    }
+
+
 def check_interval(interval: str, settings: Settings) -> str:
     """422 for an interval Binance/this code does not support, 404 for one not built here."""
     if interval not in SUPPORTED_INTERVALS:
@@ -96,7 +110,9 @@ def check_interval(interval: str, settings: Settings) -> str:
 
 
 async def _symbol_path(
-    symbol: Annotated[str, Path(description="trading pair, case-insensitive, e.g. BTCUSDT")],
+    symbol: Annotated[
+        str, Path(description="trading pair, case-insensitive", examples=["BTCUSDT"])
+    ],
     settings: SettingsDep,
     store: StoreDep,
 ) -> str:
@@ -108,7 +124,8 @@ async def _symbols_query(
     store: StoreDep,
     symbols: Annotated[
         str | None,
-        Query(description="comma-separated symbols, case-insensitive; default: all known"),
+        Query(description="comma-separated symbols, case-insensitive; default: all known",
+              examples=["BTCUSDT,ETHUSDT"]),
     ] = None,
 ) -> tuple[str, ...] | None:
     if symbols is None or not symbols.strip():
@@ -121,7 +138,8 @@ def _interval_query(
     settings: SettingsDep,
     interval: Annotated[
         str | None,
-        Query(description="candle interval, e.g. 1m; default: the first configured one"),
+        Query(description="candle interval; default: the first configured one",
+              examples=["1m"]),
     ] = None,
 ) -> str:
     return settings.intervals[0] if interval is None else check_interval(interval, settings)

@@ -35,6 +35,8 @@ __all__ = [
     "ModelOut",
     "PredictionOut",
     "ReadyOut",
+    "ValidationErrorOut",
+    "ValidationIssueOut",
 ]
 
 SourceOut = Literal["live", "replay", "sim"]
@@ -102,6 +104,22 @@ _predictions_adapter = TypeAdapter(list[PredictionOut])
 
 class ErrorOut(BaseModel):
     detail: str
+
+
+class ValidationIssueOut(BaseModel):
+    """One problem with a request, as FastAPI reports it."""
+
+    loc: list[str | int] = Field(description="where: e.g. [\"query\", \"limit\"]")
+    msg: str
+    type: str
+    input: Any = None
+    ctx: dict[str, Any] | None = None
+
+
+class ValidationErrorOut(BaseModel):
+    """A request that does not validate (FastAPI's 422): one entry per problem."""
+
+    detail: list[ValidationIssueOut]
 
 
 class HealthOut(BaseModel):
@@ -201,7 +219,13 @@ class BacktestIn(BaseModel):
     """A backtest to run: replay trades, rebuild candles, score the models, write a report."""
 
     # Strict: no "10" for 10, no unknown fields (a typo must not silently use a default).
-    model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
+    model_config = ConfigDict(
+        strict=True, extra="forbid", frozen=True,
+        json_schema_extra={"examples": [{
+            "models": ["champion"], "source": "archive", "symbols": ["BTCUSDT"],
+            "interval": "1m", "start": "2019-04-01T00:00", "end": "2019-04-01T01:00",
+        }]},
+    )
 
     models: list[str] = Field(
         min_length=1, max_length=4,

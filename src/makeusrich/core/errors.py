@@ -54,3 +54,9 @@ class TrainingError(MakeUsRichError):
 
 class ApiError(MakeUsRichError):
     """A request cannot be served; the message is sent to the client with a 4xx status."""
+
+
+class AccessError(MakeUsRichError):
+    """An API-key operation was refused (``mur keys``, ``/admin``): an unknown key id, a
+    plan without the limits it needs, or an invalid name or limit. Nothing was changed;
+    check the id with ``mur keys list`` or fix the option named in the message."""

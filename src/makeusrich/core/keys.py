@@ -28,6 +28,25 @@ Redis (``{p}`` is ``Settings.redis_prefix``, ``mur`` by default):
   ``type`` progress|done|failed and ``d`` JSON); the ids are the SSE event ids of
   ``/v1/backtests/{id}/events``. Same expiry as the hash.
 
+API keys and their limits (:mod:`makeusrich.access`). A key is ``mur_`` + 32 url-safe
+characters; its first 8 after ``mur_`` are its public id. Redis never holds a key, only its
+sha256. A *subject* is what limits apply to: ``key:{id}``, or ``ip:{address}`` for anonymous
+clients; a *route class* is ``read``, ``stream`` or ``backtest``.
+
+- ``{p}:apikey:{sha256}`` — hash: the record of the key whose sha256 (hex) this is: ``id``,
+  ``name``, ``plan`` (free|pro|custom), ``rpm``, ``daily``, ``sse``, ``admin`` (0|1),
+  ``created_ms``, and ``revoked_ms`` once revoked (absent while the key is active).
+- ``{p}:apikeys`` — hash: key id -> sha256, to find a record by its id (list, revoke, usage).
+- ``{p}:access:bucket:{subject}:{class}`` — hash: the subject's token bucket for a route
+  class: ``u`` (tokens, in 1/60000ths of a token) and ``t`` (Redis time of the last update,
+  epoch ms). Expires once it would be full again.
+- ``{p}:access:quota:{subject}`` — hash: the subject's requests of the current UTC day:
+  ``day`` (days since the epoch), ``total``, ``read``, ``stream``, ``backtest``, ``last_ms``.
+  Expires at the next UTC midnight.
+- ``{p}:access:streams:{subject}`` — sorted set: the subject's open SSE streams (one lease
+  id each, member) scored by when the lease expires (Redis time, epoch ms); the API process
+  serving a stream refreshes its lease while it is open and removes it when it ends.
+
 Kafka topics (``{t}`` is ``Settings.topic_prefix``, empty by default): ``{t}trades``
 (keyed by symbol), ``{t}candles``, ``{t}predictions``, ``{t}trades-dlq``, and
 ``{t}model-control`` (model announcements, read by every worker outside any consumer group).
@@ -73,6 +92,22 @@ class RedisKeys:
 
     def backtest_events(self, job_id: str) -> str:
         return f"{self.prefix}:backtest:{job_id}:events"
+
+    def api_key(self, key_hash: str) -> str:
+        return f"{self.prefix}:apikey:{key_hash}"
+
+    @property
+    def api_key_ids(self) -> str:
+        return f"{self.prefix}:apikeys"
+
+    def rate_bucket(self, subject: str, route_class: str) -> str:
+        return f"{self.prefix}:access:bucket:{subject}:{route_class}"
+
+    def daily_quota(self, subject: str) -> str:
+        return f"{self.prefix}:access:quota:{subject}"
+
+    def stream_leases(self, subject: str) -> str:
+        return f"{self.prefix}:access:streams:{subject}"
 
 
 @dataclass(frozen=True, slots=True)

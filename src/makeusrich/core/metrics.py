@@ -35,6 +35,7 @@ if TYPE_CHECKING:  # the monitoring package builds on core, not the other way ro
     from makeusrich.monitoring import Observation
 
 __all__ = [
+    "ACCESS_REFUSALS",
     "DEAD_LETTER_REASONS",
     "ApiMetrics",
     "WorkerMetrics",
@@ -45,6 +46,11 @@ __all__ = [
 
 #: Dead letters are counted by the class of their reason (the text before the colon).
 DEAD_LETTER_REASONS: Final = ("undecodable", "invalid", "late")
+#: (status, reason) of every refusal of the API's access checks (makeusrich.api.access).
+ACCESS_REFUSALS: Final = (
+    ("401", "missing"), ("401", "malformed"), ("401", "unknown"), ("401", "revoked"),
+    ("403", "not_admin"), ("429", "rate"), ("429", "daily"), ("429", "streams"),
+)
 SHARED_SCOPE: Final = "shared"
 _NAIVE_VERSION: Final = "naive"  # NaiveForecaster's version: always a possible fallback
 _OTHER: Final = "other"
@@ -332,8 +338,18 @@ class ApiMetrics:
             "(their queue was full)", registry=registry)
         self.redis_errors = Counter(
             "mur_redis_errors_total", "Redis failures: request (answered 503), stream (the "
-            "SSE backlog read), subscription (the live-event subscription was lost)",
-            ("operation",), registry=registry)
+            "SSE backlog read), subscription (the live-event subscription was lost), "
+            "access (the API-key and limits check: keyed requests answered 503, anonymous "
+            "ones let through)", ("operation",), registry=registry)
+        self.access_refused = Counter(
+            "mur_access_refused_total", "Requests refused by the access checks, by status "
+            "and reason: 401 missing (no key where one is required), malformed (not a mur_ "
+            "key or not Bearer), unknown, revoked; 403 not_admin (/admin without an admin "
+            "key); 429 rate (the route class's token bucket), daily (the daily quota), "
+            "streams (too many concurrent SSE streams)", ("status", "reason"),
+            registry=registry)
+        for status, reason in ACCESS_REFUSALS:
+            self.access_refused.labels(status, reason)  # exported as 0 before the first
         self._routes: set[str] = set()
         self._routes_lock = threading.Lock()
 

@@ -100,6 +100,18 @@ class Settings(BaseSettings):
     drift_retrain: bool = Field(default=False, description="`mur trainer` starts a run as "
                                 "soon as a drift event is raised")
 
+    # Access. "dev" (what `mur up` runs) lets anonymous clients in by default; "prod" does
+    # not. Limits of API keys come from their plan (see makeusrich.access).
+    environment: Literal["dev", "prod"] = "prod"
+    anonymous_access: bool | None = Field(
+        default=None, description="allow requests without an API key (None: only in dev)")
+    anonymous_rpm: int = Field(default=60, ge=1, description="per client IP")
+    anonymous_daily: int = Field(default=5_000, ge=1, description="per client IP")
+    anonymous_sse: int = Field(default=2, ge=0, description="concurrent SSE per client IP")
+    admin_api: bool = Field(default=False, description="serve /admin routes (to admin keys)")
+    cors_origins: Annotated[tuple[str, ...], NoDecode] = ()
+    max_body_bytes: int = Field(default=65_536, ge=1_024)
+
     # Backtests run by the API (each is a `mur backtest` child process).
     backtest_max_concurrent: int = Field(default=2, ge=1)
     backtest_max_queued: int = Field(default=8, ge=0)
@@ -120,6 +132,17 @@ class Settings(BaseSettings):
         if isinstance(value, tuple | list):
             return tuple(str(item).upper() for item in value)
         return value
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _origins(cls, value: object) -> object:
+        return _split_csv(value)
+
+    @property
+    def anonymous_allowed(self) -> bool:
+        if self.anonymous_access is not None:
+            return self.anonymous_access
+        return self.environment == "dev"
 
     @field_validator("replay_speed", mode="before")
     @classmethod

@@ -19,7 +19,7 @@ from fastapi.responses import FileResponse
 from redis.exceptions import RedisError
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
-from makeusrich.api.deps import JobIdDep, JobsDep, LastEventIdDep, SettingsDep
+from makeusrich.api.deps import JobIdDep, JobsDep, LastEventIdDep, SettingsDep, unprocessable
 from makeusrich.api.jobs import (
     FINAL_EVENTS,
     REPORT_FILES,
@@ -87,7 +87,9 @@ async def _job(jobs: JobStore, job_id: str) -> JobState:
     status_code=202,
     response_model=BacktestAcceptedOut,
     responses={
-        422: {"description": "invalid body, or a model that is not in the registry"},
+        400: {"model": ErrorOut, "description": "the body cannot be read as text (not UTF-8)"},
+        **unprocessable("a model that is not in the registry, or source 'kafka' without "
+                        "Kafka"),
         429: {"model": ErrorOut, "description": "too many backtests; see Retry-After"},
     },
 )

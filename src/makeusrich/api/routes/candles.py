@@ -4,7 +4,14 @@ from typing import Any, Final
 
 from fastapi import APIRouter
 
-from makeusrich.api.deps import IntervalDep, LimitDep, StoreDep, SymbolDep, TimeRangeDep
+from makeusrich.api.deps import (
+    IntervalDep,
+    LimitDep,
+    StoreDep,
+    SymbolDep,
+    TimeRangeDep,
+    unprocessable,
+)
 from makeusrich.api.models import CandleOut, ErrorOut
 
 __all__ = ["router"]
@@ -14,6 +21,7 @@ router = APIRouter(prefix="/candles", tags=["candles"])
 _ERRORS: Final[dict[int | str, dict[str, Any]]] = {
     400: {"model": ErrorOut, "description": "start is after end"},
     404: {"model": ErrorOut, "description": "unknown symbol, or interval not built here"},
+    **unprocessable("an unsupported interval"),
 }
 
 

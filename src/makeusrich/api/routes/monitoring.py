@@ -6,7 +6,7 @@ from typing import Any, Final
 import msgspec
 from fastapi import APIRouter, HTTPException
 
-from makeusrich.api.deps import IntervalDep, StoreDep, SymbolDep
+from makeusrich.api.deps import IntervalDep, StoreDep, SymbolDep, unprocessable
 from makeusrich.api.models import DriftOut, ErrorOut, MonitoringOut, QualityOut
 
 __all__ = ["router"]
@@ -16,6 +16,7 @@ router = APIRouter(prefix="/monitoring", tags=["monitoring"])
 _ERRORS: Final[dict[int | str, dict[str, Any]]] = {
     404: {"model": ErrorOut, "description": "unknown symbol, interval not built here, or no "
           "candle of the series has closed yet"},
+    **unprocessable("an unsupported interval"),
 }
 
 

@@ -13,6 +13,7 @@ from makeusrich.api.deps import (
     SymbolsDep,
     TimeRangeDep,
     all_symbols,
+    unprocessable,
 )
 from makeusrich.api.models import ErrorOut, PredictionOut
 
@@ -22,6 +23,7 @@ router = APIRouter(prefix="/predictions", tags=["predictions"])
 
 _ERRORS: Final[dict[int | str, dict[str, Any]]] = {
     404: {"model": ErrorOut, "description": "unknown symbol, or interval not built here"},
+    **unprocessable("an unsupported interval"),
 }
 
 
@@ -44,7 +46,11 @@ async def latest_predictions(
 @router.get(
     "/{symbol}/latest",
     response_model=PredictionOut,
-    responses={404: {"model": ErrorOut, "description": "unknown symbol or no prediction yet"}},
+    responses={
+        **_ERRORS,
+        404: {"model": ErrorOut, "description": "unknown symbol, interval not built here, "
+              "or no prediction yet"},
+    },
 )
 async def latest_prediction(
     symbol: SymbolDep, interval: IntervalDep, store: StoreDep

@@ -26,6 +26,7 @@ from makeusrich.api.deps import (
     SettingsDep,
     StoreDep,
     SymbolsDep,
+    unprocessable,
 )
 from makeusrich.api.routes.metrics import ApiMetricsDep
 from makeusrich.core.metrics import ApiMetrics
@@ -154,6 +155,7 @@ async def _event_stream(
         },
         400: {"description": "malformed Last-Event-ID"},
         404: {"description": "unknown symbol, or interval not built here"},
+        **unprocessable("an unsupported interval or event type"),
         503: {"description": "the live-event subscription to Redis is down"},
     },
 )
