@@ -1,13 +1,14 @@
 """Fixtures shared by the integration tests."""
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import pytest
 
 from kit.api import RunningApi, serve_in_thread
 from makeusrich.core.settings import Settings
+from makeusrich.core.store import RedisStore
 
 
 @pytest.fixture
@@ -19,3 +20,15 @@ def start_api(make_settings: Callable[..., Settings]) -> Iterator[Callable[..., 
             return stack.enter_context(serve_in_thread(make_settings(**overrides)))
 
         yield start
+
+
+@pytest.fixture
+async def store(make_settings: Callable[..., Settings]) -> AsyncIterator[RedisStore]:
+    """A store on the module's ``make_settings()``; its keys are deleted afterwards."""
+    settings = make_settings()
+    store = RedisStore.from_settings(settings)
+    yield store
+    keys = [key async for key in store.client.scan_iter(match=f"{settings.redis_prefix}:*")]
+    if keys:
+        await store.client.delete(*keys)
+    await store.aclose()

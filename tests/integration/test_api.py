@@ -88,17 +88,6 @@ def api(start_api: Callable[..., RunningApi]) -> RunningApi:
 
 
 @pytest.fixture
-async def store(make_settings: Callable[..., Settings]) -> AsyncIterator[RedisStore]:
-    settings = make_settings()
-    store = RedisStore.from_settings(settings)
-    yield store
-    keys = [key async for key in store.client.scan_iter(match=f"{settings.redis_prefix}:*")]
-    if keys:
-        await store.client.delete(*keys)
-    await store.aclose()
-
-
-@pytest.fixture
 async def client(api: RunningApi) -> AsyncIterator[httpx.AsyncClient]:
     async with httpx.AsyncClient(base_url=api.base_url, timeout=10) as client:
         yield client

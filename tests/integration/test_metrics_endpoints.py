@@ -8,7 +8,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -79,17 +79,6 @@ def make_settings(redis_server: EmbeddedService) -> Callable[..., Settings]:
         return Settings(_env_file=None, **values)
 
     return build
-
-
-@pytest.fixture
-async def store(make_settings: Callable[..., Settings]) -> AsyncIterator[RedisStore]:
-    settings = make_settings()
-    store = RedisStore.from_settings(settings)
-    yield store
-    keys = [key async for key in store.client.scan_iter(match=f"{settings.redis_prefix}:*")]
-    if keys:
-        await store.client.delete(*keys)
-    await store.aclose()
 
 
 def _candle(i: int) -> Candle:

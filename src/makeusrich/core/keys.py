@@ -19,7 +19,8 @@ Redis (``{p}`` is ``Settings.redis_prefix``, ``mur`` by default):
   its drift status, replaced by the worker as each candle closes.
 - ``{p}:model`` — hash describing the model the worker serves (version, loaded_at).
 - ``{p}:worker:{worker_id}`` — hash of the worker's counters (trades, candles, predictions,
-  dead_letters, late, duplicates, model_rejections, end_of_streams), refreshed every second.
+  dead_letters, late, duplicates, model_rejections, end_of_streams, drift_events), refreshed
+  every second.
 - ``{p}:backtest:{job_id}`` — hash of one backtest job run by the API (``status``
   queued|running|done|failed, ``stage``, ``progress``, ``message``, ``created_ms``,
   ``updated_ms``, ``request``/``metrics``/``files`` as JSON, ``report_dir``, ``owner``).
