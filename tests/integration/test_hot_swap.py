@@ -1,8 +1,6 @@
 """Hot swap of models in a running worker, against the real broker and redis-server."""
 
-import os
 import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -12,9 +10,9 @@ import redis
 
 from kit.klines import assert_same_as_binance, binance_klines
 from kit.registry import add_version, corrupt_model
-from kit.worker import history, wait_until, worker_stats
+from kit.worker import history, start_worker, wait_until, worker_stats
 from makeusrich.cli import BUNDLED_SAMPLE
-from makeusrich.core.embedded import EmbeddedService, kill_with_parent
+from makeusrich.core.embedded import EmbeddedService
 from makeusrich.core.schemas import EndOfStream, Trade
 from makeusrich.core.settings import Settings
 from makeusrich.inference import Registry, read_manifest
@@ -53,10 +51,7 @@ def settings(kafka: EmbeddedService, redis_server: EmbeddedService, tmp_path: Pa
 
 @pytest.fixture
 def worker(settings: Settings) -> Iterator[subprocess.Popen[bytes]]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "makeusrich", "worker"],
-        env={**os.environ, **settings.as_env()}, preexec_fn=kill_with_parent,
-    )
+    proc = start_worker(settings)
     yield proc
     if proc.poll() is None:
         proc.kill()

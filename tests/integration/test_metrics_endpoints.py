@@ -3,9 +3,7 @@ real redis-server, a real SSE client) and a ``mur worker`` subprocess fed throug
 broker."""
 
 import asyncio
-import os
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -22,8 +20,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from kit.api import RunningApi, serve_in_thread
 from kit.klines import TRADES_SLICE
-from kit.worker import wait_until
-from makeusrich.core.embedded import EmbeddedService, free_port, kill_with_parent
+from kit.worker import start_worker, wait_until
+from makeusrich.core.embedded import EmbeddedService, free_port
 from makeusrich.core.schemas import Candle, EndOfStream, Prediction, now_ms
 from makeusrich.core.settings import Settings
 from makeusrich.core.store import RedisStore
@@ -202,10 +200,7 @@ def worker_settings(kafka: EmbeddedService, redis_server: EmbeddedService, tmp_p
 
 @pytest.fixture
 def worker(worker_settings: Settings) -> Iterator[subprocess.Popen[bytes]]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "makeusrich", "worker"],
-        env={**os.environ, **worker_settings.as_env()}, preexec_fn=kill_with_parent,
-    )
+    proc = start_worker(worker_settings)
     yield proc
     if proc.poll() is None:
         proc.kill()

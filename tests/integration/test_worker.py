@@ -1,9 +1,7 @@
 """The Faust worker against the real broker and redis-server: restarts and bad input."""
 
-import os
 import signal
 import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -13,8 +11,8 @@ import redis
 from kafka import KafkaConsumer, KafkaProducer
 
 from kit.klines import TRADES_SLICE, assert_same_as_binance, binance_klines
-from kit.worker import history, wait_until, worker_stats
-from makeusrich.core.embedded import EmbeddedService, kill_with_parent
+from kit.worker import history, start_worker, wait_until, worker_stats
+from makeusrich.core.embedded import EmbeddedService
 from makeusrich.core.schemas import EndOfStream, encode
 from makeusrich.core.settings import Settings
 from makeusrich.stream.publisher import TradePublisher, ensure_topics
@@ -42,10 +40,7 @@ def worker(settings: Settings) -> Iterator[Callable[[], subprocess.Popen[bytes]]
     started: list[subprocess.Popen[bytes]] = []
 
     def start() -> subprocess.Popen[bytes]:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "makeusrich", "worker"],
-            env={**os.environ, **settings.as_env()}, preexec_fn=kill_with_parent,
-        )
+        proc = start_worker(settings)
         started.append(proc)
         return proc
 

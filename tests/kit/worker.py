@@ -40,6 +40,13 @@ def worker_stats(client: redis.Redis, settings: Settings) -> dict[str, int]:
     return {k.decode(): int(v) for k, v in raw.items()}
 
 
+def start_worker(settings: Settings) -> "subprocess.Popen[bytes]":
+    """`mur worker` on ``settings``, as a child that dies with the test process."""
+    return subprocess.Popen([sys.executable, "-m", "makeusrich", "worker"],
+                            env={**os.environ, **settings.as_env()},
+                            preexec_fn=kill_with_parent)
+
+
 @contextlib.contextmanager
 def worker_over(settings: Settings, trades_file: Path) -> Iterator[None]:
     """Publish ``trades_file`` (with its end-of-stream markers) to the settings' trades topic
@@ -49,9 +56,7 @@ def worker_over(settings: Settings, trades_file: Path) -> Iterator[None]:
     publisher = TradePublisher(settings)
     asyncio.run(run_replay(read_trades(trades_file), publisher, asyncio.Event(), None))
     publisher.close()
-    worker = subprocess.Popen([sys.executable, "-m", "makeusrich", "worker"],
-                              env={**os.environ, **settings.as_env()},
-                              preexec_fn=kill_with_parent)
+    worker = start_worker(settings)
     client = redis.Redis.from_url(settings.redis_url or "")
     stats = settings.redis_keys.worker_stats(settings.worker_id)
     try:
