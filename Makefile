@@ -30,16 +30,16 @@ lint: install-dev
 	$(BIN)/ruff check src tests bench
 	$(BIN)/mypy
 
-test: install-dev lint browser
+test: install-dev lint browser proxy
 	$(BIN)/pytest
 
 test-fast: install-dev
 	$(BIN)/pytest -m "not slow"
 
+# The benchmark suite (bench/__main__.py): every stage in order, results in bench/results/,
+# then a one-screen summary of the ratios. ARGS=--quick (or BENCH_QUICK=1): small sizes.
 bench: install-dev
-	$(BIN)/python -m bench.pipeline
-	$(BIN)/python -m bench.models
-	$(BIN)/python -m bench.replay
+	$(BIN)/python -m bench $(ARGS)
 
 # One API worker under SSE clients and polling load (not part of `make bench`).
 load: install-dev
@@ -68,7 +68,7 @@ console.log("vendored " + pack.id + " -> " + env.DEST + "/" + env.FILE);
 endef
 export VENDOR_MANIFEST_JS
 
-.PHONY: vendor browser
+.PHONY: vendor browser proxy
 
 vendor:
 	@command -v npm >/dev/null || { echo "make vendor needs npm (Node.js)"; exit 1; }
@@ -87,6 +87,14 @@ browser:
 	if [ "$$(id -u)" = 0 ]; then sudo=; else sudo=sudo; fi; \
 	echo "installing chromium and chromium-driver (apt)"; \
 	$$sudo apt-get update -q && $$sudo apt-get install -y -q chromium chromium-driver
+
+# Debian's nginx for the reverse-proxy test (tests/integration/test_proxy.py), which runs it
+# with infra/nginx/api-proxy.conf in front of two API replicas, on ports of its own.
+proxy:
+	@if [ -x /usr/sbin/nginx ]; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ]; then sudo=; else sudo=sudo; fi; \
+	echo "installing nginx (apt)"; \
+	$$sudo apt-get update -q && $$sudo apt-get install -y -q --no-install-recommends nginx
 
 clean:
 	rm -rf $(VENV) .mur .pytest_cache .mypy_cache .ruff_cache .hypothesis

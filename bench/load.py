@@ -27,17 +27,13 @@ a saturated client inflates every latency. Results go to stdout and
 
 import argparse
 import asyncio
-import contextlib
 import multiprocessing as mp
-import os
 import random
-import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing.queues import Queue
 from multiprocessing.sharedctypes import Synchronized
@@ -51,22 +47,21 @@ import httpx
 import msgspec
 from httpx_sse import aconnect_sse
 
-from bench._common import write_results
-from makeusrich.core.embedded import free_port, start_redis, terminate
-from makeusrich.core.errors import MakeUsRichError
-from makeusrich.core.schemas import Candle, Prediction, now_ms
+from bench._api import api_process, publisher, records, symbols
+from bench._common import (
+    BenchError,
+    cpu_s,
+    latency_summary,
+    percentile,
+    results_path,
+    rss_kb,
+    run_stage,
+)
+from makeusrich.core.embedded import start_redis
 from makeusrich.core.settings import Settings
 from makeusrich.core.store import RedisStore
 
-RESULTS: Final = Path(__file__).parent / "results" / "load.json"
-SYMBOLS: Final = (
-    "BTCUSDT", "ETHUSDT", "BNBUSDT", "SOLUSDT", "XRPUSDT", "ADAUSDT", "DOGEUSDT", "AVAXUSDT",
-    "DOTUSDT", "LINKUSDT", "LTCUSDT", "TRXUSDT", "ATOMUSDT", "UNIUSDT", "XLMUSDT", "ETCUSDT",
-    "FILUSDT", "APTUSDT", "NEARUSDT", "ARBUSDT",
-)
-INTERVAL: Final = "1m"
-MINUTE_MS: Final = 60_000
-T0_MS: Final = 1_700_000_040_000
+_PREFIX: Final = "load"
 HISTORY: Final = 200  # candles and predictions per symbol written before the run
 # What the polling clients ask for (name, path template, query), chosen uniformly.
 ENDPOINTS: Final[tuple[tuple[str, str, dict[str, str]], ...]] = (
@@ -75,13 +70,8 @@ ENDPOINTS: Final[tuple[tuple[str, str, dict[str, str]], ...]] = (
     ("prediction_history", "/v1/predictions/{symbol}/history", {"limit": "100"}),
     ("candles", "/v1/candles/{symbol}", {"limit": "100"}),
 )
-_STOP_TIMEOUT_S: Final = 20.0
 
 T = TypeVar("T")
-
-
-class BenchError(Exception):
-    """A stage of the load test could not complete; the message says which and why."""
 
 
 class _Stamp(msgspec.Struct):
@@ -106,113 +96,6 @@ class Stats:
 
 
 # ---- helpers ---------------------------------------------------------------------------
-
-
-def symbols(n: int) -> list[str]:
-    return [*SYMBOLS, *(f"SYM{i:03d}USDT" for i in range(len(SYMBOLS), n))][:n]
-
-
-def percentile(values: list[float], q: float) -> float:
-    """Linear-interpolated percentile, ``q`` in [0, 100]."""
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    pos = (len(ordered) - 1) * q / 100.0
-    low = int(pos)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
-
-
-def summary(values: list[float]) -> dict[str, Any]:
-    return {"n": len(values), "p50_ms": round(percentile(values, 50), 2),
-            "p99_ms": round(percentile(values, 99), 2),
-            "max_ms": round(max(values), 2) if values else None}
-
-
-def rss_kb(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise BenchError(f"no VmRSS for process {pid}")
-
-
-def cpu_s(pid: int) -> float:
-    """CPU seconds (user + system, all threads) process ``pid`` has used so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def candle(symbol: str, i: int, ts_ingest: int) -> Candle:
-    open_time = T0_MS + i * MINUTE_MS
-    price = 100.0 + (i % 500) * 0.1
-    return Candle(
-        symbol=symbol, interval=INTERVAL, open_time=open_time,
-        close_time=open_time + MINUTE_MS - 1, open=price, high=price + 0.5, low=price - 0.5,
-        close=price + 0.1, volume=3.5, quote_volume=350.0, trades=7, taker_buy_volume=1.5,
-        taker_buy_quote_volume=150.0, source="sim", ts_event=open_time + MINUTE_MS - 1,
-        ts_ingest=ts_ingest,
-    )
-
-
-def prediction(symbol: str, i: int, ts_ingest: int) -> Prediction:
-    open_time = T0_MS + i * MINUTE_MS
-    price = 100.1 + (i % 500) * 0.1
-    return Prediction(
-        symbol=symbol, interval=INTERVAL, candle_open_time=open_time,
-        target_open_time=open_time + MINUTE_MS, last_close=price, predicted_close=price + 0.01,
-        lower=price - 0.2, upper=price + 0.2, model_version="naive", made_at=ts_ingest,
-        source="sim", ts_event=open_time + MINUTE_MS - 1, ts_ingest=ts_ingest,
-    )
-
-
-def records(names: list[str], i: int) -> list[Candle | Prediction]:
-    ts = now_ms()
-    return [record for symbol in names
-            for record in (candle(symbol, i, ts), prediction(symbol, i, ts))]
-
-
-# ---- the API process -------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def api_process(redis_url: str, names: list[str], sse_clients: int,
-                tmp: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MUR_")}
-    env.update({
-        "MUR_REDIS_URL": redis_url, "MUR_REDIS_PREFIX": "load", "MUR_API_HOST": "127.0.0.1",
-        "MUR_API_PORT": str(port), "MUR_SYMBOLS": ",".join(names), "MUR_INTERVALS": INTERVAL,
-        "MUR_STATE_DIR": str(tmp / "state"), "MUR_LOG_LEVEL": "WARNING",
-        # Every client comes from 127.0.0.1: anonymous, with limits above the offered load.
-        "MUR_ENVIRONMENT": "dev", "MUR_ANONYMOUS_RPM": "100000000",
-        "MUR_ANONYMOUS_DAILY": "1000000000", "MUR_ANONYMOUS_SSE": str(sse_clients + 10),
-    })
-    log_path = tmp / "api.log"
-    with log_path.open("ab") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "makeusrich", "api"], env=env, stdin=subprocess.DEVNULL,
-            stdout=log, stderr=subprocess.STDOUT,
-        )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            if process.poll() is not None:
-                raise BenchError(f"mur api exited with {process.returncode}; see the log:\n"
-                                 + log_path.read_text(errors="replace")[-3000:])
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
-                    break
-            if time.monotonic() > deadline:
-                raise BenchError(f"mur api did not answer {base}/healthz within 30 s")
-            time.sleep(0.2)
-        yield base, process
-    finally:
-        code = terminate(process, _STOP_TIMEOUT_S)
-        # uvicorn shuts down gracefully, then re-raises the signal: -SIGTERM is a clean exit.
-        if code not in (0, -signal.SIGTERM):
-            print(f"warning: mur api exited with {code} on SIGTERM; log: {log_path}",
-                  file=sys.stderr)
 
 
 # ---- clients (each kind in its own process) --------------------------------------------
@@ -343,22 +226,6 @@ def poll_process(base: str, args: argparse.Namespace, names: list[str],
         pollers(base, args.rps, args.seconds, args.poll_connections, names, control)))
 
 
-async def publisher(store: RedisStore, names: list[str], interval_s: float,
-                    stop: asyncio.Event) -> int:
-    """A candle and a prediction per symbol every ``interval_s``, in one round trip;
-    returns how many events were written."""
-    published, i = 0, HISTORY
-    next_at = time.perf_counter()
-    while not stop.is_set():
-        written = await store.write_many(records(names, i))
-        published += sum(event_id is not None for event_id in written)
-        i += 1
-        next_at += interval_s
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), max(0.0, next_at - time.perf_counter()))
-    return published
-
-
 async def wait_until(predicate: Callable[[], bool], timeout_s: float) -> bool:
     deadline = time.monotonic() + timeout_s
     while not predicate():
@@ -414,7 +281,8 @@ async def run(args: argparse.Namespace, base: str, api: subprocess.Popen[bytes],
               f"at {args.rps:g} req/s for {args.seconds:g} s ...", flush=True)
         cpu_api, wall = cpu_s(api.pid), time.perf_counter()
         stop = asyncio.Event()
-        publishing = asyncio.create_task(publisher(store, names, args.publish_interval, stop))
+        publishing = asyncio.create_task(publisher(
+            store, lambda i: records(names, i), args.publish_interval, stop, first=HISTORY))
         control.go.set()
         polled = await receive(control.results, args.seconds + 120, "the polling to end")
         stop.set()
@@ -453,10 +321,11 @@ def report(args: argparse.Namespace, names: list[str], polled: Stats, streamed: 
             "seconds": args.seconds, "poll_connections": args.poll_connections,
             "sse_procs": args.sse_procs, "api_workers": 1,
         },
-        "poll": {**summary(all_polls), "achieved_rps": round(len(all_polls) / polled.wall_s, 1),
-                 "by_endpoint": {name: summary(values)
+        "poll": {**latency_summary(all_polls),
+                 "achieved_rps": round(len(all_polls) / polled.wall_s, 1),
+                 "by_endpoint": {name: latency_summary(values)
                                  for name, values in sorted(polled.poll_ms.items())}},
-        "events": {**summary(event_ms), "published": published, "delivered": sum(received),
+        "events": {**latency_summary(event_ms), "published": published, "delivered": sum(received),
                    "delivered_per_s": round(sum(received) / elapsed, 1)},
         "errors": dict(sorted(errors.items())),
         "api": {
@@ -478,12 +347,13 @@ def report(args: argparse.Namespace, names: list[str], polled: Stats, streamed: 
 async def measure(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     names = symbols(args.symbols)
     with start_redis(log_dir=tmp / "logs") as redis_server:
-        settings = Settings(_env_file=None, redis_url=redis_server.url, redis_prefix="load")
+        settings = Settings(_env_file=None, redis_url=redis_server.url, redis_prefix=_PREFIX)
         store = RedisStore.from_settings(settings)
         try:
             for i in range(HISTORY):
                 await store.write_many(records(names, i))
-            with api_process(redis_server.url, names, args.sse_clients, tmp) as (base, api):
+            with api_process(redis_server.url, _PREFIX, names, args.sse_clients,
+                             tmp) as (base, api):
                 return await run(args, base, api, store, names)
         finally:
             await store.aclose()
@@ -533,7 +403,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                         help="connection pool size of the polling clients")
     parser.add_argument("--sse-procs", type=int, default=1,
                         help="processes the SSE clients are spread over (polling has its own)")
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--out", type=Path, default=results_path("load", quick=False))
     args = parser.parse_args(argv)
     if min(args.sse_clients, args.sse_procs, args.symbols, args.poll_connections) < 1:
         parser.error("--sse-clients, --sse-procs, --symbols and --poll-connections must be >= 1")
@@ -544,19 +414,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
-    started = time.monotonic()
-    try:
-        with tempfile.TemporaryDirectory(prefix="mur-load-") as tmp:
-            result = asyncio.run(measure(args, Path(tmp)))
-    except (BenchError, MakeUsRichError) as exc:
-        print(f"load test failed: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("load test interrupted", file=sys.stderr)
-        return 130
-    write_results(args.out, result, started)
-    print_summary(result, args.out)
-    return 0
+    return run_stage(lambda tmp: asyncio.run(measure(args, tmp)), args.out, print_summary)
 
 
 if __name__ == "__main__":

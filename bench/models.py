@@ -20,7 +20,6 @@ import argparse
 import os
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -29,22 +28,26 @@ from typing import Any
 import numpy as np
 import torch
 
-from bench._common import write_results
-from makeusrich.core.errors import MakeUsRichError
+from bench._common import (
+    SHARED_SPOT,
+    TEST_DATA,
+    parse_stage,
+    print_columns,
+    run_stage,
+    stage_parser,
+)
 from makeusrich.inference import FEATURES, OnnxForecaster, read_manifest
 from makeusrich.trainer import ARCHITECTURES, train
 from makeusrich.trainer.model import build_model
 
-RESULTS = Path(__file__).parent / "results" / "models.json"
-_REPO = Path(__file__).parent.parent
-_KLINES = _REPO.parent / "shared" / "data" / "binance" / "spot" / "klines" / "1m"
-_FALLBACK = _REPO / "tests" / "data" / "BTCUSDT-1m-2025-11-20.csv"
+_KLINES = SHARED_SPOT / "klines" / "1m"
+_FALLBACK = TEST_DATA / "BTCUSDT-1m-2025-11-20.csv"
 _DAYS = 7
 _BATCHES = (1, 100)
 
 
-def _data_files() -> list[Path]:
-    days = sorted(_KLINES.glob("BTCUSDT-1m-2025-*.csv"))[-_DAYS:]
+def _data_files(quick: bool) -> list[Path]:
+    days = [] if quick else sorted(_KLINES.glob("BTCUSDT-1m-2025-*.csv"))[-_DAYS:]
     return days or [_FALLBACK]
 
 
@@ -83,8 +86,11 @@ def _latency(version_dir: Path, calls: int) -> dict[str, float]:
             with torch.inference_mode():
                 return model(tensor)
 
+        def onnx(inputs: np.ndarray = inputs) -> object:
+            return forecaster.run(inputs)
+
         n = calls if batch == 1 else max(calls // 5, 20)
-        onnx_us = _median_us(lambda inputs=inputs: forecaster.run(inputs), n)
+        onnx_us = _median_us(onnx, n)
         torch_us = _median_us(eager, n)
         result[f"onnx_us_batch{batch}"] = round(onnx_us, 1)
         result[f"torch_us_batch{batch}"] = round(torch_us, 1)
@@ -137,9 +143,8 @@ def _print_summary(result: dict[str, Any], path: Path) -> None:
           f"windows, {result['epochs']} epoch(s), one thread; latency = median of one call")
     header = ("arch", "params", "s/epoch", "onnx b1", "torch b1", "ratio", "onnx b100",
               "torch b100", "ratio", "pinball/naive")
-    print("  ".join(f"{h:>11}" for h in header))
-    for arch, row in result["architectures"].items():
-        cells = (
+    print_columns(header, [
+        (
             arch,
             f"{row['parameters']:,}",
             f"{row['seconds_per_epoch']:.2f}",
@@ -151,32 +156,26 @@ def _print_summary(result: dict[str, Any], path: Path) -> None:
             f"{row['torch_over_onnx_batch100']:.1f}x",
             f"{row['pinball_vs_naive']:.3f}",
         )
-        print("  ".join(f"{c:>11}" for c in cells))
+        for arch, row in result["architectures"].items()
+    ])
     print("ratio = torch eager / onnxruntime time; pinball/naive < 1 beats the naive baseline")
     print(f"written to {path}")
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m bench.models", description=__doc__)
-    parser.add_argument("--epochs", type=int, default=3, help="training epochs per model")
-    parser.add_argument("--calls", type=int, default=300,
-                        help="timed inference calls at batch 1 (a fifth of them at batch 100)")
-    parser.add_argument("--out", type=Path, default=RESULTS)
-    return parser.parse_args(argv)
+    parser = stage_parser("models", __doc__, "one day of candles (tests/data), one epoch, "
+                          "50 calls")
+    parser.add_argument("--epochs", type=int, help="training epochs per model (default 3)")
+    parser.add_argument("--calls", type=int,
+                        help="timed inference calls at batch 1 (a fifth of them at batch 100; "
+                        "default 300)")
+    return parse_stage(parser, argv, "models", epochs=(1, 3), calls=(50, 300))
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
-    started = time.monotonic()
-    try:
-        with tempfile.TemporaryDirectory(prefix="mur-bench-models-") as work:
-            result = measure(_data_files(), args.epochs, args.calls, Path(work))
-    except MakeUsRichError as exc:
-        print(f"bench failed: {exc}", file=sys.stderr)
-        return 1
-    write_results(args.out, result, started)
-    _print_summary(result, args.out)
-    return 0
+    return run_stage(lambda work: measure(_data_files(args.quick), args.epochs, args.calls, work),
+                     args.out, _print_summary, quick=args.quick)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""End-to-end pipeline benchmark: ``python -m bench.pipeline`` (or ``make bench``).
+"""Pipeline throughput: ``python -m bench.pipeline`` (part of ``make bench``).
 
 Measures, in one run, on this machine:
 
@@ -7,9 +7,9 @@ Measures, in one run, on this machine:
    (b) the Faust worker (``python -m makeusrich worker``) consumes the same topic; its rate
    comes from the counters hash it refreshes in Redis every second, counted only while it
    is busy (group join and the idle tail are excluded).
-2. Latency from candle close (the candle's ``ts_ingest``, stamped by the worker) to the
-   event reaching an SSE client of ``mur up`` running the simulator with 1s candles.
-3. The decode -> candle-update hot path in-process (:func:`bench.hotpath.measure`).
+2. The decode -> candle-update hot path in-process (:func:`bench.hotpath.measure`).
+
+Candle close -> SSE latency is :mod:`bench.sse_latency`.
 
 Results go to stdout and ``bench/results/pipeline.json``. This is a benchmark, not a test:
 it asserts nothing about the figures, but exits non-zero if a stage fails.
@@ -17,40 +17,37 @@ it asserts nothing about the figures, but exits non-zero if a stage fails.
 
 import argparse
 import asyncio
-import contextlib
-import json
 import os
-import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
 import redis
 from aiokafka import AIOKafkaConsumer, TopicPartition
-from httpx_sse import connect_sse
 
-from bench._common import write_results
+from bench._common import (
+    BenchError,
+    check_alive,
+    clean_env,
+    cpu_s,
+    parse_stage,
+    run_stage,
+    spawn_mur,
+    stage_parser,
+    stop_process,
+    tail,
+)
 from bench.hotpath import measure as measure_hot_path
-from makeusrich.core.embedded import free_port, start_kafka, start_redis, terminate
-from makeusrich.core.errors import MakeUsRichError
+from makeusrich.core.embedded import start_kafka, start_redis
 from makeusrich.core.settings import Settings
 from makeusrich.stream.publisher import TradePublisher, ensure_topics
 from makeusrich.stream.sources import run_replay, simulate_trades
 
-RESULTS = Path(__file__).parent / "results" / "pipeline.json"
 SYMBOLS = ("BTCUSDT", "ETHUSDT", "SOLUSDT", "BNBUSDT")
 
 _POLL_S = 0.02  # worker-counter poll period: bounds the error on each observation time
-_STOP_TIMEOUT_S = 20.0
-
-
-class BenchError(Exception):
-    """A stage of the benchmark could not complete; the message says which and why."""
 
 
 @dataclass
@@ -65,70 +62,6 @@ class Throughput:
     worker_measured_s: float
     worker_startup_s: float
     worker_cpu_pct: float  # of one core, over the measured window
-
-
-@dataclass
-class Latency:
-    p50_ms: float
-    p99_ms: float
-    max_ms: float
-    samples: int
-    seconds: float
-    warmup_s: float
-
-
-# ---- helpers ---------------------------------------------------------------------------
-
-
-def _clean_env(extra: dict[str, str]) -> dict[str, str]:
-    """os.environ without any MUR_* left over from the caller, plus ``extra``."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MUR_")}
-    env.update(extra)
-    return env
-
-
-def _spawn(argv: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
-    with log_path.open("ab") as log:  # the child keeps its own copy of the descriptor
-        return subprocess.Popen(
-            [sys.executable, "-m", "makeusrich", *argv], env=env,
-            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-        )
-
-
-def _stop(process: subprocess.Popen[bytes] | None) -> int | None:
-    return None if process is None else terminate(process, _STOP_TIMEOUT_S)
-
-
-def _tail(path: Path, lines: int = 30) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"
-
-
-def _check_alive(process: subprocess.Popen[bytes], what: str, log_path: Path) -> None:
-    if process.poll() is not None:
-        raise BenchError(
-            f"{what} exited early with code {process.returncode}; log tail:\n{_tail(log_path)}"
-        )
-
-
-def _cpu_s(pid: int) -> float:
-    """CPU seconds (user + system, all threads) a live process has used so far."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError as exc:
-        raise BenchError(f"process {pid} is gone: {exc}") from exc
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _percentile(values: list[float], q: float) -> float:
-    """Linear-interpolated percentile, ``q`` in [0, 100]."""
-    ordered = sorted(values)
-    pos = (len(ordered) - 1) * q / 100.0
-    low = int(pos)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
 
 
 # ---- 1. throughput ---------------------------------------------------------------------
@@ -204,29 +137,29 @@ def _measure_worker(
     """
     assert settings.redis_url
     log_path = tmp / "worker.log"
-    env = _clean_env({**settings.as_env(), "MUR_LOG_LEVEL": "WARNING"})
+    env = clean_env({**settings.as_env(), "MUR_LOG_LEVEL": "WARNING"})
     client = redis.Redis.from_url(settings.redis_url)
     key = settings.redis_keys.worker_stats(settings.worker_id)
     launched = time.perf_counter()
-    worker = _spawn(["worker"], env, log_path)
+    worker = spawn_mur(["worker"], env, log_path)
     try:
         # (observed at, trades, worker CPU seconds) each time the counter changed
         changes: list[tuple[float, int, float]] = []
         deadline = time.monotonic() + timeout_s
         while not changes or changes[-1][1] < expected:
-            _check_alive(worker, "the Faust worker", log_path)
+            check_alive(worker, "the Faust worker", log_path)
             if time.monotonic() > deadline:
                 seen = changes[-1][1] if changes else 0
                 raise BenchError(f"the worker processed {seen} of {expected} messages in "
-                                 f"{timeout_s:.0f} s; log tail:\n{_tail(log_path)}")
+                                 f"{timeout_s:.0f} s; log tail:\n{tail(log_path)}")
             raw = client.hget(key, "trades")
             now = time.perf_counter()
             trades = int(raw) if raw else 0
             if trades and (not changes or trades != changes[-1][1]):
-                changes.append((now, trades, _cpu_s(worker.pid)))
+                changes.append((now, trades, cpu_s(worker.pid)))
             time.sleep(_POLL_S)
     finally:
-        _stop(worker)
+        stop_process(worker)
         client.close()
     t0, c0, cpu0 = changes[0]
     busy = changes[:-1] if len(changes) >= 3 else changes
@@ -268,86 +201,14 @@ def measure_throughput(n_trades: int, tmp: Path, timeout_s: float) -> Throughput
     )
 
 
-# ---- 2. candle close -> SSE latency ----------------------------------------------------
-
-
-def _wait_healthy(base: str, process: subprocess.Popen[bytes], log: Path, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        _check_alive(process, "mur up", log)
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
-                return
-        time.sleep(0.2)
-    raise BenchError(f"mur up did not answer {base}/healthz within {timeout_s:.0f} s")
-
-
-@contextlib.contextmanager
-def _candle_events(base: str, timeout_s: float) -> Iterator[Iterator[dict[str, Any]]]:
-    """An open SSE stream of candle records; retries while the API is not ready (503)."""
-    deadline = time.monotonic() + timeout_s
-    with httpx.Client(timeout=httpx.Timeout(10, read=30)) as client:
-        while True:
-            with connect_sse(client, "GET", f"{base}/v1/stream",
-                             params={"events": "candle"}) as source:
-                if source.response.status_code == 200:
-                    yield (json.loads(sse.data) for sse in source.iter_sse()
-                           if sse.event == "candle")
-                    return
-                status = source.response.status_code
-            if time.monotonic() > deadline:
-                raise BenchError(f"{base}/v1/stream kept answering {status}")
-            time.sleep(0.5)
-
-
-def measure_latency(seconds: float, warmup_s: float, tmp: Path, timeout_s: float) -> Latency:
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    log_path = tmp / "mur-up.log"
-    env = _clean_env({
-        "MUR_STATE_DIR": str(tmp / "up-state"), "MUR_GRACE_MS": "200",
-        "MUR_SIM_TRADES_PER_S": "50", "MUR_LOG_LEVEL": "WARNING",
-    })
-    argv = ["up", "--source", "sim", "--symbols", ",".join(SYMBOLS), "--intervals", "1s",
-            "--api-port", str(port)]
-    process = _spawn(argv, env, log_path)
-    try:
-        _wait_healthy(base, process, log_path, timeout_s)
-        print(f"mur up is healthy; reading SSE candles for {seconds:.0f} s ...", flush=True)
-        samples: list[float] = []
-        first: float | None = None
-        with _candle_events(base, timeout_s) as candles:
-            for candle in candles:
-                received_ms = time.time_ns() / 1e6
-                now = time.monotonic()
-                first = now if first is None else first
-                if now - first >= warmup_s:
-                    samples.append(received_ms - candle["ts_ingest"])
-                if now - first >= seconds:
-                    break
-        if first is None or not samples:
-            raise BenchError("no candle events arrived over SSE")
-        _check_alive(process, "mur up", log_path)
-    finally:
-        code = _stop(process)
-    if code not in (0, None):
-        print(f"warning: mur up exited with code {code} on SIGTERM", file=sys.stderr)
-    return Latency(
-        p50_ms=_percentile(samples, 50), p99_ms=_percentile(samples, 99),
-        max_ms=max(samples), samples=len(samples), seconds=seconds, warmup_s=warmup_s,
-    )
-
-
 # ---- report ----------------------------------------------------------------------------
 
 
-def _report(throughput: Throughput, latency: Latency, hot_us: float) -> dict[str, Any]:
+def _report(throughput: Throughput, hot_us: float) -> dict[str, Any]:
     return {
         "trades_per_s": round(throughput.trades_per_s, 1),
         "raw_consume_per_s": round(throughput.raw_consume_per_s, 1),
         "ratio": round(throughput.trades_per_s / throughput.raw_consume_per_s, 4),
-        "close_to_sse_ms_p50": round(latency.p50_ms, 2),
-        "close_to_sse_ms_p99": round(latency.p99_ms, 2),
         "hot_path_us_per_trade": round(hot_us, 3),
         "n_trades": throughput.n_trades,
         "n_messages": throughput.messages,
@@ -357,10 +218,6 @@ def _report(throughput: Throughput, latency: Latency, hot_us: float) -> dict[str
         "worker_measured_s": round(throughput.worker_measured_s, 3),
         "worker_startup_s": round(throughput.worker_startup_s, 2),
         "worker_cpu_pct": round(throughput.worker_cpu_pct, 1),
-        "samples": latency.samples,
-        "close_to_sse_ms_max": round(latency.max_ms, 2),
-        "sse_seconds": latency.seconds,
-        "sse_warmup_s": latency.warmup_s,
     }
 
 
@@ -370,53 +227,35 @@ def _print_summary(result: dict[str, Any], path: Path) -> None:
         ("  its CPU while busy", f"{result['worker_cpu_pct']:.0f} % of a core"),
         ("raw aiokafka consumer", f"{result['raw_consume_per_s']:,.0f} msgs/s"),
         ("worker / raw", f"{result['ratio']:.3f}"),
-        ("candle close -> SSE p50", f"{result['close_to_sse_ms_p50']:.1f} ms"),
-        ("candle close -> SSE p99", f"{result['close_to_sse_ms_p99']:.1f} ms"),
         ("hot path (decode+update)", f"{result['hot_path_us_per_trade']:.2f} us/trade"),
     ]
     width = max(len(name) for name, _ in rows)
     machine = result["machine"]
     print(f"\n{machine['cpu']} ({machine['cores']} cores), Python {machine['python']}")
-    print(f"{result['n_trades']:,} trades; {result['samples']} SSE samples; "
-          f"bench took {result['bench_wall_s']:.0f} s")
+    print(f"{result['n_trades']:,} trades; bench took {result['bench_wall_s']:.0f} s")
     for name, value in rows:
         print(f"  {name:<{width}}  {value:>18}")
     print(f"written to {path}")
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m bench.pipeline", description=__doc__)
-    parser.add_argument("--trades", type=int, default=200_000, help="trades to publish")
-    parser.add_argument("--sse-seconds", type=float, default=35.0,
-                        help="how long to read SSE candles (warm-up included)")
-    parser.add_argument("--warmup", type=float, default=5.0,
-                        help="seconds of SSE events to skip first")
+    parser = stage_parser("pipeline", __doc__, "30,000 trades")
+    parser.add_argument("--trades", type=int, help="trades to publish (default 200,000)")
     parser.add_argument("--timeout", type=float, default=90.0,
                         help="limit for each waiting step, in seconds")
-    parser.add_argument("--out", type=Path, default=RESULTS)
-    return parser.parse_args(argv)
+    return parse_stage(parser, argv, "pipeline", trades=(30_000, 200_000))
+
+
+def _measure(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+    print("hot path microbenchmark ...", flush=True)
+    hot_us = measure_hot_path()["us_per_trade"]
+    return _report(measure_throughput(args.trades, tmp, args.timeout), hot_us)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
-    started = time.monotonic()
-    try:
-        with tempfile.TemporaryDirectory(prefix="mur-bench-") as tmp_name:
-            tmp = Path(tmp_name)
-            print("hot path microbenchmark ...", flush=True)
-            hot_us = measure_hot_path()["us_per_trade"]
-            throughput = measure_throughput(args.trades, tmp, args.timeout)
-            latency = measure_latency(args.sse_seconds, args.warmup, tmp, args.timeout)
-    except (BenchError, MakeUsRichError) as exc:
-        print(f"bench failed: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("bench interrupted", file=sys.stderr)
-        return 130
-    result = _report(throughput, latency, hot_us)
-    write_results(args.out, result, started)
-    _print_summary(result, args.out)
-    return 0
+    return run_stage(lambda tmp: _measure(args, tmp), args.out, _print_summary,
+                     quick=args.quick)
 
 
 if __name__ == "__main__":

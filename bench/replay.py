@@ -10,24 +10,19 @@ The same span is then replayed again from the Kafka topic (selection by ``ts_eve
 Results go to stdout and ``bench/results/replay.json``. A benchmark, not a test.
 """
 
-import argparse
 import asyncio
 import logging
 import sys
-import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
-from bench._common import write_results
+from bench._common import SHARED_SPOT, TEST_DATA, parse_stage, run_stage, stage_parser
 from makeusrich.core.embedded import start_kafka, start_redis
-from makeusrich.core.errors import MakeUsRichError
 from makeusrich.core.settings import Settings
 from makeusrich.stream.replay import ReplayResult, ReplaySpec, drop_namespace, replay
 
-RESULTS = Path(__file__).parent / "results" / "replay.json"
-DAY = (Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "binance" / "spot"
-       / "trades" / "BTCUSDT-trades-2019-04-01.csv")
+_DAY = SHARED_SPOT / "trades" / "BTCUSDT-trades-2019-04-01.csv"
+_QUICK_DATA = TEST_DATA / "BTCUSDT-trades-2019-04-01-0000-0029.csv"  # its first 30 minutes
 
 
 def _figures(result: ReplayResult) -> dict[str, Any]:
@@ -58,32 +53,27 @@ async def _measure(data: Path, tmp: Path) -> dict[str, Any]:
             "from_kafka": _figures(from_kafka)}
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", type=Path, default=DAY)
-    parser.add_argument("--out", type=Path, default=RESULTS)
-    args = parser.parse_args(argv)
-    if not args.data.is_file():
-        print(f"bench.replay needs a day of trades: {args.data} is missing (pass --data)",
-              file=sys.stderr)
-        return 1
-    logging.basicConfig(level="WARNING")
-    started = time.monotonic()
-    try:
-        with tempfile.TemporaryDirectory(prefix="mur-bench-replay-") as tmp:
-            result = asyncio.run(_measure(args.data, Path(tmp)))
-    except MakeUsRichError as exc:
-        print(f"bench failed: {exc}", file=sys.stderr)
-        return 1
-    write_results(args.out, result, started)
+def _print_summary(result: dict[str, Any], path: Path) -> None:
     for source in ("from_file", "from_kafka"):
         f = result[source]
         print(f"replay {source.replace('_', ' ')}: {f['trades']:,} trades spanning "
               f"{f['span_s'] / 3600:.1f} h in {f['wall_s']:.1f} s = {f['x_real_time']:,.0f}x "
               f"real time ({f['trades_per_s']:,} trades/s; {f['candles']} candles, "
               f"{f['predictions']} predictions)")
-    print(f"results: {args.out}")
-    return 0
+    print(f"results: {path}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = stage_parser("replay", __doc__, "the first 30 minutes of that day (tests/data)")
+    parser.add_argument("--data", type=Path, help="a trades file (default: the day in ../shared)")
+    args = parse_stage(parser, argv, "replay", data=(_QUICK_DATA, _DAY))
+    if not args.data.is_file():
+        print(f"bench.replay needs a day of trades: {args.data} is missing (pass --data)",
+              file=sys.stderr)
+        return 1
+    logging.basicConfig(level="WARNING")
+    return run_stage(lambda tmp: asyncio.run(_measure(args.data, tmp)), args.out,
+                     _print_summary, quick=args.quick)
 
 
 if __name__ == "__main__":

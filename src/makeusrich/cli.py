@@ -14,6 +14,7 @@ import logging
 import os
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -29,7 +30,7 @@ from makeusrich.core.embedded import (
     start_kafka,
     start_redis,
 )
-from makeusrich.core.errors import ConfigError, MakeUsRichError, StreamError
+from makeusrich.core.errors import ConfigError, IngestError, MakeUsRichError, StreamError
 from makeusrich.core.intervals import parse_intervals
 from makeusrich.core.settings import Settings
 from makeusrich.trainer import ARCHITECTURES  # importing the trainer does not import torch
@@ -94,12 +95,17 @@ def _run_async(make: Callable[[asyncio.Event], Coroutine[Any, Any, object]]) -> 
 
 
 async def _ingest(settings: Settings, stop: asyncio.Event) -> None:
-    from makeusrich.stream.ingest import probe_binance, run_live
+    from makeusrich.core.metrics import IngestMetrics, serve_metrics
+    from makeusrich.stream.ingest import MeteredSink, probe_binance, run_live
     from makeusrich.stream.publisher import TradePublisher, ensure_topics
     from makeusrich.stream.sources import read_trades, run_replay, run_sim
 
+    metrics = IngestMetrics()
+    if settings.ingest_metrics_port is not None:
+        serve_metrics(metrics, settings.api_host, settings.ingest_metrics_port)
     ensure_topics(settings)
-    publisher = TradePublisher(settings)
+    producer = TradePublisher(settings)
+    publisher = MeteredSink(producer, metrics)
     try:
         kind = settings.source_kind
         if kind == "auto":
@@ -115,7 +121,7 @@ async def _ingest(settings: Settings, stop: asyncio.Event) -> None:
                 kind = "replay"
                 settings = settings.model_copy(update={"source": f"replay:{BUNDLED_SAMPLE}"})
         if kind == "binance":
-            await run_live(settings, publisher, stop)
+            await run_live(settings, publisher, stop, metrics)
         elif kind == "sim":
             await run_sim(settings, publisher, stop)
         else:
@@ -123,7 +129,7 @@ async def _ingest(settings: Settings, stop: asyncio.Event) -> None:
             count = await run_replay(read_trades(path), publisher, stop, settings.replay_speed)
             log.info("replay of %s finished: %d trades published", path, count)
     finally:
-        publisher.close()
+        producer.close()
 
 
 def _cmd_ingest(args: argparse.Namespace) -> None:
@@ -137,7 +143,28 @@ def _cmd_worker(args: argparse.Namespace) -> None:
 
     settings = _settings(args)
     _require_services(settings)
-    run_worker(settings)
+    run_worker(_worker_settings(settings))
+
+
+def _worker_settings(settings: Settings) -> Settings:
+    """``settings`` for `mur worker`: instance ``auto`` named after this host, and the
+    symbols of a replay the ingestor may publish (its ``replay:FILE``, or the bundled sample
+    ``auto`` falls back to) accepted with the configured ones."""
+    from makeusrich.stream.sources import replay_symbols
+
+    update: dict[str, Any] = {}
+    if settings.worker_instance == "auto":
+        update["worker_instance"] = socket.gethostname()
+    kind = settings.source_kind
+    if kind in ("auto", "replay"):
+        path = BUNDLED_SAMPLE if kind == "auto" else Path(settings.source.split(":", 1)[1])
+        try:
+            replayed = replay_symbols(path)
+        except IngestError as exc:  # e.g. the file exists only where the ingestor runs
+            log.warning("the worker accepts only MUR_SYMBOLS: %s", exc)
+        else:
+            update["symbols"] = tuple(dict.fromkeys(settings.symbols + replayed))
+    return settings.model_copy(update=update)
 
 
 def _cmd_api(args: argparse.Namespace) -> None:
@@ -168,6 +195,7 @@ def _cmd_backfill(args: argparse.Namespace) -> None:
 
 
 def _cmd_trainer(args: argparse.Namespace) -> None:
+    from makeusrich.core.metrics import TrainerMetrics, serve_metrics
     from makeusrich.trainer.schedule import parse_duration, run_schedule
 
     settings = _settings(args)
@@ -175,8 +203,12 @@ def _cmd_trainer(args: argparse.Namespace) -> None:
     if registry is None:  # never write new versions into the installed package
         raise ConfigError("mur trainer needs --registry DIR or MUR_MODEL_DIR")
     data = args.data or [str(settings.archive_dir)]
-    run_schedule(settings, data, Path(registry), every_s=parse_duration(args.every),
-                 arch=args.arch, epochs=args.epochs, runs=args.runs)
+    every_s = parse_duration(args.every)
+    metrics = TrainerMetrics()
+    if settings.trainer_metrics_port is not None:
+        serve_metrics(metrics, settings.api_host, settings.trainer_metrics_port)
+    run_schedule(settings, data, Path(registry), every_s=every_s, arch=args.arch,
+                 epochs=args.epochs, runs=args.runs, metrics=metrics)
 
 
 def _cmd_record(args: argparse.Namespace) -> None:

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from kit.api import RunningApi, serve_in_thread
+from kit.api import RunningApi, scratch_store, serve_in_thread
 from makeusrich.core.settings import Settings
 from makeusrich.core.store import RedisStore
 
@@ -25,10 +25,5 @@ def start_api(make_settings: Callable[..., Settings]) -> Iterator[Callable[..., 
 @pytest.fixture
 async def store(make_settings: Callable[..., Settings]) -> AsyncIterator[RedisStore]:
     """A store on the module's ``make_settings()``; its keys are deleted afterwards."""
-    settings = make_settings()
-    store = RedisStore.from_settings(settings)
-    yield store
-    keys = [key async for key in store.client.scan_iter(match=f"{settings.redis_prefix}:*")]
-    if keys:
-        await store.client.delete(*keys)
-    await store.aclose()
+    async with scratch_store(make_settings()) as store:
+        yield store

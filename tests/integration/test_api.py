@@ -16,9 +16,9 @@ import httpx
 import msgspec
 import pytest
 import redis.asyncio as aioredis
-from httpx_sse import EventSource, ServerSentEvent, aconnect_sse
+from httpx_sse import ServerSentEvent, aconnect_sse
 
-from kit.api import RunningApi, serve_in_thread
+from kit.api import EventReader, RunningApi, serve_in_thread, wait_for
 from makeusrich.api import create_app
 from makeusrich.api.broadcast import Broadcaster
 from makeusrich.core.embedded import EmbeddedService, free_port
@@ -91,54 +91,6 @@ def api(start_api: Callable[..., RunningApi]) -> RunningApi:
 async def client(api: RunningApi) -> AsyncIterator[httpx.AsyncClient]:
     async with httpx.AsyncClient(base_url=api.base_url, timeout=10) as client:
         yield client
-
-
-async def wait_for(predicate: Callable[[], bool], timeout_s: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.01)
-
-
-class EventReader:
-    """Reads an SSE connection in a background task, so waiting for "no more events" with a
-    timeout does not cancel (and so end) httpx-sse's iterator."""
-
-    def __init__(self, source: EventSource) -> None:
-        self._queue: asyncio.Queue[ServerSentEvent | None] = asyncio.Queue()
-        self._task = asyncio.create_task(self._pump(source))
-
-    async def _pump(self, source: EventSource) -> None:
-        try:
-            async for event in source.aiter_sse():
-                self._queue.put_nowait(event)
-        except httpx.HTTPError:
-            pass  # our side closed the connection
-        finally:
-            self._queue.put_nowait(None)
-
-    async def next(self, n: int, timeout_s: float = 5.0) -> list[ServerSentEvent]:
-        out = []
-        async with asyncio.timeout(timeout_s):
-            while len(out) < n:
-                event = await self._queue.get()
-                assert event is not None, f"stream ended after {len(out)} of {n} events"
-                out.append(event)
-        return out
-
-    async def assert_quiet(self, wait_s: float = 0.3) -> None:
-        await asyncio.sleep(wait_s)
-        assert self._queue.empty(), f"unexpected event {self._queue.get_nowait()}"
-
-    async def ended(self, timeout_s: float = 5.0) -> bool:
-        async with asyncio.timeout(timeout_s):
-            return await self._queue.get() is None
-
-    async def close(self) -> None:
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
 
 
 @contextlib.asynccontextmanager

@@ -16,10 +16,11 @@ import pytest
 from httpx_sse import aconnect_sse
 from kafka import KafkaProducer
 from msgspec.structs import replace
-from prometheus_client.parser import text_string_to_metric_families
 
 from kit.api import RunningApi, serve_in_thread
 from kit.klines import TRADES_SLICE
+from kit.metrics import Samples, parse, series
+from kit.metrics import sample as get
 from kit.worker import start_worker, wait_until
 from makeusrich.core.embedded import EmbeddedService, free_port
 from makeusrich.core.schemas import Candle, EndOfStream, Prediction, now_ms
@@ -34,31 +35,11 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 MINUTE_MS = 60_000
 T0_MS = 1_700_000_040_000
 
-Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
-
-
-def parse(text: str) -> Samples:
-    """Text exposition -> {(sample name, labels): value}."""
-    return {
-        (sample.name, frozenset(sample.labels.items())): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
-
-
-def get(samples: Samples, name: str, **labels: str) -> float | None:
-    return samples.get((name, frozenset(labels.items())))
-
-
 def total(samples: Samples, name: str, **labels: str) -> float:
     """Sum of ``name`` over every series carrying ``labels``."""
     wanted = set(labels.items())
     return sum(value for (sample, sample_labels), value in samples.items()
                if sample == name and wanted <= sample_labels)
-
-
-def series(samples: Samples, name: str) -> list[dict[str, str]]:
-    return [dict(labels) for sample, labels in samples if sample == name]
 
 
 # ------------------------------------------------------------------------------ API

@@ -1,5 +1,6 @@
 """Scheduled retraining on a real day of 1m klines: each run trains on the data as it is then,
-the promotion rule decides, and every run is summarised; and the evaluation in a manifest."""
+the promotion rule decides, and every run is summarised and counted in the trainer's metrics;
+and the evaluation in a manifest."""
 
 import threading
 import time
@@ -9,7 +10,9 @@ from typing import Any
 import msgspec
 import pytest
 
+from kit.metrics import parse, sample, series
 from makeusrich.core.errors import ConfigError
+from makeusrich.core.metrics import TrainerMetrics, expose
 from makeusrich.core.settings import Settings
 from makeusrich.inference import Registry
 from makeusrich.trainer import RunSummary, parse_duration, run_schedule, schedule
@@ -22,7 +25,14 @@ NO_BROKER = Settings(kafka_bootstrap=None)
 
 
 @pytest.fixture(scope="module")
-def scheduled(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[RunSummary], Registry]:
+def trainer_metrics() -> TrainerMetrics:
+    return TrainerMetrics()
+
+
+@pytest.fixture(scope="module")
+def scheduled(
+    tmp_path_factory: pytest.TempPathFactory, trainer_metrics: TrainerMetrics
+) -> tuple[list[RunSummary], Registry]:
     data = tmp_path_factory.mktemp("data")
     lines = DAY.read_text().splitlines(keepends=True)
     (data / "BTCUSDT-1m-2025-11-20-a.csv").write_text("".join(lines[:FIRST_CANDLES]))
@@ -43,6 +53,7 @@ def scheduled(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[RunSummary
             every_s=0,
             runs=2,
             epochs=1,
+            metrics=trainer_metrics,
             hidden=16,
             stride=8,
             progress=False,
@@ -81,6 +92,30 @@ def test_first_run_is_promoted_and_the_second_decided_by_the_rule(
     # A losing version stays in the registry too. (Both may share a second: compare sets.)
     assert set(registry.versions()) == {first.version, second.version}
     assert registry.champion() == (second.version if second.promoted else first.version)
+
+
+@pytest.mark.train
+@pytest.mark.slow
+def test_the_runs_are_counted_in_the_trainer_metrics(
+    scheduled: tuple[list[RunSummary], Registry], trainer_metrics: TrainerMetrics
+) -> None:
+    (first, second), registry = scheduled
+    body, _ = expose(trainer_metrics.registry, None)  # what `mur trainer` serves
+    samples = parse(body.decode())
+
+    def runs(outcome: str, trigger: str = "schedule") -> float | None:
+        return sample(samples, "mur_trainer_runs_total", outcome=outcome, trigger=trigger)
+
+    promoted = sum(summary.promoted for summary in (first, second))
+    assert runs("promoted") == promoted and runs("kept") == 2 - promoted
+    assert runs("failed") == runs("promoted", "drift") == 0
+    assert sample(samples, "mur_trainer_promotions_total") == promoted
+    assert series(samples, "mur_trainer_promoted_version_info") == [
+        {"version": registry.champion()}
+    ]
+    assert sample(samples, "mur_trainer_last_run_duration_seconds") == second.duration_s
+    last_success_s = sample(samples, "mur_trainer_last_success_timestamp_seconds")
+    assert last_success_s is not None and second.started_at / 1000 <= last_success_s <= time.time()
 
 
 @pytest.mark.train

@@ -108,9 +108,10 @@ def test_malformed_and_late_messages_are_dead_lettered(
         b'"quote_qty":1.0,"is_buyer_maker":false,"ts_event":1,"ts_ingest":1}',
         _raw_trade(8, t0 + 10, price="abc"),
     ]
-    good = [_raw_trade(10, t0 + 1_000), _raw_trade(11, t0 + 61_000, price=101.0),
-            _raw_trade(12, t0 + 65_000, price=102.0)]
-    late = _raw_trade(13, t0 + 30_000, price=999.0)  # its candle closed at t0+62s
+    good = [_raw_trade(10, t0 + 1_000),
+            _raw_trade(11, t0 + 61_000, price=101.0, quote_qty=101.0),
+            _raw_trade(12, t0 + 65_000, price=102.0, quote_qty=102.0)]
+    late = _raw_trade(13, t0 + 30_000, price=999.0, quote_qty=999.0)  # closed at t0+62s
     producer = KafkaProducer(bootstrap_servers=settings.kafka_bootstrap)
     for message in [*bad, *good, late]:
         producer.send(settings.topics.trades, message, key=b"BTCUSDT")

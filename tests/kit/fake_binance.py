@@ -33,6 +33,8 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
+from makeusrich.core.schemas import Trade
+
 __all__ = [
     "BTCUSDT_KLINES_CSV",
     "BTCUSDT_TRADES_CSV",
@@ -83,6 +85,14 @@ class FakeTrade:
         return json.dumps(
             {"stream": f"{self.symbol.lower()}@trade", "data": data}, separators=(",", ":")
         )
+
+    def as_trade(self) -> Trade:
+        """The trade the ingestor publishes for it (``ts_ingest``, a wall-clock stamp, is
+        ``time_ms`` here)."""
+        price, qty = float(self.price), float(self.qty)
+        return Trade(symbol=self.symbol, trade_id=self.id, price=price, qty=qty,
+                     quote_qty=price * qty, is_buyer_maker=self.is_buyer_maker,
+                     ts_event=self.time_ms, ts_ingest=self.time_ms, source="live")
 
     def rest_row(self) -> dict[str, Any]:
         """The trade as a ``historicalTrades`` row."""

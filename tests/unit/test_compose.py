@@ -1,11 +1,13 @@
-"""docker-compose.yml and infra/Dockerfile stay consistent with the CLI and the Settings.
+"""docker-compose.yml and infra/ stay consistent with the CLI and the Settings.
 
 No Docker engine runs on the dev machines or in CI, so the containers are never started
 here. These checks catch the drift that would break them silently: a renamed subcommand or
 setting, a dependency on a service without a healthcheck, torch creeping into the serving
-image.
+image, a replica Prometheus does not scrape, a proxy that buffers the live feed.
+(tests/integration/test_proxy.py runs the proxy's rules with a real nginx.)
 """
 
+import ipaddress
 import json
 import os
 import re
@@ -20,19 +22,29 @@ import yaml
 
 from makeusrich.cli import _parser
 from makeusrich.core.settings import Settings
+from makeusrich.trainer.schedule import parse_duration
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_PATH = ROOT / "docker-compose.yml"
 DOCKERFILE_PATH = ROOT / "infra" / "Dockerfile"
 PYPROJECT_PATH = ROOT / "pyproject.toml"
 DOCKERIGNORE_PATH = ROOT / ".dockerignore"
+PROMETHEUS_PATH = ROOT / "infra" / "prometheus.yml"
+NGINX_CONF_PATH = ROOT / "infra" / "nginx" / "nginx.conf"
+API_PROXY_PATH = ROOT / "infra" / "nginx" / "api-proxy.conf"
 
 MUR_VAR = re.compile(r"\bMUR_[A-Z0-9_]+\b")
 # ${VAR}, ${VAR:-default}, ${VAR-default}, ${VAR:?error}, ...
 INTERPOLATION = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-+?])([^}]*))?\}")
 # What each `mur` subcommand connects to, so its service must wait for.
-NEEDS = {"ingest": {"kafka"}, "worker": {"kafka", "redis"}, "api": {"redis"}}
+NEEDS = {"ingest": {"kafka"}, "worker": {"kafka", "redis"}, "api": {"redis"},
+         "archive": {"kafka"}, "trainer": {"kafka", "redis"}}
 PIPELINE_COMMANDS = set(NEEDS)
+# The Settings field of the port each command serves Prometheus metrics on.
+METRICS_PORT = {"api": "api_port", "worker": "worker_metrics_port",
+                "ingest": "ingest_metrics_port", "trainer": "trainer_metrics_port"}
+# What a command reads from the model registry (MUR_MODEL_DIR); the trainer also writes it.
+REGISTRY_READERS = {"worker", "api"}
 
 COMPOSE: dict[str, Any] = yaml.safe_load(COMPOSE_PATH.read_text())  # resolves anchors, <<
 SERVICES: dict[str, dict[str, Any]] = COMPOSE["services"]
@@ -117,11 +129,12 @@ def test_service_command_is_a_mur_subcommand(name: str) -> None:
 
 def test_every_mur_variable_is_a_settings_field() -> None:
     fields = {f"MUR_{name.upper()}" for name in Settings.model_fields}
-    for path in (COMPOSE_PATH, DOCKERFILE_PATH):
+    for path in (COMPOSE_PATH, DOCKERFILE_PATH, PROMETHEUS_PATH, NGINX_CONF_PATH,
+                 API_PROXY_PATH):
         used = set(MUR_VAR.findall(path.read_text()))
-        assert used, f"{path.name} sets no MUR_* variable"
+        assert used or path not in (COMPOSE_PATH, DOCKERFILE_PATH), f"{path.name}: no MUR_*"
         unknown = used - fields
-        assert not unknown, f"{path.name} uses {sorted(unknown)}, not fields of Settings"
+        assert not unknown, f"{path.name} names {sorted(unknown)}, not fields of Settings"
 
 
 @pytest.mark.parametrize("name", OURS)
@@ -160,8 +173,7 @@ def test_api_listens_outside_the_container_and_is_health_checked(
     api = SERVICES["api"]
     settings = _settings(api, monkeypatch)
     assert settings.api_host == "0.0.0.0"
-    published = [str(p) for p in api.get("ports", [])]
-    assert any(p.rsplit(":", 1)[-1] == str(settings.api_port) for p in published), published
+    assert "ports" not in api, "replicas cannot share a host port: the proxy publishes it"
     probe = " ".join(str(part) for part in api["healthcheck"]["test"])
     assert f":{settings.api_port}/healthz" in probe
     assert "/healthz" in create_app(settings).openapi()["paths"]
@@ -191,6 +203,206 @@ def test_kafka_is_a_single_kraft_node() -> None:
     assert "kafka-broker-api-versions" in " ".join(SERVICES["kafka"]["healthcheck"]["test"])
 
 
+def _replicas(service: dict[str, Any]) -> int:
+    return int(service.get("deploy", {}).get("replicas", 1))
+
+
+def _mounts(service: dict[str, Any]) -> dict[str, tuple[str, bool]]:
+    """Container path -> (volume name or host path, read-only) of the short-syntax volumes."""
+    mounts = {}
+    for spec in service.get("volumes", []):
+        source, target, *mode = str(spec).split(":")
+        mounts[target] = (source, mode == ["ro"])
+    return mounts
+
+
+def _volume_at(service: dict[str, Any], path: object) -> tuple[str, bool]:
+    """The named volume (declared at the top level) mounted at ``path``, and read-only."""
+    mounts = _mounts(service)
+    assert str(path) in mounts, f"nothing is mounted at {path}"
+    volume, read_only = mounts[str(path)]
+    assert volume in (COMPOSE.get("volumes") or {}), f"{volume} is not a named volume"
+    return volume, read_only
+
+
+def test_workers_are_replicas_of_one_consumer_group(monkeypatch: pytest.MonkeyPatch) -> None:
+    workers = [name for name in OURS if _command(SERVICES[name])[0] == "worker"]
+    assert workers == ["worker"], "one worker service, scaled: all replicas in one Faust group"
+    worker = SERVICES["worker"]
+    replicas = _replicas(worker)
+    assert replicas >= 2
+    assert not {"container_name", "hostname"} & worker.keys(), "each replica names itself"
+    settings = _settings(worker, monkeypatch)
+    assert settings.worker_id, "the consumer group the replicas share"
+    assert settings.worker_instance == "auto", "each replica's counters under its host name"
+    # Whichever service creates the trades topic first, each replica gets a partition.
+    for name in OURS:
+        assert _settings(SERVICES[name], monkeypatch).trades_partitions >= replicas, name
+    assert int(_environment(SERVICES["kafka"])["KAFKA_NUM_PARTITIONS"]) >= replicas
+
+
+# nginx configuration: (directive, arguments, block or None)
+Directive = tuple[str, list[str], list[Any] | None]
+
+
+def _nginx(text: str) -> list[Directive]:
+    tokens = re.findall(r'"[^"]*"|[{};]|[^\s{};]+', re.sub(r"#[^\n]*", "", text))
+
+    def block(pos: int) -> tuple[list[Directive], int]:
+        directives: list[Directive] = []
+        words: list[str] = []
+        while pos < len(tokens):
+            token, pos = tokens[pos], pos + 1
+            if token == "}":
+                return directives, pos
+            if token in ";{":
+                children = None
+                if token == "{":
+                    children, pos = block(pos)
+                directives.append((words[0], words[1:], children))
+                words = []
+            else:
+                words.append(token.strip('"'))
+        return directives, pos
+
+    return block(0)[0]
+
+
+def _args(directives: list[Directive], name: str) -> list[list[str]]:
+    return [args for directive, args, _ in directives if directive == name]
+
+
+def _child(directives: list[Directive], name: str, *args: str) -> list[Directive]:
+    (children,) = [c for d, a, c in directives if d == name and tuple(a) == args and c is not None]
+    return children
+
+
+def _location(rules: list[Directive], path: str) -> list[Directive]:
+    """The location nginx picks for ``path``: exact match, else the first matching regex,
+    else the longest prefix (as long as no prefix location uses ``^~``)."""
+    locations = [(args, children or []) for d, args, children in rules if d == "location"]
+    assert not [args for args, _ in locations if args[0] == "^~"]
+    for args, children in locations:
+        if args[0] == "=" and args[1] == path:
+            return children
+    for args, children in locations:
+        if args[0] in ("~", "~*") and re.search(args[1], path, re.I if args[0] == "~*" else 0):
+            return children
+    prefixes = [(args[0], children) for args, children in locations
+                if len(args) == 1 and path.startswith(args[0])]
+    return max(prefixes, key=lambda prefix: len(prefix[0]))[1]
+
+
+def test_api_replicas_are_behind_the_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
+    api, proxy = SERVICES["api"], SERVICES["proxy"]
+    assert _replicas(api) >= 2
+    settings = _settings(api, monkeypatch)
+    http = _child(_nginx(NGINX_CONF_PATH.read_text()), "http")
+    # Every replica: Docker's DNS answers the service name with each of them, re-resolved.
+    (server,) = _args(_child(http, "upstream", "mur_api"), "server")
+    assert server[0] == f"api:{settings.api_port}" and "resolve" in server
+    assert _args(http, "resolver")[0][0] == "127.0.0.11"
+    # The compose files are where nginx reads them, and the proxy rules are included.
+    mounts = {target: (ROOT / source).resolve() for target, (source, _) in _mounts(proxy).items()}
+    assert mounts["/etc/nginx/nginx.conf"] == NGINX_CONF_PATH
+    site = _child(http, "server")
+    assert [mounts[path] for (path,) in _args(site, "include")] == [API_PROXY_PATH]
+    (listen,) = _args(site, "listen")
+    assert [str(p).rsplit(":", 1)[-1] for p in proxy["ports"]] == listen
+    assert "/healthz" in " ".join(proxy["healthcheck"]["test"])
+    assert proxy["depends_on"]["api"]["condition"] == "service_healthy"
+    # The API takes the client address from X-Forwarded-For on the proxy's connections only.
+    address = proxy["networks"]["default"]["ipv4_address"]
+    assert settings.forwarded_allow_ips == (address,)
+    (network,) = COMPOSE["networks"]["default"]["ipam"]["config"]
+    assert ipaddress.ip_address(address) in ipaddress.ip_network(network["subnet"])
+    assert ipaddress.ip_address(address) not in ipaddress.ip_network(network["ip_range"]), (
+        "a fixed address inside ip_range may already be taken by another container")
+
+
+def test_proxy_streams_sse_unbuffered_and_forwards_the_client(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from makeusrich.api.app import create_app
+
+    settings = _settings(SERVICES["api"], monkeypatch)
+    rules = _nginx(API_PROXY_PATH.read_text())
+    assert _args(rules, "proxy_http_version") == [["1.1"]]
+    headers = {name.lower(): value for name, value in _args(rules, "proxy_set_header")}
+    assert headers["connection"] == "", "keep-alive to the replicas"
+    assert headers["x-forwarded-for"] == "$remote_addr", "replaced, not appended to"
+    paths = create_app(settings).openapi()["paths"]
+    streams = [path for path, ops in paths.items()
+               if "text/event-stream" in ops.get("get", {}).get("responses", {})
+               .get("200", {}).get("content", {})]
+    assert "/v1/stream" in streams
+    for path in streams:
+        location = _location(rules, re.sub(r"\{[^}]+\}", "x", path))
+        assert _args(location, "proxy_pass") == [["http://mur_api"]], path
+        for directive in ("proxy_buffering", "proxy_cache", "gzip"):
+            assert _args(location, directive) == [["off"]], (path, directive)
+        (timeout,) = _args(location, "proxy_read_timeout")
+        assert parse_duration(timeout[0]) > 2 * settings.sse_heartbeat_s
+        assert ["X-Accel-Buffering", "no", "always"] in _args(location, "add_header")
+    for path in ("/v1/candles/BTCUSDT", "/healthz", "/"):
+        location = _location(rules, path)
+        assert _args(location, "proxy_pass") == [["http://mur_api"]], path
+        assert not _args(location, "proxy_buffering"), "REST answers are buffered as usual"
+    assert _args(_location(rules, "/metrics"), "return") == [["404"]]
+
+
+def test_prometheus_scrapes_every_replica_of_every_service(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    config = yaml.safe_load(PROMETHEUS_PATH.read_text())
+    scraped: dict[str, int] = {}
+    for job in config["scrape_configs"]:
+        for sd in job.get("dns_sd_configs", []):
+            assert sd["type"] == "A", "an A query returns every replica's address"
+            scraped.update((name, int(sd["port"])) for name in sd["names"])
+    expected: dict[str, int] = {}
+    for name in OURS:
+        field = METRICS_PORT.get(_command(SERVICES[name])[0])
+        if field is None:
+            continue
+        settings = _settings(SERVICES[name], monkeypatch)
+        port = getattr(settings, field)
+        assert port is not None, f"{name} serves no metrics: set MUR_{field.upper()}"
+        assert settings.api_host == "0.0.0.0", f"{name}'s metrics bind on MUR_API_HOST"
+        expected[name] = port
+    assert scraped == expected
+    prometheus = SERVICES["prometheus"]
+    flags = dict(flag.split("=", 1) for flag in prometheus["command"])
+    mounts = _mounts(prometheus)
+    assert (ROOT / mounts[flags["--config.file"]][0]).resolve() == PROMETHEUS_PATH
+    _volume_at(prometheus, flags["--storage.tsdb.path"])
+
+
+def test_data_and_models_live_in_shared_volumes(monkeypatch: pytest.MonkeyPatch) -> None:
+    _volume_at(SERVICES["kafka"], _environment(SERVICES["kafka"])["KAFKA_LOG_DIRS"])
+    _volume_at(SERVICES["redis"], "/data")
+    assert "--appendonly" in SERVICES["redis"]["command"]
+    registries, archives = set(), set()
+    for name in OURS:
+        command, settings = _command(SERVICES[name])[0], _settings(SERVICES[name], monkeypatch)
+        if command in REGISTRY_READERS | {"trainer"}:
+            volume, read_only = _volume_at(SERVICES[name], settings.model_dir)
+            assert read_only == (command != "trainer"), f"{name}: only the trainer writes"
+            registries.add(volume)
+        if command in ("archive", "trainer"):
+            volume, read_only = _volume_at(SERVICES[name], settings.archive_dir)
+            assert read_only == (command == "trainer"), f"{name}: only the archiver writes"
+            archives.add(volume)
+    # What the trainer promotes reaches the workers and the API; it learns from the archive.
+    assert len(registries) == len(archives) == 1 and registries != archives
+    # A new registry volume starts as the image's copy of the bundled model.
+    model_dirs = {str(_settings(SERVICES[name], monkeypatch).model_dir) for name in OURS}
+    for target in ("runtime", "trainer"):
+        seeds = [args.split()[-1] for keyword, args in _image(target)
+                 if keyword == "COPY" and "makeusrich/models" in args]
+        assert seeds and set(seeds) == model_dirs, (target, seeds, model_dirs)
+
+
 # ---- infra/Dockerfile ------------------------------------------------------------------
 
 
@@ -213,46 +425,95 @@ def _instructions(text: str) -> list[tuple[str, str]]:
 
 INSTRUCTIONS = _instructions(DOCKERFILE_PATH.read_text())
 PYPROJECT = tomllib.loads(PYPROJECT_PATH.read_text())
+Instructions = list[tuple[str, str]]
 
 
-def _final_stage() -> list[tuple[str, str]]:
-    last_from = max(i for i, (keyword, _) in enumerate(INSTRUCTIONS) if keyword == "FROM")
-    return INSTRUCTIONS[last_from:]
+def _stages() -> dict[str, tuple[str, Instructions]]:
+    """Stage name -> (the image or stage it is FROM, its own instructions), in file order."""
+    args = dict(
+        arg.split("=", 1) for keyword, arg in INSTRUCTIONS if keyword == "ARG" and "=" in arg
+    )
+    stages: dict[str, tuple[str, Instructions]] = {}
+    for keyword, arg in INSTRUCTIONS:
+        if keyword == "FROM":
+            words = arg.split()
+            base = re.sub(r"\$\{(\w+)\}", lambda m: args[m.group(1)], words[0])
+            name = words[2] if len(words) == 3 and words[1].upper() == "AS" else str(len(stages))
+            stages[name] = (base, [])
+        elif stages:
+            stages[next(reversed(stages))][1].append((keyword, arg))
+    return stages
+
+
+STAGES = _stages()
+
+
+def _image(target: str) -> Instructions:
+    """The instructions of the image ``target`` builds, down its FROM chain, oldest first."""
+    base, own = STAGES[target]
+    return (_image(base) if base in STAGES else []) + own
+
+
+def _ancestry(target: str) -> set[str]:
+    """Every stage ``target`` is built from (FROM or COPY --from), itself included."""
+    base, own = STAGES[target]
+    parents = {base} | {
+        match.group(1) for keyword, arg in own if keyword == "COPY"
+        for match in [re.match(r"--from=(\S+)", arg)] if match
+    }
+    found = {target}
+    for parent in parents & STAGES.keys():
+        found |= _ancestry(parent)
+    return found
+
+
+def _pip_installs(stages: set[str]) -> list[str]:
+    return [
+        segment
+        for stage in sorted(stages)
+        for keyword, args in STAGES[stage][1]
+        if keyword == "RUN"
+        for segment in re.split(r"&&|\|\||;", args)
+        if re.search(r"\bpip\b.*\binstall\b", segment)
+    ]
+
+
+def test_compose_builds_the_serving_image_except_for_the_trainer() -> None:
+    assert next(reversed(STAGES)) == "runtime", "a plain `docker build` makes the serving image"
+    for name in OURS:
+        target = SERVICES[name]["build"]["target"]
+        assert target == ("trainer" if _command(SERVICES[name])[0] == "trainer" else "runtime")
 
 
 def test_serving_image_does_not_install_torch() -> None:
     train = PYPROJECT["project"]["optional-dependencies"]["train"]
     assert any(dep.startswith("torch") for dep in train), "torch is expected in the train extra"
     assert not any(dep.startswith("torch") for dep in PYPROJECT["project"]["dependencies"])
-    installs = [
-        segment
-        for keyword, args in INSTRUCTIONS
-        if keyword == "RUN"
-        for segment in re.split(r"&&|\|\||;", args)
-        if re.search(r"\bpip\b.*\binstall\b", segment)
-    ]
+    installs = _pip_installs(_ancestry("runtime"))
     assert any(re.search(r"\binstall\s+\.(\s|$)", s) for s in installs), installs
     for segment in installs:
         assert "torch" not in segment, segment
         assert not re.search(r"\[[^\]]*\btrain\b", segment), segment
 
 
-def test_image_is_slim_non_root_and_runs_mur() -> None:
+def test_trainer_image_adds_the_train_extra_with_cpu_only_torch() -> None:
+    installs = _pip_installs(_ancestry("trainer") - _ancestry("runtime"))
+    train = [s for s in installs if re.search(r"\[[^\]]*\btrain\b", s)]
+    assert train, f"the trainer stages install no train extra: {installs}"
+    # PyPI's Linux torch wheels pull CUDA; the PyTorch CPU index has CPU-only builds.
+    assert all("https://download.pytorch.org/whl/cpu" in s for s in train), train
+
+
+@pytest.mark.parametrize("target", ["runtime", "trainer"])
+def test_image_is_slim_non_root_and_runs_mur(target: str) -> None:
     assert PYPROJECT["project"]["scripts"]["mur"] == "makeusrich.cli:main"
-    args = dict(
-        arg.split("=", 1) for keyword, arg in INSTRUCTIONS if keyword == "ARG" and "=" in arg
-    )
-    bases = {
-        re.sub(r"\$\{(\w+)\}", lambda m: args[m.group(1)], arg.split()[0])
-        for keyword, arg in INSTRUCTIONS
-        if keyword == "FROM" and not arg.startswith("--")
-    }
+    bases = {STAGES[stage][0] for stage in _ancestry(target)} - STAGES.keys()
     assert bases == {"python:3.11-slim"}, bases
-    final = _final_stage()
-    entrypoints = [json.loads(arg) for keyword, arg in final if keyword == "ENTRYPOINT"]
+    image = _image(target)
+    entrypoints = [json.loads(arg) for keyword, arg in image if keyword == "ENTRYPOINT"]
     assert entrypoints[-1:] == [["mur"]]
-    users = [arg for keyword, arg in final if keyword == "USER"]
-    assert users, "the runtime stage must switch to a non-root user"
+    users = [arg for keyword, arg in image if keyword == "USER"]
+    assert users, f"the {target} image must switch to a non-root user"
     assert users[-1].split(":")[0] not in ("root", "0")
 
 

@@ -1,11 +1,13 @@
 """HTTP API: REST for candles and predictions, SSE for live events."""
 
+import socket
+
 import uvicorn
 
 from makeusrich.api.app import create_app
 from makeusrich.core.settings import Settings
 
-__all__ = ["create_app", "serve"]
+__all__ = ["create_app", "listen_socket", "serve"]
 
 # Open SSE streams would otherwise hold Ctrl-C for uvicorn's unbounded graceful wait.
 # Streams end themselves within ~1.5 s (see routes/stream.py), so this rarely bites.
@@ -26,5 +28,28 @@ def serve(settings: Settings) -> None:
         workers=1,
         timeout_graceful_shutdown=_GRACEFUL_SHUTDOWN_S,
         server_header=False,  # no software banner for clients
+        # The client address (rate limits per IP) comes from X-Forwarded-For only when the
+        # connection is from one of these proxies; uvicorn's own env variable is not read.
+        proxy_headers=True,
+        forwarded_allow_ips=list(settings.forwarded_allow_ips),
     )
-    uvicorn.Server(config).run()
+    uvicorn.Server(config).run(sockets=[listen_socket(config, settings)])
+
+
+def listen_socket(config: uvicorn.Config, settings: Settings) -> socket.socket:
+    """``config``'s listening socket, for ``uvicorn.Server.run(sockets=[...])``.
+
+    A client that stops reading (or vanishes) fills the kernel's send buffer, then the
+    transport's, and the response's next send waits for room that never comes: its stream
+    would hold its task, queue and socket for ever, as uvicorn's close of a connection
+    waits for unsent bytes to go out. So every connection carries TCP_USER_TIMEOUT (Linux;
+    accepted sockets inherit it): once it has accepted nothing for
+    ``settings.api_send_timeout_s`` the kernel drops it, the pending send returns, the
+    stream ends and everything it held is released. Elsewhere the SSE send timeout (the
+    same setting) still ends the stream.
+    """
+    sock = config.bind_socket()
+    if hasattr(socket, "TCP_USER_TIMEOUT"):
+        timeout_ms = int(settings.api_send_timeout_s * 1000)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, timeout_ms)
+    return sock

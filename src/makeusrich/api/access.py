@@ -6,7 +6,7 @@ that is not public it
 
 1. reads the key from ``Authorization: Bearer <key>`` or ``X-API-Key: <key>``; without one
    the client is anonymous when ``Settings.anonymous_allowed`` (limited by its IP address,
-   as uvicorn reports it: behind a reverse proxy set ``FORWARDED_ALLOW_IPS``), else 401;
+   as uvicorn reports it: behind a reverse proxy set ``MUR_FORWARDED_ALLOW_IPS``), else 401;
 2. runs :meth:`makeusrich.access.Limiter.check`: one Redis round trip that also refuses
    unknown and revoked keys (401 with ``WWW-Authenticate: Bearer``) and counts the request
    against the limits of its route class, or refuses it (429 with ``Retry-After``);

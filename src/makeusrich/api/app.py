@@ -47,7 +47,8 @@ log = logging.getLogger(__name__)
 
 
 async def _storage_unavailable(request: Request, exc: Exception) -> JSONResponse:
-    log.warning("redis error serving %s: %r", request.url.path, exc)
+    # %s: redis-py's repr of its errors drops the message (e.g. which address failed).
+    log.warning("redis error serving %s: %s: %s", request.url.path, type(exc).__name__, exc)
     api_metrics(request).redis_errors.labels("request").inc()
     return JSONResponse({"detail": "storage unavailable: Redis is not answering; retry "
                                    "shortly"}, status_code=503)

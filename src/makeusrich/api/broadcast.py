@@ -1,9 +1,11 @@
 """Fan-out of live events from ONE Redis pub/sub subscription to every SSE client.
 
 Each client gets a bounded queue. A client that cannot keep up (queue full) is dropped:
-its queue is emptied and closed, its SSE generator ends, and the browser reconnects with
-``Last-Event-ID`` to replay what it missed from the events stream. Slow clients therefore
-never delay the others.
+its queue is emptied and closed, its SSE generator ends once its pending send is done, and
+the browser reconnects with ``Last-Event-ID`` to replay what it missed from the events
+stream. Slow clients therefore never delay the others. A client that stopped reading would
+hold that send for ever: its connection is dropped by the kernel after
+``Settings.api_send_timeout_s`` (see :func:`makeusrich.api.listen_socket`).
 
 If the pub/sub connection drops, the broadcaster reconnects and replays the events stream
 after the last id it dispatched, so live clients see no gap and no duplicate.
@@ -49,6 +51,22 @@ class Subscription:
         if self.closed and self._queue.empty():
             return None
         return await self._queue.get()
+
+    async def get_many(self, limit: int) -> list[StoredEvent]:
+        """Waits for the next event, then takes those already queued behind it (at most
+        ``limit`` in all); [] once the subscription is closed. Candles of many symbols close
+        together: one write per burst instead of one per event."""
+        first = await self.get()
+        if first is None:
+            return []
+        events = [first]
+        while len(events) < limit and not self._queue.empty():
+            event = self._queue.get_nowait()
+            if event is None:  # closed meanwhile: keep the end marker for the next call
+                self._queue.put_nowait(None)
+                break
+            events.append(event)
+        return events
 
     def _offer(self, event: StoredEvent) -> bool:
         """Queue an event; False when the queue is full."""

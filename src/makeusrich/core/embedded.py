@@ -142,11 +142,15 @@ def start_kafka(port: int | None = None, log_dir: Path = Path(".mur/logs")) -> E
     return _start("kafka", argv, port, f"127.0.0.1:{port}", log_dir)
 
 
-def start_redis(port: int | None = None, log_dir: Path = Path(".mur/logs")) -> EmbeddedService:
-    """Start a throw-away redis-server (no persistence) on 127.0.0.1."""
+def start_redis(port: int | None = None, log_dir: Path = Path(".mur/logs"),
+                data_dir: Path | None = None) -> EmbeddedService:
+    """Start a redis-server on 127.0.0.1: throw-away (no persistence), or with ``data_dir``
+    an append-only file there, fsync'd on every write, that a restart on it reloads."""
     port = port or free_port()
+    persistence = ["--appendonly", "no"] if data_dir is None else [
+        "--dir", str(data_dir), "--appendonly", "yes", "--appendfsync", "always"]
     argv = [
         redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-        "--appendonly", "no", "--protected-mode", "no",
+        *persistence, "--protected-mode", "no",
     ]
     return _start("redis", argv, port, f"redis://127.0.0.1:{port}/0", log_dir)

@@ -20,7 +20,11 @@ Redis (``{p}`` is ``Settings.redis_prefix``, ``mur`` by default):
 - ``{p}:model`` — hash describing the model the worker serves (version, loaded_at).
 - ``{p}:worker:{worker_id}`` — hash of the worker's counters (trades, candles, predictions,
   dead_letters, late, duplicates, model_rejections, end_of_streams, drift_events), refreshed
-  every second.
+  every second. ``worker_id`` is the Faust app id and consumer group. Several workers of one
+  group (scale-out) each set ``MUR_WORKER_INSTANCE`` and publish to their own
+  ``{p}:worker:{worker_id}:{instance}`` instead; a group's totals are the sum over its
+  instances (each counts what it processed, so messages a rebalance handed over can be
+  counted twice).
 - ``{p}:backtest:{job_id}`` — hash of one backtest job run by the API (``status``
   queued|running|done|failed, ``stage``, ``progress``, ``message``, ``created_ms``,
   ``updated_ms``, ``request``/``metrics``/``files`` as JSON, ``report_dir``, ``owner``).
@@ -76,8 +80,9 @@ class RedisKeys:
     def model(self) -> str:
         return f"{self.prefix}:model"
 
-    def worker_stats(self, worker_id: str) -> str:
-        return f"{self.prefix}:worker:{worker_id}"
+    def worker_stats(self, worker_id: str, instance: str = "") -> str:
+        base = f"{self.prefix}:worker:{worker_id}"
+        return f"{base}:{instance}" if instance else base
 
     def history(self, kind: str, symbol: str, interval: str) -> str:
         return f"{self.prefix}:{kind}:{symbol}:{interval}"

@@ -1,7 +1,10 @@
 """Every Prometheus metric of the service, defined in one place.
 
 Each process builds its own set: :class:`WorkerMetrics` (served by ``mur worker`` on
-``Settings.worker_metrics_port``) or :class:`ApiMetrics` (``GET /metrics`` of the API). Each
+``Settings.worker_metrics_port``), :class:`ApiMetrics` (``GET /metrics`` of the API),
+:class:`IngestMetrics` (``mur ingest``, ``Settings.ingest_metrics_port``) or
+:class:`TrainerMetrics` (``mur trainer``, ``Settings.trainer_metrics_port``); the three
+processes without an HTTP server of their own serve theirs with :func:`serve_metrics`. Each
 set owns a fresh ``CollectorRegistry``, never the library's global default one, so several
 apps in one process (tests, ``serve_in_thread``) do not collide on metric names.
 
@@ -17,32 +20,47 @@ and Histogram take 2-3 µs.
 
 import bisect
 import contextlib
+import logging
 import threading
 from collections.abc import Callable, Iterable, Sequence
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, ClassVar, Final, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
-from prometheus_client.exposition import choose_encoder
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.exposition import choose_encoder, start_http_server
 from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
+from makeusrich.core.errors import ConfigError
 from makeusrich.core.schemas import Candle, Prediction, Trade
 
-if TYPE_CHECKING:  # the monitoring package builds on core, not the other way round
+if TYPE_CHECKING:  # the monitoring and trainer packages build on core, not the other way round
     from makeusrich.monitoring import Observation
+    from makeusrich.trainer.schedule import RunSummary
 
 __all__ = [
     "ACCESS_REFUSALS",
     "DEAD_LETTER_REASONS",
+    "RUN_OUTCOMES",
     "ApiMetrics",
+    "IngestMetrics",
+    "LiveIngestCounts",
+    "TrainerMetrics",
     "WorkerMetrics",
     "expose",
     "method_label",
+    "serve_metrics",
     "status_class",
 ]
+
+log = logging.getLogger(__name__)
 
 #: Dead letters are counted by the class of their reason (the text before the colon).
 DEAD_LETTER_REASONS: Final = ("undecodable", "invalid", "late")
@@ -52,6 +70,9 @@ ACCESS_REFUSALS: Final = (
     ("403", "not_admin"), ("429", "rate"), ("429", "daily"), ("429", "streams"),
 )
 SHARED_SCOPE: Final = "shared"
+#: How a scheduled training run ended: its version promoted, kept unserved, or no version.
+RUN_OUTCOMES: Final = ("promoted", "kept", "failed")
+_RUN_TRIGGERS: Final = ("schedule", "drift")
 _NAIVE_VERSION: Final = "naive"  # NaiveForecaster's version: always a possible fallback
 _OTHER: Final = "other"
 _METHODS: Final = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
@@ -85,6 +106,27 @@ def expose(registry: CollectorRegistry, accept: str | None) -> tuple[bytes, str]
     (Prometheus text format unless OpenMetrics is asked for)."""
     encoder, content_type = choose_encoder(accept or "")
     return encoder(registry), content_type
+
+
+class _Served(Protocol):
+    port_setting: ClassVar[str]
+
+    @property
+    def registry(self) -> CollectorRegistry: ...
+
+
+def serve_metrics(metrics: _Served, host: str, port: int) -> None:
+    """Serve ``metrics`` at ``http://host:port/metrics`` from a daemon thread.
+
+    Processes bind where the API does (``MUR_API_HOST``, loopback by default): one setting
+    decides whether the service is reachable from other hosts, Prometheus included.
+    """
+    try:
+        start_http_server(port, addr=host, registry=metrics.registry)
+    except OSError as exc:
+        raise ConfigError(f"cannot serve metrics on {host}:{port}: {exc}; free the port or "
+                          f"set {metrics.port_setting} to another one") from exc
+    log.info("metrics on http://%s:%d/metrics", host, port)
 
 
 def method_label(method: str) -> str:
@@ -163,6 +205,8 @@ def _bucket_label(bound: float) -> str:
 class WorkerMetrics:
     """The worker's metrics. Build one per worker app; see :mod:`makeusrich.stream.app` for
     where each is measured."""
+
+    port_setting: ClassVar[str] = "MUR_WORKER_METRICS_PORT"
 
     def __init__(self) -> None:
         self.registry = registry = _registry()
@@ -370,3 +414,139 @@ class ApiMetrics:
         self.request_duration.labels(
             method_label(method), self.route_label(route), status_class(status)
         ).observe(seconds)
+
+
+class LiveIngestCounts(Protocol):
+    """What the live Binance ingestor counts (:class:`makeusrich.stream.ingest.BinanceIngestor`)."""
+
+    @property
+    def messages(self) -> int: ...
+    @property
+    def reconnects(self) -> int: ...
+    @property
+    def gaps(self) -> int: ...
+    @property
+    def backfilled(self) -> int: ...
+    @property
+    def bad_messages(self) -> int: ...
+    @property
+    def duplicates_skipped(self) -> int: ...
+
+
+class IngestMetrics(Collector):
+    """The ingestor's metrics (``mur ingest``). Build one per process.
+
+    As the worker's per-trade counts, plain numbers written by the event loop and turned
+    into samples at scrape time: :meth:`published` counts every trade of any source (see
+    :class:`makeusrich.stream.ingest.MeteredSink`); the live source's own counts are read
+    from it (:meth:`watch`), and stay 0 for replays and the simulator.
+    """
+
+    port_setting: ClassVar[str] = "MUR_INGEST_METRICS_PORT"
+
+    def __init__(self) -> None:
+        self._published: dict[str, int] = {}
+        self._last_event_ms: dict[str, int] = {}
+        self._live: LiveIngestCounts | None = None
+        self.registry = _registry()
+        self.registry.register(self)
+
+    def published(self, trade: Trade) -> None:
+        """Count one trade handed to the publisher (the hot path)."""
+        symbol = trade.symbol
+        self._published[symbol] = self._published.get(symbol, 0) + 1
+        if trade.ts_event > self._last_event_ms.get(symbol, 0):
+            self._last_event_ms[symbol] = trade.ts_event
+
+    def watch(self, live: LiveIngestCounts) -> None:
+        """Export ``live``'s counts from now on."""
+        self._live = live
+
+    def _families(self) -> tuple[CounterMetricFamily, GaugeMetricFamily,
+                                 dict[str, CounterMetricFamily]]:
+        published = CounterMetricFamily(
+            "mur_ingest_trades_published", "Trades handed to the Kafka producer, per symbol "
+            "(any source; backfilled ones included)", labels=("symbol",))
+        last_event = GaugeMetricFamily(
+            "mur_ingest_last_trade_event_timestamp_seconds", "Exchange time of the newest "
+            "trade published, per symbol: time() minus it is how far behind the feed is",
+            labels=("symbol",))
+        live = {
+            "messages": CounterMetricFamily(
+                "mur_ingest_messages_received", "Messages read from the Binance websocket "
+                "(trades, duplicates and bad ones)"),
+            "reconnects": CounterMetricFamily(
+                "mur_ingest_reconnects", "Websocket connections opened after the first "
+                "(drops, Binance's 24 h close)"),
+            "gaps": CounterMetricFamily(
+                "mur_ingest_gaps_backfilled", "Jumps in a symbol's trade ids on the "
+                "websocket, filled from REST before the next trade was published"),
+            "backfilled": CounterMetricFamily(
+                "mur_ingest_trades_backfilled", "Trades published from REST to fill gaps"),
+            "bad_messages": CounterMetricFamily(
+                "mur_ingest_bad_messages", "Websocket messages sent to the dead-letter topic "
+                "(undecodable, not a trade, or an unsubscribed symbol)"),
+            "duplicates_skipped": CounterMetricFamily(
+                "mur_ingest_duplicate_trades", "Trades the websocket sent again (after a "
+                "reconnect), skipped by trade id"),
+        }
+        return published, last_event, live
+
+    def describe(self) -> Iterable[Metric]:
+        published, last_event, live = self._families()
+        return (published, last_event, *live.values())
+
+    def collect(self) -> Iterable[Metric]:
+        published, last_event, live = self._families()
+        for symbol, count in list(self._published.items()):
+            published.add_metric((symbol,), count)
+        for symbol, ms in list(self._last_event_ms.items()):
+            last_event.add_metric((symbol,), ms / 1000)
+        for name, family in live.items():
+            family.add_metric((), 0 if self._live is None else getattr(self._live, name))
+        return (published, last_event, *live.values())
+
+
+class TrainerMetrics:
+    """The scheduled trainer's metrics (``mur trainer``), recorded as each run ends."""
+
+    port_setting: ClassVar[str] = "MUR_TRAINER_METRICS_PORT"
+
+    def __init__(self) -> None:
+        self.registry = registry = _registry()
+        self.runs = Counter(
+            "mur_trainer_runs_total", "Training runs finished, by outcome (promoted: the new "
+            "version won the promotion rule and serves; kept: it lost and stays in the "
+            "registry unserved; failed: see the log) and by what started them (schedule, "
+            "drift)", ("outcome", "trigger"), registry=registry)
+        self.last_run_duration = Gauge(
+            "mur_trainer_last_run_duration_seconds", "How long the last run took (training, "
+            "the promotion rule and the announcement)", registry=registry)
+        self.last_success = Gauge(
+            "mur_trainer_last_success_timestamp_seconds", "When the last run that did not "
+            "fail ended (0: none yet)", registry=registry)
+        self.promotions = Counter(
+            "mur_trainer_promotions_total", "Versions the schedule promoted to champion",
+            registry=registry)
+        self.promoted_version = Gauge(
+            "mur_trainer_promoted_version_info", "1 for the version the schedule promoted "
+            "last", ("version",), registry=registry)
+        for outcome in RUN_OUTCOMES:
+            for trigger in _RUN_TRIGGERS:
+                self.runs.labels(outcome, trigger)  # exported as 0 before the first run
+        self._promoted: str | None = None
+
+    def run_finished(self, summary: "RunSummary") -> None:
+        """Record a finished run (its :class:`~makeusrich.trainer.schedule.RunSummary`)."""
+        outcome = "failed" if not summary.ok else "promoted" if summary.promoted else "kept"
+        trigger = "drift" if summary.trigger.startswith("drift") else "schedule"
+        self.runs.labels(outcome, trigger).inc()
+        self.last_run_duration.set(summary.duration_s)
+        if summary.ok:
+            self.last_success.set_to_current_time()
+        if summary.promoted and summary.version is not None:
+            self.promotions.inc()
+            if self._promoted is not None:
+                self.promoted_version.remove(self._promoted)
+            self._promoted = summary.version
+            self.promoted_version.labels(summary.version).set(1)

@@ -72,6 +72,10 @@ class Settings(BaseSettings):
 
     # Worker (Faust). Tansu's group join takes ~30 s with Faust's default timeouts.
     worker_id: str = "makeusrich"
+    worker_instance: str = Field(
+        default="", description="this worker's name in its group (MUR_WORKER_INSTANCE), for its "
+        "counters' Redis hash and its logs: empty for a lone worker; 'auto' = the host name, "
+        "as each replica of a scaled compose service has its own")
     broker_rebalance_timeout_s: float = 5.0
     broker_session_timeout_s: float = 6.0
     worker_batch_max: int = 2_000
@@ -82,11 +86,22 @@ class Settings(BaseSettings):
     api_port: int = 8000
     sse_heartbeat_s: float = 15.0
     sse_client_queue_max: int = 2_000
+    api_send_timeout_s: float = Field(
+        default=30.0, gt=0, description="a client connection that accepts no data for this "
+        "long (it stopped reading, or vanished) is dropped and everything it holds released")
     max_limit: int = 5_000
+    forwarded_allow_ips: Annotated[tuple[str, ...], NoDecode] = Field(
+        default=("127.0.0.1", "::1"), description="addresses or networks (CIDR) of the "
+        "reverse proxies whose X-Forwarded-For the API trusts for the client address ('*': "
+        "any, only when nothing else can reach the API)")
 
     # Monitoring. The worker serves Prometheus metrics on this port (None: not at all;
     # `mur up` picks a free one).
     worker_metrics_port: int | None = None
+    # `mur ingest` and `mur trainer` serve theirs here (None: not at all); bound like the
+    # worker's, on MUR_API_HOST.
+    ingest_metrics_port: int | None = None
+    trainer_metrics_port: int | None = None
     quality_window: int = Field(default=240, ge=10, description="predictions in the rolling "
                                 "live-quality scores, per symbol, interval and model version")
     drift_window: int = Field(default=240, ge=30, description="recent candles whose features "
@@ -133,7 +148,7 @@ class Settings(BaseSettings):
             return tuple(str(item).upper() for item in value)
         return value
 
-    @field_validator("cors_origins", mode="before")
+    @field_validator("cors_origins", "forwarded_allow_ips", mode="before")
     @classmethod
     def _origins(cls, value: object) -> object:
         return _split_csv(value)

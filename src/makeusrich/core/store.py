@@ -416,9 +416,10 @@ class RedisStore:
         raw = await self._client.hgetall(self._keys.model)
         return {_text(name): _text(value) for name, value in raw.items()}
 
-    async def worker_stats(self, worker_id: str) -> dict[str, int]:
-        """The counters worker ``worker_id`` last published (empty before its first)."""
-        raw = await self._client.hgetall(self._keys.worker_stats(worker_id))
+    async def worker_stats(self, worker_id: str, instance: str = "") -> dict[str, int]:
+        """The counters worker ``worker_id`` (its ``instance``, if named) last published
+        (empty before its first)."""
+        raw = await self._client.hgetall(self._keys.worker_stats(worker_id, instance))
         return {_text(name): int(value) for name, value in raw.items()}
 
     async def events_after(self, last_id: str, count: int) -> list[StoredEvent]:

@@ -8,7 +8,29 @@ tables: those close windows on the wall clock and never fire close callbacks for
 restored from the changelog.
 
 Delivery is at-least-once (Tansu has no transactions); duplicates are harmless because the
-builders drop trade ids they have seen and Redis refuses a candle id it already holds.
+builders drop trade ids they have seen and Redis refuses a candle id it already holds. The
+``candles``, ``predictions`` and ``trades-dlq`` topics can therefore hold a record more than
+once (after a restart or a rebalance): their consumers key on (symbol, interval, open_time).
+
+Scale-out: workers with the same ``Settings.worker_id`` (the consumer group) share the
+``trades`` partitions, as evenly as they divide (so up to ``Settings.trades_partitions``
+workers are useful); a partition that moves resumes on its new owner from the table
+snapshot, so adding or killing a worker loses and duplicates nothing in Redis. Each
+sets its own ``Settings.worker_instance`` (``auto``: the host name) to publish its counters
+to its own hash (see :mod:`makeusrich.core.keys`).
+
+Redis outages: a failed write to Redis is retried with capped backoff until Redis answers
+again; meanwhile the agent waits (its trades stay unacked, the broker keeps them), the stats
+timer skips its beats, each failure is counted (``mur_redis_errors_total``) and the log says
+once when the outage begins and once when it ends. Candle and prediction writes are
+idempotent, so a retry never doubles them; an alert or drift event whose write failed after
+Redis applied it can appear twice on the events stream.
+
+Hostile input: a message that does not decode, names a symbol outside ``Settings.symbols``,
+or carries values no trade has (non-positive or absurd amounts, a quote quantity that is not
+price x quantity, integers beyond int64, times before 2009 or more than a day ahead) is
+dead-lettered with its reason and counted, like a late trade; nothing a message holds can
+stop the worker.
 
 Models are hot-swapped: announcements on the ``model-control`` topic (see
 :mod:`makeusrich.stream.control`) replace the forecaster between two messages once the new
@@ -23,20 +45,20 @@ info on every (hot) swap, Redis and Kafka errors around each write and send.
 
 import asyncio
 import logging
-import math
 import time
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import faust
 import msgspec
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from faust.types import TP, EventT
-from prometheus_client import start_http_server
+from prometheus_client import Counter
 from prometheus_client.context_managers import ExceptionCounter
 from redis.exceptions import RedisError
 
-from makeusrich.core.errors import ConfigError, ModelError, StreamError
-from makeusrich.core.metrics import WorkerMetrics
+from makeusrich.core.errors import ModelError, StreamError
+from makeusrich.core.metrics import WorkerMetrics, serve_metrics
 from makeusrich.core.schemas import (
     Alert,
     DeadLetter,
@@ -59,13 +81,29 @@ from makeusrich.stream.control import (
 )
 from makeusrich.stream.pipeline import Outputs, TradePipeline
 
-__all__ = ["WorkerStats", "create_app", "run_worker", "serve_metrics"]
+__all__ = ["WorkerStats", "create_app", "run_worker"]
 
 log = logging.getLogger(__name__)
 
 _SNAPSHOT_EVERY_S = 1.0  # how often open candles are snapshotted between candle closes
 # What a failed Redis call raises (timeouts are OSError too); anything else is a bug.
 _REDIS_FAILURES = (RedisError, OSError)
+_REDIS_RETRY_FIRST_S = 0.05
+_REDIS_RETRY_MAX_S = 2.0  # also the longest a worker lags behind a Redis that came back
+
+# Bounds of a plausible trade. Binance ids and times are int64; no crypto trade predates
+# the Bitcoin genesis block, and one from more than a day ahead means a broken or hostile
+# clock (each would make the candle builders emit every empty candle in between).
+_INT64_MAX = 2**63 - 1
+_EARLIEST_TS_MS = 1_230_940_800_000  # 2009-01-03 UTC
+_MAX_AHEAD_MS = 86_400_000
+# Far above any exchange's price or quantity, and keeps candle sums far from overflowing.
+_MAX_AMOUNT = 1e12
+# Binance states quote_qty to 8 decimals; sources compute price * qty otherwise.
+_QUOTE_REL_TOLERANCE = 1e-6
+_QUOTE_ABS_TOLERANCE = 1e-8
+
+_T = TypeVar("_T")
 
 
 class WorkerStats:
@@ -87,16 +125,85 @@ class WorkerStats:
         return dict(vars(self))
 
 
-def _invalid_reason(message: Trade | EndOfStream) -> str | None:
+def _invalid_reason(message: Trade | EndOfStream, symbols: frozenset[str]) -> str | None:
+    """Why a decoded message cannot be a trade (or end-of-stream marker) of ``symbols``;
+    None when it can."""
+    if message.symbol not in symbols:
+        return f"unknown symbol {message.symbol[:40]!r} (not in MUR_SYMBOLS)"
+    if not _EARLIEST_TS_MS <= message.ts_event <= now_ms() + _MAX_AHEAD_MS:
+        return f"ts_event {message.ts_event} is not a time between 2009 and tomorrow"
+    if not 0 <= message.ts_ingest <= _INT64_MAX:
+        return f"ts_ingest {message.ts_ingest} is out of range"
     if isinstance(message, EndOfStream):
         return None
-    for name in ("price", "qty", "quote_qty"):
-        value = getattr(message, name)
-        if not math.isfinite(value) or value <= 0:
-            return f"{name} must be a positive finite number, got {value!r}"
-    if message.trade_id < 0 or message.ts_event <= 0:
-        return "trade_id and ts_event must be positive"
+    if not 0 <= message.trade_id <= _INT64_MAX:
+        return f"trade_id {message.trade_id} is out of range"
+    # The hot path: a few comparisons, which NaN fails too (msgspec lets none through).
+    price, qty, quote_qty = message.price, message.qty, message.quote_qty
+    if not (0 < price <= _MAX_AMOUNT and 0 < qty <= _MAX_AMOUNT):
+        return _amount_reason(price, qty)
+    expected = price * qty
+    if not abs(quote_qty - expected) <= _QUOTE_REL_TOLERANCE * expected + _QUOTE_ABS_TOLERANCE:
+        return f"quote_qty {quote_qty!r} is not price * qty ({expected!r})"
     return None
+
+
+def _amount_reason(price: float, qty: float) -> str:
+    for name, value in (("price", price), ("qty", qty)):
+        if not value > 0:
+            return f"{name} must be positive, got {value!r}"
+        if not value <= _MAX_AMOUNT:
+            return f"{name} {value!r} is absurdly large"
+    raise AssertionError("both amounts are plausible")
+
+
+class _RedisCalls:
+    """Runs the worker's Redis calls through outages: each failure is counted in
+    ``errors`` (by operation), the log says once when an outage starts and once when it
+    ends, however many calls fail meanwhile."""
+
+    def __init__(self, errors: Counter, name: str) -> None:
+        self._errors = errors
+        self._name = name  # the worker (and instance) the log lines name
+        self._outage_since_s: float | None = None
+
+    async def until_done(self, operation: str, call: Callable[[], Awaitable[_T]]) -> _T:
+        """``call()`` retried with capped backoff until Redis answers: the caller waits
+        (backpressure). A failed call may have been applied: a non-idempotent one can take
+        effect twice. Cancellation (stopping the worker) ends the wait."""
+        delay_s = _REDIS_RETRY_FIRST_S
+        while True:
+            try:
+                result = await call()
+            except _REDIS_FAILURES as exc:
+                self._failed(operation, exc)
+                await asyncio.sleep(delay_s)
+                delay_s = min(2 * delay_s, _REDIS_RETRY_MAX_S)
+                continue
+            self._succeeded()
+            return result
+
+    async def once(self, operation: str, call: Callable[[], Awaitable[object]]) -> None:
+        """``call()`` once; a failure is counted and logged like the others, not raised."""
+        try:
+            await call()
+        except _REDIS_FAILURES as exc:
+            self._failed(operation, exc)
+        else:
+            self._succeeded()
+
+    def _failed(self, operation: str, exc: BaseException) -> None:
+        self._errors.labels(operation).inc()
+        if self._outage_since_s is None:
+            self._outage_since_s = time.monotonic()
+            log.error("%s: Redis is failing (%s: %s); waiting for it, trades stay unacked "
+                      "until their candles are written", self._name, operation, exc)
+
+    def _succeeded(self) -> None:
+        if self._outage_since_s is not None:
+            log.warning("%s: Redis is back after %.1f s", self._name,
+                        time.monotonic() - self._outage_since_s)
+            self._outage_since_s = None
 
 
 def create_app(settings: Settings, forecaster: Forecaster | None = None,
@@ -104,6 +211,8 @@ def create_app(settings: Settings, forecaster: Forecaster | None = None,
     """Build the Faust app for ``settings`` (the broker must be reachable at start);
     ``metrics`` receives its measurements (default: a set nobody serves)."""
     assert settings.kafka_bootstrap and settings.redis_url, "resolve service URLs first"
+    instance = settings.worker_instance
+    name = f"{settings.worker_id}:{instance}" if instance else settings.worker_id
     app = faust.App(
         settings.worker_id,
         broker=f"kafka://{settings.kafka_bootstrap}",
@@ -120,9 +229,15 @@ def create_app(settings: Settings, forecaster: Forecaster | None = None,
         # Events stay unacked until a snapshot covers them (see below): stopping or
         # rebalancing must not wait for them; they are redelivered.
         stream_wait_empty=False,
+        # No standby table copies: with them Faust's assignor lets each worker keep up to
+        # ceil(partitions / workers), so a third worker on four partitions gets none. The
+        # table is one small snapshot per symbol; a new owner reads it from the changelog.
+        table_standby_replicas=0,
         datadir=str(settings.state_dir / "faust"),
         web_enabled=False,
         producer_acks=-1,
+        # Names the group member on the broker.
+        broker_client_id=f"mur-worker-{name.replace(':', '-')}",
     )
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     topics = settings.topics
@@ -144,7 +259,10 @@ def create_app(settings: Settings, forecaster: Forecaster | None = None,
     metrics.model_served(None, shared.version)
     metrics.count_duplicates(lambda: pipeline.duplicates)
     store = RedisStore.from_settings(settings)
+    redis = _RedisCalls(metrics.redis_errors, name)
     stats = WorkerStats()
+    stats_key = settings.redis_keys.worker_stats(settings.worker_id, instance)
+    symbols = frozenset(settings.symbols)
 
     def serve(model: Forecaster | None, symbol: str | None = None) -> None:
         pipeline.set_forecaster(model, symbol)
@@ -153,10 +271,7 @@ def create_app(settings: Settings, forecaster: Forecaster | None = None,
     for symbol, model in own.items():
         serve(model, symbol)
 
-    # Failures still propagate as before; these only count them.
-    def redis_errors(operation: str) -> ExceptionCounter:
-        return metrics.redis_errors.labels(operation).count_exceptions(_REDIS_FAILURES)
-
+    # Failures still propagate as before; this only counts them.
     def kafka_errors(topic: str) -> ExceptionCounter:
         return metrics.kafka_errors.labels(topic).count_exceptions(Exception)
 
@@ -178,9 +293,10 @@ def create_app(settings: Settings, forecaster: Forecaster | None = None,
             for prediction in out.predictions:
                 await predictions_topic.send(key=prediction.symbol.encode(),
                                              value=encode(prediction))
-        with redis_errors("write"):
-            await store.write_many([*out.candles, *out.predictions])  # one Redis round trip
-            await store_observations(store, out.monitoring)
+        # One round trip; candle and prediction ids make a repeated write a no-op.
+        await redis.until_done("write", lambda: store.write_many([*out.candles,
+                                                                  *out.predictions]))
+        await redis.until_done("write", lambda: store_observations(store, out.monitoring))
         for observation in latest_per_series(out.monitoring):
             metrics.monitored(observation)
         stats.drift_events += sum(len(o.events) for o in out.monitoring)
@@ -199,10 +315,9 @@ def create_app(settings: Settings, forecaster: Forecaster | None = None,
         serving = pipeline.forecaster if symbol is None else pipeline.forecaster_for(symbol)
         log.error("model %s%s rejected, still serving %s: %s", version,
                   "" if symbol is None else f" for {symbol}", serving.version, exc)
-        with redis_errors("alert"):
-            await store.write_alert(Alert(kind="model_rejected", message=str(exc),
-                                          model_version=version, ts_event=ts_event,
-                                          ts_ingest=now_ms()))
+        alert = Alert(kind="model_rejected", message=str(exc), model_version=version,
+                      ts_event=ts_event, ts_ingest=now_ms())
+        await redis.until_done("alert", lambda: store.write_alert(alert))
 
     async def swap_model(announcement: ModelAnnouncement) -> None:
         """Serve the announced version if it passes every check; else keep the old one.
@@ -236,17 +351,15 @@ def create_app(settings: Settings, forecaster: Forecaster | None = None,
         # message at a time and TradePipeline.process (which predicts) never awaits, so the
         # swap lands between two messages and each prediction names the model that made it.
         serve(forecaster, symbol)
-        if symbol is None:
-            with redis_errors("model"):
-                # The redis entry names the shared model.
-                await store.set_model(forecaster.version)
+        if symbol is None:  # the redis entry names the shared model
+            await redis.until_done("model", lambda: store.set_model(forecaster.version))
         log.info("%snow serving model %s (was %s)", "" if symbol is None else f"{symbol}: ",
                  forecaster.version, current)
 
     @app.task
     async def follow_models() -> None:
-        with redis_errors("model"):
-            await store.set_model(pipeline.forecaster.version)
+        log.info("worker %s serving %s", name, pipeline.forecaster.version)
+        await redis.until_done("model", lambda: store.set_model(pipeline.forecaster.version))
         watcher = ModelWatcher(settings)
         await watcher.start()
         try:
@@ -267,9 +380,9 @@ def create_app(settings: Settings, forecaster: Forecaster | None = None,
 
     @app.timer(1.0)
     async def publish_stats() -> None:
-        with redis_errors("stats"):
-            await store.client.hset(settings.redis_keys.worker_stats(settings.worker_id),
-                                    mapping=stats.as_dict())  # type: ignore[arg-type]
+        # Skipped while Redis is down: the next beat publishes the then current counters.
+        await redis.once("stats", lambda: store.client.hset(
+            stats_key, mapping=stats.as_dict()))  # type: ignore[arg-type]
 
     # Resuming exactly. An event is acked (so its offset may be committed) only once a
     # snapshot holding its effect is in the changelog; Faust flushes the producer before it
@@ -300,14 +413,17 @@ def create_app(settings: Settings, forecaster: Forecaster | None = None,
         for event in pending.pop(symbol, ()):
             await acks.ack(event)
 
-    async def decode(raw: bytes) -> Trade | EndOfStream | None:
+    async def decode(raw: bytes | None) -> Trade | EndOfStream | None:
         """The message, or None once it has been dead-lettered."""
+        if raw is None:  # a record without a value (a tombstone)
+            await dead_letter("undecodable: no value", b"")
+            return None
         try:
             message: Trade | EndOfStream = trade_decoder.decode(raw)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             await dead_letter(f"undecodable: {exc}", raw)
             return None
-        reason = _invalid_reason(message)
+        reason = _invalid_reason(message, symbols)
         if reason is not None:
             await dead_letter(f"invalid: {reason}", raw)
             return None
@@ -339,16 +455,18 @@ def create_app(settings: Settings, forecaster: Forecaster | None = None,
         pipeline.restore(symbol, snapshot["state"])
         missed = await _read_span(settings, partition, snapshot["offset"] + 1, offset)
         for _, raw in missed:
+            if raw is None:
+                continue  # dead-lettered when it was first seen, like the undecodable
             try:
                 message = trade_decoder.decode(raw)
             except (msgspec.DecodeError, msgspec.ValidationError):
-                continue  # dead-lettered when it was first seen
-            if message.symbol == symbol and _invalid_reason(message) is None:
+                continue
+            if message.symbol == symbol and _invalid_reason(message, symbols) is None:
                 await fold(message)
         log.info("%s: resumed from its snapshot at offset %d; %d later messages read back",
                  symbol, snapshot["offset"], len(missed))
 
-    async def handle(raw: bytes, partition: int, offset: int,
+    async def handle(raw: bytes | None, partition: int, offset: int,
                      event: EventT[bytes] | None = None) -> None:
         message = await decode(raw)
         if message is None:
@@ -406,7 +524,7 @@ def create_app(settings: Settings, forecaster: Forecaster | None = None,
 
 async def _read_span(
     settings: Settings, partition: int, start: int, end: int
-) -> list[tuple[int, bytes]]:
+) -> list[tuple[int, bytes | None]]:
     """(offset, value) of the messages at offsets [start, end) of one ``trades`` partition."""
     if start >= end:
         return []
@@ -417,7 +535,7 @@ async def _read_span(
     try:
         consumer.assign([tp])
         consumer.seek(tp, start)
-        values: list[tuple[int, bytes]] = []
+        values: list[tuple[int, bytes | None]] = []
         while True:
             records = (await consumer.getmany(tp, timeout_ms=5_000)).get(tp, [])
             if not records:
@@ -445,16 +563,3 @@ def run_worker(settings: Settings) -> None:
     worker = faust.Worker(app, loglevel=settings.log_level.lower(), quiet=True)
     worker.execute_from_commandline()
 
-
-def serve_metrics(metrics: WorkerMetrics, host: str, port: int) -> None:
-    """Serve ``metrics`` at ``http://host:port/metrics`` from a daemon thread.
-
-    The worker binds where the API does (``MUR_API_HOST``, loopback by default): one setting
-    decides whether the service is reachable from other hosts, Prometheus included.
-    """
-    try:
-        start_http_server(port, addr=host, registry=metrics.registry)
-    except OSError as exc:
-        raise ConfigError(f"cannot serve worker metrics on {host}:{port}: {exc}; free the "
-                          "port or set MUR_WORKER_METRICS_PORT to another one") from exc
-    log.info("worker metrics on http://%s:%d/metrics", host, port)

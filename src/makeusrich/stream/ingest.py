@@ -7,6 +7,10 @@ the REST side only: symbol validation and ``historicalTrades`` backfill.
 Exactly-once per trade id (within one process): ids at or below the last published id of a
 symbol are duplicates and skipped; a jump in ids is filled from REST before the new trade
 is published, so every symbol's trades are published complete and in id order.
+
+Prometheus: :class:`makeusrich.core.metrics.IngestMetrics` exports the ingestor's counts
+and, through :class:`MeteredSink`, every published trade of any source (``mur ingest``
+serves them on ``Settings.ingest_metrics_port``).
 """
 
 import asyncio
@@ -25,7 +29,8 @@ from websockets.exceptions import ConnectionClosedError, InvalidHandshake, Inval
 from websockets.protocol import State
 
 from makeusrich.core.errors import IngestError
-from makeusrich.core.schemas import Trade, now_ms
+from makeusrich.core.metrics import IngestMetrics
+from makeusrich.core.schemas import EndOfStream, Trade, now_ms
 from makeusrich.core.settings import Settings
 from makeusrich.stream.publisher import TradeSink
 
@@ -33,6 +38,7 @@ __all__ = [
     "REST_ERRORS",
     "BinanceIngestor",
     "CombinedStream",
+    "MeteredSink",
     "backoff_s",
     "probe_binance",
     "rest_client",
@@ -214,10 +220,35 @@ class CombinedStream:
             return None
 
 
-class BinanceIngestor:
-    """Publishes live trades of ``settings.symbols`` through ``publisher`` until stopped."""
+class MeteredSink:
+    """A :class:`TradeSink` that counts each trade it passes on in ``metrics``, whatever the
+    source (live, replay or simulator)."""
 
-    def __init__(self, settings: Settings, publisher: TradeSink) -> None:
+    def __init__(self, sink: TradeSink, metrics: IngestMetrics) -> None:
+        self._sink = sink
+        self._metrics = metrics
+
+    def send(self, trade: Trade | EndOfStream) -> None:
+        self._sink.send(trade)
+        if isinstance(trade, Trade):
+            self._metrics.published(trade)
+
+    def dead_letter(self, reason: str, payload: str | bytes, stage: str = "ingest") -> None:
+        self._sink.dead_letter(reason, payload, stage)
+
+    def flush(self, timeout_s: float = 30.0) -> None:
+        self._sink.flush(timeout_s)
+
+
+class BinanceIngestor:
+    """Publishes live trades of ``settings.symbols`` through ``publisher`` until stopped;
+    its counts are exported by ``metrics`` when given."""
+
+    def __init__(
+        self, settings: Settings, publisher: TradeSink, metrics: IngestMetrics | None = None
+    ) -> None:
+        self.messages = 0
+        self.gaps = 0
         self.published = 0
         self.duplicates_skipped = 0
         self.backfilled = 0
@@ -228,6 +259,8 @@ class BinanceIngestor:
         self._last_id: dict[str, int] = {}
         self._stream: CombinedStream | None = None
         self._stop = asyncio.Event()
+        if metrics is not None:
+            metrics.watch(self)
 
     @property
     def reconnects(self) -> int:
@@ -249,6 +282,7 @@ class BinanceIngestor:
         await asyncio.to_thread(self._publisher.flush)
 
     async def _on_message(self, raw: str | bytes, rest: AsyncClient) -> None:
+        self.messages += 1
         try:
             trade = _ws_decoder.decode(raw).data
         except msgspec.DecodeError as exc:
@@ -288,6 +322,7 @@ class BinanceIngestor:
     ) -> bool:
         """Publish ids ``from_id .. until_id - 1`` from REST. False if stopped first."""
         log.info("%s: ids %d..%d missed on the stream; backfilling", symbol, from_id, until_id - 1)
+        self.gaps += 1
         next_id = from_id
         while next_id < until_id:
             limit = min(_HISTORY_PAGE_MAX, until_id - next_id)
@@ -342,12 +377,15 @@ class BinanceIngestor:
                 return None
 
 
-async def run_live(settings: Settings, publisher: TradeSink, stop: asyncio.Event) -> None:
+async def run_live(
+    settings: Settings, publisher: TradeSink, stop: asyncio.Event,
+    metrics: IngestMetrics | None = None,
+) -> None:
     """Publish live Binance trades of ``settings.symbols`` until ``stop`` is set.
 
     Raises IngestError at start if a symbol is unknown or Binance REST is unreachable.
     """
-    await BinanceIngestor(settings, publisher).run(stop)
+    await BinanceIngestor(settings, publisher, metrics).run(stop)
 
 
 async def probe_binance(settings: Settings) -> bool:

@@ -281,7 +281,8 @@ async def _replay_trades(
     await asyncio.to_thread(ensure_topics, run)
     symbols = sorted({t.symbol for t in trades})
     first_ms, last_ms = trades[0].ts_event, trades[-1].ts_event
-    worker = _start_worker(run)
+    # The worker dead-letters symbols it is not configured for: configure the replayed ones.
+    worker = _start_worker(run.model_copy(update={"symbols": tuple(symbols)}))
     publisher = TradePublisher(run)
     store = RedisStore.from_settings(run)
     try:

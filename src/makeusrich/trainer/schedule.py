@@ -12,6 +12,9 @@ losing version stays in the registry, unserved. Each run ends with a printed
 With ``Settings.drift_retrain`` (and Redis configured), a drift event raised by a worker
 (type ``drift`` on the events stream, see :mod:`makeusrich.monitoring`) starts the next run
 at once instead of at its scheduled time.
+
+Each finished run is also recorded in a :class:`makeusrich.core.metrics.TrainerMetrics`
+when one is given (``mur trainer`` serves it on ``Settings.trainer_metrics_port``).
 """
 
 import json
@@ -28,6 +31,7 @@ from typing import Any, cast
 import redis
 
 from makeusrich.core.errors import ConfigError, MakeUsRichError
+from makeusrich.core.metrics import TrainerMetrics
 from makeusrich.core.schemas import now_ms
 from makeusrich.core.settings import Settings
 from makeusrich.inference import Registry, read_manifest
@@ -168,6 +172,7 @@ def run_schedule(
     epochs: int = 10,
     stop: threading.Event | None = None,
     runs: int | None = None,
+    metrics: TrainerMetrics | None = None,
     **train_options: Any,
 ) -> list[RunSummary]:
     """Train and apply the promotion rule every ``every_s`` seconds; return the summaries.
@@ -176,7 +181,8 @@ def run_schedule(
     each run. New versions go into the registry at ``registry_dir``; one that wins is
     promoted and, when ``settings.kafka_bootstrap`` is set, announced to the workers.
     Runs start ``every_s`` apart (at once after a run that took longer) until ``runs``
-    runs are done or ``stop`` is set; a run under way is finished first. ``train_options``
+    runs are done or ``stop`` is set; a run under way is finished first; each finished run
+    is recorded in ``metrics`` when given. ``train_options``
     go to :func:`makeusrich.trainer.train` (``symbols``, ``window``, ``stride``, ...).
     :class:`ConfigError` for an invalid schedule; a failed run is logged and summarised.
     """
@@ -207,6 +213,8 @@ def run_schedule(
             summary.error = f"{type(exc).__name__}: {exc}"
         summary.duration_s = round(time.monotonic() - started, 1)
         summaries.append(summary)
+        if metrics is not None:
+            metrics.run_finished(summary)
         print(summary.render(), flush=True)
         if runs is not None and len(summaries) >= runs:
             break

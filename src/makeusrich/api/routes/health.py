@@ -25,12 +25,18 @@ async def healthz() -> HealthOut:
     return HealthOut()
 
 
+def _describe(exc: BaseException) -> str:
+    """``ConnectionError: Error 111 connecting to ...``: redis-py's repr keeps only the
+    error's class, and a bare TimeoutError has no message."""
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
 async def _check_redis(store: RedisStore) -> CheckOut:
     try:
         async with asyncio.timeout(_REDIS_TIMEOUT_S):
             await store.ping()
     except Exception as exc:  # any failure means "not ready"; the message says which
-        return CheckOut(ok=False, detail=f"redis unreachable: {exc!r}")
+        return CheckOut(ok=False, detail=f"redis unreachable: {_describe(exc)}")
     return CheckOut(ok=True, detail="redis answers")
 
 
@@ -39,7 +45,7 @@ async def _check_model(store: RedisStore) -> tuple[CheckOut, str | None]:
         async with asyncio.timeout(_REDIS_TIMEOUT_S):
             info = await store.model_info()
     except Exception as exc:
-        return CheckOut(ok=False, detail=f"cannot read the model record: {exc!r}"), None
+        return CheckOut(ok=False, detail=f"cannot read the model record: {_describe(exc)}"), None
     version = info.get("version")
     if not version:
         detail = f"no model record in '{store.keys.model}' yet; is the worker running?"
@@ -58,7 +64,7 @@ async def _check_kafka(bootstrap: str) -> CheckOut:
             await client.bootstrap()  # connects and fetches cluster metadata
         brokers = len(client.cluster.brokers())
     except Exception as exc:
-        return CheckOut(ok=False, detail=f"kafka unreachable at {bootstrap}: {exc!r}")
+        return CheckOut(ok=False, detail=f"kafka unreachable at {bootstrap}: {_describe(exc)}")
     finally:
         await client.close()
     return CheckOut(ok=True, detail=f"kafka metadata from {brokers} broker(s) at {bootstrap}")

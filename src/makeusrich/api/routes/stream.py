@@ -8,6 +8,7 @@ once.
 """
 
 import asyncio
+import functools
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -40,8 +41,8 @@ router = APIRouter(tags=["stream"])
 
 EVENT_TYPES: Final = ("candle", "prediction", "alert", "drift")
 _BACKLOG_PAGE: Final = 500
-# A client whose socket accepts nothing for this long is dropped.
-_SEND_TIMEOUT_S: Final = 30.0
+# Events written to a client in one send when they are already queued (a burst of closes).
+_BATCH_MAX: Final = 500
 # On server shutdown streams end by themselves (so the response completes cleanly) and
 # are cancelled after this long; it must stay below serve()'s graceful-shutdown timeout.
 _SHUTDOWN_GRACE_S: Final = 1.0
@@ -82,8 +83,11 @@ def _events_query(
     return wanted
 
 
-def _sse(event: StoredEvent) -> ServerSentEvent:
-    return ServerSentEvent(data=event.data.decode(), id=event.id, event=event.type)
+@functools.lru_cache(maxsize=4_096)
+def _encoded(event: StoredEvent) -> bytes:
+    """The SSE frame of ``event``, encoded once for all the clients it goes to (the
+    broadcaster hands every queue the same object)."""
+    return ServerSentEvent(data=event.data.decode(), id=event.id, event=event.type).encode()
 
 
 async def _end_on_shutdown(
@@ -93,6 +97,15 @@ async def _end_on_shutdown(
     broadcaster.unsubscribe(subscription)  # its get() now returns None: the stream ends
 
 
+def _accepted(events: list[StoredEvent], event_filter: _Filter) -> list[StoredEvent]:
+    return [event for event in events if event_filter.accepts(event)]
+
+
+def _frames(events: list[StoredEvent]) -> bytes:
+    """``events`` as one chunk: one write for a burst of events."""
+    return b"".join(_encoded(event) for event in events)
+
+
 async def _event_stream(
     store: RedisStore,
     broadcaster: Broadcaster,
@@ -100,7 +113,7 @@ async def _event_stream(
     resume_from: str | None,
     shutdown: anyio.Event,
     metrics: ApiMetrics,
-) -> AsyncIterator[ServerSentEvent]:
+) -> AsyncIterator[bytes]:
     # Counted after each yield returns, i.e. once sse-starlette has written the event and
     # asks for the next: an event the client never got (it left) is not counted.
     sent = {kind: metrics.sse_events_sent.labels(kind) for kind in EVENT_TYPES}
@@ -120,24 +133,28 @@ async def _event_stream(
                     log.warning("cannot read the SSE backlog: %r", exc)
                     metrics.redis_errors.labels("stream").inc()
                     return
-                for stored in page:
-                    last_key = stored.key
-                    if event_filter.accepts(stored):
-                        yield _sse(stored)
-                        sent[stored.type].inc()
+                if page:
+                    last_key = page[-1].key
+                    if accepted := _accepted(page, event_filter):
+                        yield _frames(accepted)
+                        for event in accepted:
+                            sent[event.type].inc()
                 if len(page) < _BACKLOG_PAGE:
                     break
                 cursor = page[-1].id
         while True:
-            event = await subscription.get()
-            if event is None:
+            events = await subscription.get_many(_BATCH_MAX)
+            if not events:
                 return  # overflowed or shutting down: the client resumes with Last-Event-ID
-            if last_key is not None and event.key <= last_key:
-                continue  # already sent from the backlog
-            last_key = event.key
-            if event_filter.accepts(event):
-                yield _sse(event)
-                sent[event.type].inc()
+            if last_key is not None:
+                threshold = last_key
+                events = [e for e in events if e.key > threshold]  # sent from the backlog
+            if events:
+                last_key = events[-1].key
+                if accepted := _accepted(events, event_filter):
+                    yield _frames(accepted)
+                    for event in accepted:
+                        sent[event.type].inc()
     finally:
         watcher.cancel()
         broadcaster.unsubscribe(subscription)
@@ -185,7 +202,9 @@ async def stream(
     return EventSourceResponse(
         _event_stream(store, broadcaster, event_filter, resume_from, shutdown, metrics),
         ping=settings.sse_heartbeat_s,
-        send_timeout=_SEND_TIMEOUT_S,
+        # A client that accepts nothing for this long is dropped (on Linux the kernel does
+        # it first, see makeusrich.api.listen_socket).
+        send_timeout=settings.api_send_timeout_s,
         shutdown_event=shutdown,
         shutdown_grace_period=_SHUTDOWN_GRACE_S,
     )
