@@ -27,7 +27,7 @@ import redis
 from httpx_sse import aconnect_sse
 
 from kit.api import wait_http
-from kit.builders import make_candles
+from kit.builders import T0_MS, make_candles
 from kit.metrics import sample, scrape
 from kit.worker import wait_until
 from makeusrich.core.embedded import EmbeddedService, free_port, kill_with_parent, terminate
@@ -162,6 +162,38 @@ async def test_each_sse_event_passes_the_proxy_as_it_is_written(
             event = await asyncio.wait_for(anext(events), 10)
             assert event.event == "candle"
             assert json.loads(event.data)["open_time"] == candle.open_time
+
+
+async def test_sse_clients_on_both_replicas_each_get_every_event(
+    proxy: str, replicas: list[str], store: RedisStore
+) -> None:
+    """Replicas fan out from the one Redis pub/sub channel: whichever replica the proxy
+    picked, a client gets every event, in order."""
+    # After the candles of the other tests: Redis refuses ids at or below the newest.
+    candles = make_candles([200.0 + i for i in range(20)], start_ms=T0_MS + 86_400_000)
+    async with contextlib.AsyncExitStack() as stack:
+        streams = []
+        for _ in range(4):  # round robin: two on each replica
+            client = await stack.enter_async_context(httpx.AsyncClient(base_url=proxy,
+                                                                       timeout=10))
+            source = await stack.enter_async_context(
+                aconnect_sse(client, "GET", "/v1/stream", params={"events": "candle"}))
+            assert source.response.status_code == 200
+            streams.append(source.aiter_sse())
+        # Streams of earlier tests may still be closing: wait for the gauges to settle.
+        await asyncio.to_thread(
+            wait_until,
+            lambda: [sample(scrape(f"{url}/metrics"), "mur_sse_clients") for url in replicas]
+            == [2.0, 2.0],
+            "two streams on each replica", 30)
+        for candle in candles:
+            await store.write_candle(candle)
+
+        async def read_all(events: Any) -> list[int]:
+            return [json.loads((await anext(events)).data)["open_time"] for _ in candles]
+
+        received = await asyncio.wait_for(asyncio.gather(*map(read_all, streams)), 30)
+    assert received == [[c.open_time for c in candles]] * 4
 
 
 def test_polling_is_spread_over_both_replicas(proxy: str, replicas: list[str]) -> None:
