@@ -81,20 +81,22 @@ vendor:
 	REGISTRY_INTEGRITY="$$(npm view lightweight-charts@$(LWC_VERSION) dist.integrity)" \
 	DEST="$$dest" FILE=$(LWC_FILE) node -e "$$VENDOR_MANIFEST_JS"
 
+# $(call apt_install,FILES,PACKAGES[,APT OPTIONS]): install Debian's PACKAGES with apt
+# unless every one of FILES is already there and executable.
+apt_install = @missing=; for file in $(1); do [ -x "$$file" ] || missing=1; done; \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ]; then sudo=; else sudo=sudo; fi; \
+	echo "installing $(2) (apt)"; \
+	$$sudo apt-get update -q && $$sudo apt-get install -y -q $(3) $(2)
+
 # Debian's chromium and chromedriver for the dashboard's headless-browser test.
 browser:
-	@if [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; then exit 0; fi; \
-	if [ "$$(id -u)" = 0 ]; then sudo=; else sudo=sudo; fi; \
-	echo "installing chromium and chromium-driver (apt)"; \
-	$$sudo apt-get update -q && $$sudo apt-get install -y -q chromium chromium-driver
+	$(call apt_install,/usr/bin/chromium /usr/bin/chromedriver,chromium chromium-driver)
 
 # Debian's nginx for the reverse-proxy test (tests/integration/test_proxy.py), which runs it
 # with infra/nginx/api-proxy.conf in front of two API replicas, on ports of its own.
 proxy:
-	@if [ -x /usr/sbin/nginx ]; then exit 0; fi; \
-	if [ "$$(id -u)" = 0 ]; then sudo=; else sudo=sudo; fi; \
-	echo "installing nginx (apt)"; \
-	$$sudo apt-get update -q && $$sudo apt-get install -y -q --no-install-recommends nginx
+	$(call apt_install,/usr/sbin/nginx,nginx,--no-install-recommends)
 
 clean:
 	rm -rf $(VENV) .mur .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -24,7 +24,7 @@ import redis
 import redis.asyncio as aioredis
 from httpx_sse import aconnect_sse
 
-from kit.api import RunningApi, serve_in_thread
+from kit.api import RunningApi, serve_in_thread, settings_factory
 from makeusrich.access import KeyStore, Limiter, Limits, Subject
 from makeusrich.access.keys import hash_key
 from makeusrich.core.embedded import EmbeddedService, free_port, kill_with_parent
@@ -46,18 +46,11 @@ def prefix() -> str:
 def make_settings(redis_server: EmbeddedService, prefix: str,
                   tmp_path: Path) -> Callable[..., Settings]:
     """Production settings (no anonymous access) unless a test says otherwise."""
-
-    def build(**overrides: Any) -> Settings:
-        values: dict[str, Any] = {
-            "redis_url": redis_server.url, "redis_prefix": prefix, "kafka_bootstrap": None,
-            "symbols": ("BTCUSDT",), "intervals": ("1m",), "state_dir": tmp_path,
-            "environment": "prod", "anonymous_access": None, "anonymous_rpm": 60,
-            "anonymous_daily": 5_000, "anonymous_sse": 2, "admin_api": False,
-        }
-        values.update(overrides)
-        return Settings(_env_file=None, **values)
-
-    return build
+    return settings_factory(
+        redis_server.url, redis_prefix=prefix, symbols=("BTCUSDT",), intervals=("1m",),
+        state_dir=tmp_path, environment="prod", anonymous_access=None, anonymous_rpm=60,
+        anonymous_daily=5_000, anonymous_sse=2, admin_api=False,
+    )
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ import pytest
 import redis.asyncio as aioredis
 from httpx_sse import ServerSentEvent, aconnect_sse
 
-from kit.api import EventReader, RunningApi, serve_in_thread, wait_for
+from kit.api import EventReader, RunningApi, serve_in_thread, settings_factory, wait_for
 from makeusrich.api import create_app
 from makeusrich.api.broadcast import Broadcaster
 from makeusrich.core.embedded import EmbeddedService, free_port
@@ -65,21 +65,8 @@ def make_prediction(i: int = 0, symbol: str = "BTCUSDT", interval: str = "1m") -
 
 @pytest.fixture
 def make_settings(redis_server: EmbeddedService) -> Callable[..., Settings]:
-    prefix = f"t-{uuid.uuid4().hex[:10]}"
-
-    def build(**overrides: Any) -> Settings:
-        values: dict[str, Any] = {
-            "redis_url": redis_server.url,
-            "redis_prefix": prefix,
-            "kafka_bootstrap": None,
-            "symbols": ("BTCUSDT", "ETHUSDT"),
-            "intervals": ("1m",),
-            "sse_heartbeat_s": 15.0,
-        }
-        values.update(overrides)
-        return Settings(_env_file=None, **values)
-
-    return build
+    return settings_factory(redis_server.url, symbols=("BTCUSDT", "ETHUSDT"),
+                            intervals=("1m",), sse_heartbeat_s=15.0)
 
 
 @pytest.fixture

@@ -23,7 +23,7 @@ import redis
 from httpx_sse import ServerSentEvent, aconnect_sse
 
 import makeusrich
-from kit.api import RunningApi, serve_in_thread
+from kit.api import RunningApi, serve_in_thread, settings_factory
 from makeusrich.api.jobs import JOB_TTL_S, REPORT_FILES, STALE_AFTER_MS, JobManager
 from makeusrich.core.embedded import EmbeddedService
 from makeusrich.core.schemas import now_ms
@@ -84,17 +84,7 @@ elif mode == "slow":
 
 @pytest.fixture
 def make_settings(redis_server: EmbeddedService, tmp_path: Path) -> Callable[..., Settings]:
-    prefix = f"t-{uuid.uuid4().hex[:10]}"
-
-    def build(**overrides: Any) -> Settings:
-        values: dict[str, Any] = {
-            "redis_url": redis_server.url, "redis_prefix": prefix, "kafka_bootstrap": None,
-            "state_dir": tmp_path / "state", "log_level": "WARNING",
-        }
-        values.update(overrides)
-        return Settings(_env_file=None, **values)
-
-    return build
+    return settings_factory(redis_server.url, state_dir=tmp_path / "state", log_level="WARNING")
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ import redis
 
 from kit.klines import assert_same_as_binance, binance_klines
 from kit.registry import add_version, corrupt_model
-from kit.worker import history, start_worker, wait_until, worker_stats
+from kit.worker import history, wait_until, worker_processes, worker_stats
 from makeusrich.cli import BUNDLED_SAMPLE
 from makeusrich.core.embedded import EmbeddedService
 from makeusrich.core.schemas import EndOfStream, Trade
@@ -51,11 +51,8 @@ def settings(kafka: EmbeddedService, redis_server: EmbeddedService, tmp_path: Pa
 
 @pytest.fixture
 def worker(settings: Settings) -> Iterator[subprocess.Popen[bytes]]:
-    proc = start_worker(settings)
-    yield proc
-    if proc.poll() is None:
-        proc.kill()
-    proc.wait(30)
+    with worker_processes() as start:
+        yield start(settings)
 
 
 def _serving(client: redis.Redis, settings: Settings) -> str:

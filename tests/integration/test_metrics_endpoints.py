@@ -5,7 +5,6 @@ broker."""
 import asyncio
 import subprocess
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -17,11 +16,11 @@ from httpx_sse import aconnect_sse
 from kafka import KafkaProducer
 from msgspec.structs import replace
 
-from kit.api import RunningApi, serve_in_thread
+from kit.api import RunningApi, serve_in_thread, settings_factory
 from kit.klines import TRADES_SLICE
 from kit.metrics import Samples, parse, series
 from kit.metrics import sample as get
-from kit.worker import start_worker, wait_until
+from kit.worker import wait_until, worker_processes
 from makeusrich.core.embedded import EmbeddedService, free_port
 from makeusrich.core.schemas import Candle, EndOfStream, Prediction, now_ms
 from makeusrich.core.settings import Settings
@@ -47,17 +46,8 @@ def total(samples: Samples, name: str, **labels: str) -> float:
 
 @pytest.fixture
 def make_settings(redis_server: EmbeddedService) -> Callable[..., Settings]:
-    prefix = f"t-{uuid.uuid4().hex[:10]}"
-
-    def build(**overrides: Any) -> Settings:
-        values: dict[str, Any] = {
-            "redis_url": redis_server.url, "redis_prefix": prefix, "kafka_bootstrap": None,
-            "symbols": ("BTCUSDT", "ETHUSDT"), "intervals": ("1m",), "sse_heartbeat_s": 15.0,
-        }
-        values.update(overrides)
-        return Settings(_env_file=None, **values)
-
-    return build
+    return settings_factory(redis_server.url, symbols=("BTCUSDT", "ETHUSDT"),
+                            intervals=("1m",), sse_heartbeat_s=15.0)
 
 
 def _candle(i: int) -> Candle:
@@ -181,11 +171,8 @@ def worker_settings(kafka: EmbeddedService, redis_server: EmbeddedService, tmp_p
 
 @pytest.fixture
 def worker(worker_settings: Settings) -> Iterator[subprocess.Popen[bytes]]:
-    proc = start_worker(worker_settings)
-    yield proc
-    if proc.poll() is None:
-        proc.kill()
-    proc.wait(30)
+    with worker_processes() as start:
+        yield start(worker_settings)
 
 
 def scrape_worker(settings: Settings) -> Samples:

@@ -3,7 +3,6 @@ registry on disk, the champion pointer and the version the worker says it serves
 
 import contextlib
 import json
-import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -11,7 +10,7 @@ from typing import Any
 import httpx
 import pytest
 
-from kit.api import serve_in_thread
+from kit.api import serve_in_thread, settings_factory
 from kit.registry import add_version
 from makeusrich.core.embedded import EmbeddedService
 from makeusrich.core.settings import Settings
@@ -45,16 +44,7 @@ def root(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def make_settings(redis_server: EmbeddedService) -> Callable[..., Settings]:
-    prefix = f"t-{uuid.uuid4().hex[:10]}"
-
-    def build(**overrides: Any) -> Settings:
-        values: dict[str, Any] = {
-            "redis_url": redis_server.url, "redis_prefix": prefix, "kafka_bootstrap": None,
-        }
-        values.update(overrides)
-        return Settings(_env_file=None, **values)
-
-    return build
+    return settings_factory(redis_server.url)
 
 
 @pytest.fixture

@@ -16,7 +16,6 @@ import pwd
 import shutil
 import subprocess
 import sys
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,7 @@ import pytest
 import redis
 from httpx_sse import aconnect_sse
 
-from kit.api import wait_http
+from kit.api import settings_factory, wait_http
 from kit.builders import T0_MS, make_candles
 from kit.metrics import sample, scrape
 from kit.worker import wait_until
@@ -74,18 +73,9 @@ http {{
 
 @pytest.fixture(scope="module")
 def make_settings(redis_server: EmbeddedService) -> Callable[..., Settings]:
-    prefix = f"t-proxy-{uuid.uuid4().hex[:8]}"
-
-    def build(**overrides: Any) -> Settings:
-        values: dict[str, Any] = {
-            "redis_url": redis_server.url, "redis_prefix": prefix, "kafka_bootstrap": None,
-            "symbols": ("BTCUSDT",), "intervals": ("1m",), "api_host": "127.0.0.1",
-            "forwarded_allow_ips": (PROXY_ADDRESS,), "log_level": "WARNING",
-        }
-        values.update(overrides)
-        return Settings(_env_file=None, **values)
-
-    return build
+    return settings_factory(redis_server.url, symbols=("BTCUSDT",), intervals=("1m",),
+                            api_host="127.0.0.1", forwarded_allow_ips=(PROXY_ADDRESS,),
+                            log_level="WARNING")
 
 
 @pytest.fixture(scope="module")

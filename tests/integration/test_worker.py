@@ -11,7 +11,7 @@ import redis
 from kafka import KafkaConsumer, KafkaProducer
 
 from kit.klines import TRADES_SLICE, assert_same_as_binance, binance_klines
-from kit.worker import history, start_worker, wait_until, worker_stats
+from kit.worker import history, wait_until, worker_processes, worker_stats
 from makeusrich.core.embedded import EmbeddedService
 from makeusrich.core.schemas import EndOfStream, encode
 from makeusrich.core.settings import Settings
@@ -37,18 +37,8 @@ def settings(kafka: EmbeddedService, redis_server: EmbeddedService, tmp_path: Pa
 @pytest.fixture
 def worker(settings: Settings) -> Iterator[Callable[[], subprocess.Popen[bytes]]]:
     """Starts `mur worker` processes; all are killed at the end."""
-    started: list[subprocess.Popen[bytes]] = []
-
-    def start() -> subprocess.Popen[bytes]:
-        proc = start_worker(settings)
-        started.append(proc)
-        return proc
-
-    yield start
-    for proc in started:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(30)
+    with worker_processes() as start:
+        yield lambda: start(settings)
 
 
 def test_restarted_worker_resumes_with_identical_candles(

@@ -8,9 +8,11 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import uvicorn
@@ -23,6 +25,18 @@ from makeusrich.api.broadcast import Broadcaster
 from makeusrich.core.embedded import kill_with_parent, terminate
 from makeusrich.core.settings import Settings
 from makeusrich.core.store import RedisStore
+
+
+def settings_factory(redis_url: str, **defaults: Any) -> Callable[..., Settings]:
+    """``build(**overrides)``: Settings for an API on ``redis_url`` without Kafka, in a key
+    namespace of the factory's own; ``overrides`` beat ``defaults``."""
+    values: dict[str, Any] = {"redis_url": redis_url, "redis_prefix": f"t-{uuid.uuid4().hex[:10]}",
+                              "kafka_bootstrap": None, **defaults}
+
+    def build(**overrides: Any) -> Settings:
+        return Settings(_env_file=None, **{**values, **overrides})
+
+    return build
 
 
 @dataclass
