@@ -1,23 +1,38 @@
-# `make run` and `make test` create .venv and install what they need on first use.
+# `make run` and `make test` create .venv and install what they need on first use, every
+# package from the locks in requirements/ (exact versions, hash-checked; `make lock` writes them).
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
+UV     := $(BIN)/uv
+LOCKS  := requirements
 ARGS   ?=
+# uv uses the Python it is given; these machines reach only package registries.
+export UV_PYTHON_DOWNLOADS := never
 
-.PHONY: run test test-fast lint bench load install-run install-dev clean
+.PHONY: run test test-fast test-latest lint bench load lock install-run install-dev clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
 
-# Serving needs no torch: `make run` installs the package alone.
-$(VENV)/.run-installed: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q -e .
+# uv, itself pinned by hash, installs everything else.
+$(UV): $(LOCKS)/uv.txt | $(BIN)/python
+	$(BIN)/pip install -q --require-hashes -r $(LOCKS)/uv.txt
 	touch $@
 
-# Tests and benchmarks also train (torch==2.13.0, CPU) and lint.
-$(VENV)/.dev-installed: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q -e '.[dev,train]'
+# $(call sync,LOCK): make .venv hold exactly LOCK's packages (hash-checked), then the project
+# itself, editable, built by the locked setuptools.
+sync = $(UV) pip sync -q --python $(BIN)/python --require-hashes $(1) \
+	&& $(UV) pip install -q --python $(BIN)/python --no-deps --no-build-isolation -e .
+
+# Serving needs no torch: `make run` installs the serving lock alone.
+$(VENV)/.run-installed: $(LOCKS)/run.txt pyproject.toml | $(UV)
+	$(call sync,$(LOCKS)/run.txt)
+	rm -f $(VENV)/.dev-installed
+	touch $@
+
+# Tests and benchmarks also train (torch from PyPI, runs on the CPU) and lint.
+$(VENV)/.dev-installed: $(LOCKS)/dev.txt pyproject.toml | $(UV)
+	$(call sync,$(LOCKS)/dev.txt)
 	touch $@ $(VENV)/.run-installed
 
 install-run: $(VENV)/.run-installed
@@ -35,6 +50,33 @@ test: install-dev lint browser proxy
 
 test-fast: install-dev
 	$(BIN)/pytest -m "not slow"
+
+# The locks, resolved anew for every platform and Python >= 3.11 with hashes: dev.txt (all
+# extras) first, then train.txt (serving + torch, the trainer image) and run.txt (serving)
+# constrained to the same versions. LOCK_UPGRADE= keeps the current pins where pyproject.toml
+# still allows them (after adding a dependency); the default takes the newest releases.
+LOCK_UPGRADE ?= --upgrade
+compile = $(UV) pip compile -q --universal --generate-hashes --python-version 3.11 \
+	$(LOCK_UPGRADE) --output-file $(LOCKS)/$(1).txt $(2)
+
+lock: | $(UV)
+	$(call compile,uv,$(LOCKS)/uv.in)
+	$(call compile,dev,pyproject.toml $(LOCKS)/build.in --extra dev --extra train)
+	$(call compile,train,pyproject.toml $(LOCKS)/build.in --extra train -c $(LOCKS)/dev.txt)
+	$(call compile,run,pyproject.toml $(LOCKS)/build.in -c $(LOCKS)/dev.txt)
+
+# Tomorrow's `make lock`, tried today: the newest releases pyproject.toml allows, in a
+# throw-away venv, through lint, type-check and the fast tests; first, what differs from dev.txt.
+test-latest: | $(UV)
+	@set -e; tmp="$$(mktemp -d)"; trap 'rm -rf "$$tmp"' EXIT; py="$$tmp/venv/bin/python"; \
+	$(UV) venv -q --python $(PYTHON) "$$tmp/venv"; \
+	$(UV) pip install -q --python "$$py" --upgrade -e '.[dev,train]'; \
+	$(UV) pip freeze -q --python "$$py" --exclude-editable | sort > "$$tmp/latest.txt"; \
+	grep -oE '^[a-z0-9._-]+==[^ ;]+' $(LOCKS)/dev.txt | sort > "$$tmp/locked.txt"; \
+	echo "newer than requirements/dev.txt:"; comm -13 "$$tmp/locked.txt" "$$tmp/latest.txt" | sed 's/^/  /'; \
+	"$$tmp/venv/bin/ruff" check src tests bench; \
+	"$$tmp/venv/bin/mypy" --cache-dir "$$tmp/mypy-cache"; \
+	"$$tmp/venv/bin/pytest" -m "not slow"
 
 # The benchmark suite (bench/__main__.py): every stage in order, results in bench/results/,
 # then a one-screen summary of the ratios. ARGS=--quick (or BENCH_QUICK=1): small sizes.

@@ -2,8 +2,8 @@
 
 No Docker engine runs on the dev machines or in CI, so the containers are never started
 here. These checks catch the drift that would break them silently: a renamed subcommand or
-setting, a dependency on a service without a healthcheck, torch creeping into the serving
-image, a replica Prometheus does not scrape, a proxy that buffers the live feed.
+setting, a dependency on a service without a healthcheck, torch (or anything unlocked)
+creeping into the images, a replica Prometheus does not scrape, a proxy that buffers the live feed.
 (tests/integration/test_proxy.py runs the proxy's rules with a real nginx.)
 """
 
@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
+from kit.locks import read_lock
 from makeusrich.cli import _parser
 from makeusrich.core.settings import Settings
 from makeusrich.trainer.schedule import parse_duration
@@ -485,23 +486,35 @@ def test_compose_builds_the_serving_image_except_for_the_trainer() -> None:
         assert target == ("trainer" if _command(SERVICES[name])[0] == "trainer" else "runtime")
 
 
-def test_serving_image_does_not_install_torch() -> None:
+def _lock_installs(installs: list[str]) -> set[str]:
+    """The locks in requirements/ that these pip commands install, hash-checked."""
+    return {
+        match.group(1) for segment in installs
+        for match in [re.search(r"--require-hashes\s+-r\s+requirements/(\w+)\.txt", segment)]
+        if match
+    }
+
+
+def test_serving_image_installs_the_serving_lock_without_torch() -> None:
     train = PYPROJECT["project"]["optional-dependencies"]["train"]
     assert any(dep.startswith("torch") for dep in train), "torch is expected in the train extra"
     assert not any(dep.startswith("torch") for dep in PYPROJECT["project"]["dependencies"])
     installs = _pip_installs(_ancestry("runtime"))
-    assert any(re.search(r"\binstall\s+\.(\s|$)", s) for s in installs), installs
+    assert _lock_installs(installs) == {"run"}, installs
+    assert "torch" not in read_lock("run")
+    # Then the package itself, and nothing unlocked with it.
+    assert any(re.search(r"install\s+--no-deps\s+--no-build-isolation\s+\.(\s|$)", s)
+               for s in installs), installs
     for segment in installs:
         assert "torch" not in segment, segment
         assert not re.search(r"\[[^\]]*\btrain\b", segment), segment
 
 
-def test_trainer_image_adds_the_train_extra_with_cpu_only_torch() -> None:
+def test_trainer_image_adds_the_train_lock() -> None:
     installs = _pip_installs(_ancestry("trainer") - _ancestry("runtime"))
-    train = [s for s in installs if re.search(r"\[[^\]]*\btrain\b", s)]
-    assert train, f"the trainer stages install no train extra: {installs}"
-    # PyPI's Linux torch wheels pull CUDA; the PyTorch CPU index has CPU-only builds.
-    assert all("https://download.pytorch.org/whl/cpu" in s for s in train), train
+    assert _lock_installs(installs) == {"train"}, installs
+    assert len(installs) == 1, f"the trainer stages install more than the lock: {installs}"
+    assert "torch" in read_lock("train")
 
 
 @pytest.mark.parametrize("target", ["runtime", "trainer"])

@@ -209,6 +209,6 @@ class Broadcaster:
             finally:
                 self._ready.clear()
                 with contextlib.suppress(RedisError, OSError):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]  # redis-py stub gap
+                    await pubsub.aclose()
             await asyncio.sleep(backoff_s)
             backoff_s = min(backoff_s * 2, _MAX_BACKOFF_S)

@@ -167,10 +167,9 @@ def _figure(
     for ax, key in zip(axes, keys, strict=True):
         paint(ax, [r for r in rows if (r.symbol, r.interval) == key], closes[key], colours)
         ax.set_title(f"{key[0]} {key[1]}", fontsize="medium")
-        # matplotlib.dates ships without type hints.
-        locator = AutoDateLocator()  # type: ignore[no-untyped-call]
+        locator = AutoDateLocator()
         ax.xaxis.set_major_locator(locator)
-        ax.xaxis.set_major_formatter(ConciseDateFormatter(locator))  # type: ignore[no-untyped-call]
+        ax.xaxis.set_major_formatter(ConciseDateFormatter(locator))
         ax.set_xlabel("UTC")
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small", loc="upper left")  # "best" scans every point: slow

@@ -56,6 +56,7 @@ from faust.types import TP, EventT
 from prometheus_client import Counter
 from prometheus_client.context_managers import ExceptionCounter
 from redis.exceptions import RedisError
+from redis.typing import EncodableT, FieldT
 
 from makeusrich.core.errors import ModelError, StreamError
 from makeusrich.core.metrics import WorkerMetrics, serve_metrics
@@ -121,8 +122,9 @@ class WorkerStats:
         self.end_of_streams = 0
         self.drift_events = 0
 
-    def as_dict(self) -> dict[str, int]:
-        return dict(vars(self))
+    def as_dict(self) -> dict[FieldT, EncodableT]:
+        """The counters as the Redis hash's fields."""
+        return {name: count for name, count in vars(self).items()}
 
 
 def _invalid_reason(message: Trade | EndOfStream, symbols: frozenset[str]) -> str | None:
@@ -382,7 +384,7 @@ def create_app(settings: Settings, forecaster: Forecaster | None = None,
     async def publish_stats() -> None:
         # Skipped while Redis is down: the next beat publishes the then current counters.
         await redis.once("stats", lambda: store.client.hset(
-            stats_key, mapping=stats.as_dict()))  # type: ignore[arg-type]
+            stats_key, mapping=stats.as_dict()))
 
     # Resuming exactly. An event is acked (so its offset may be committed) only once a
     # snapshot holding its effect is in the changelog; Faust flushes the producer before it
@@ -485,7 +487,7 @@ def create_app(settings: Settings, forecaster: Forecaster | None = None,
         if closed:
             await save(symbol)
 
-    @app.on_partitions_revoked.connect  # type: ignore[arg-type]
+    @app.on_partitions_revoked.connect
     async def forget_revoked(sender: faust.App, revoked: set[TP], **_: Any) -> None:
         # The partitions may come back from the committed offset: resume them from snapshots.
         gone = {tp.partition for tp in revoked if tp.topic == topics.trades}
@@ -499,7 +501,7 @@ def create_app(settings: Settings, forecaster: Forecaster | None = None,
     @app.agent(trades_topic)
     async def process(stream: faust.StreamT[bytes]) -> None:
         nonlocal acks, last_sweep
-        acks = stream.noack()  # type: ignore[attr-defined]  # Stream has it, StreamT does not
+        acks = stream.noack()
         async for event in acks.events():
             partition, offset = event.message.partition, event.message.offset
             last = delivered.get(partition)
