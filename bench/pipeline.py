@@ -1,13 +1,18 @@
 """Pipeline throughput: ``python -m bench.pipeline`` (part of ``make bench``).
 
-Measures, in one run, on this machine:
+Measures, in one run, on this machine, the same simulated trades published twice to one
+embedded broker: one trade per message (the old format, ``MUR_TRADES_BATCH_MAX=1``) and in
+batches (:class:`TradeBatch`, the default ``trades_batch_max``). For each topic:
 
-1. Throughput. N simulated trades are published to an embedded broker first; then
-   (a) a raw aiokafka consumer reads them back (the broker/client ceiling), and
-   (b) the Faust worker (``python -m makeusrich worker``) consumes the same topic; its rate
-   comes from the counters hash it refreshes in Redis every second, counted only while it
-   is busy (group join and the idle tail are excluded).
-2. The decode -> candle-update hot path in-process (:func:`bench.hotpath.measure`).
+(a) a raw aiokafka consumer reads it back (the broker/client ceiling, in messages/s), and
+(b) the Faust worker (``python -m makeusrich worker``) consumes it; its rate comes from the
+    counters hash it refreshes in Redis every second, counted only while it is busy (group
+    join and the idle tail are excluded). The batched topic's worker runs three times (a
+    fresh consumer group and Redis namespace each): the median is reported.
+
+Then the decode -> candle-update hot path in-process, per message kind
+(:func:`bench.hotpath.measure`). The issue's ratio is the batched worker's trades/s over the
+raw consumer's messages/s of one-trade messages: what a per-message consumer could reach.
 
 Candle close -> SSE latency is :mod:`bench.sse_latency`.
 
@@ -52,12 +57,15 @@ _POLL_S = 0.02  # worker-counter poll period: bounds the error on each observati
 
 @dataclass
 class Throughput:
+    """One topic's figures: what was published and how fast it was consumed."""
+
     n_trades: int
-    messages: int  # trades + one EndOfStream per symbol
+    messages: int  # trade or batch messages + one EndOfStream per symbol
     publish_s: float
-    raw_consume_per_s: float
+    raw_consume_per_s: float  # messages/s
     raw_consume_s: float
-    trades_per_s: float
+    trades_per_s: float  # the worker's (the median run's)
+    worker_runs_trades_per_s: list[float]
     worker_measured_trades: int
     worker_measured_s: float
     worker_startup_s: float
@@ -68,8 +76,9 @@ class Throughput:
 
 
 def _publish(settings: Settings, n_trades: int) -> tuple[int, float]:
-    """Publish ``n_trades`` sim trades plus EndOfStream per symbol; returns (messages, s)."""
-    trades = list(simulate_trades(SYMBOLS, 7, 50.0, 1_700_000_000_000, n_trades))
+    """Publish ``n_trades`` sim trades plus EndOfStream per symbol, batched as ``settings``
+    say; returns (messages, s)."""
+    trades = simulate_trades(SYMBOLS, 7, 50.0, 1_700_000_000_000, n_trades)
     publisher = TradePublisher(settings)
     started = time.perf_counter()
     try:
@@ -79,7 +88,7 @@ def _publish(settings: Settings, n_trades: int) -> tuple[int, float]:
     elapsed = time.perf_counter() - started
     if sent != n_trades:
         raise BenchError(f"published {sent} of {n_trades} trades")
-    return publisher.sent, elapsed
+    return publisher.messages, elapsed
 
 
 async def _raw_consume(settings: Settings, expected: int, timeout_s: float) -> tuple[int, float]:
@@ -169,87 +178,134 @@ def _measure_worker(
     return _WorkerRun(c1 - c0, t1 - t0, t0 - launched, 100.0 * (cpu1 - cpu0) / (t1 - t0))
 
 
-def measure_throughput(n_trades: int, tmp: Path, timeout_s: float) -> Throughput:
+def _measure_topic(settings: Settings, n_trades: int, worker_runs: int, tmp: Path,
+                   timeout_s: float) -> Throughput:
+    ensure_topics(settings)
+    kind = "one trade per message" if settings.trades_batch_max == 1 else "batches"
+    print(f"publishing {n_trades:,} trades, {kind} ...", flush=True)
+    messages, publish_s = _publish(settings, n_trades)
+    print("raw aiokafka consumer ...", flush=True)
+    raw_count, raw_s = asyncio.run(_raw_consume(settings, messages, timeout_s))
+    runs = []
+    for run in range(worker_runs):
+        print(f"Faust worker, run {run + 1} of {worker_runs} ...", flush=True)
+        name = f"{settings.worker_id}-{run}"
+        (tmp / name).mkdir()
+        runs.append(_measure_worker(
+            settings.model_copy(update={"worker_id": name, "redis_prefix": name}),
+            n_trades + len(SYMBOLS), tmp / name, timeout_s))
+    median = sorted(runs, key=lambda r: r.trades / r.seconds)[len(runs) // 2]
+    return Throughput(
+        n_trades=n_trades, messages=messages, publish_s=publish_s,
+        raw_consume_per_s=raw_count / raw_s if raw_s > 0 else float("inf"),
+        raw_consume_s=raw_s, trades_per_s=median.trades / median.seconds,
+        worker_runs_trades_per_s=[round(r.trades / r.seconds, 1) for r in runs],
+        worker_measured_trades=median.trades, worker_measured_s=median.seconds,
+        worker_startup_s=median.startup_s, worker_cpu_pct=median.cpu_pct,
+    )
+
+
+def measure_throughput(n_single: int, n_batched: int, tmp: Path,
+                       timeout_s: float) -> dict[str, Throughput]:
+    """Both topics on one broker and one redis-server, one after the other."""
     tag = f"bench{os.getpid()}x{int(time.time())}"
     kafka = start_kafka(log_dir=tmp / "logs")
     try:
         redis_server = start_redis(log_dir=tmp / "logs")
         try:
-            settings = Settings(
+            base = Settings(
                 kafka_bootstrap=kafka.url, redis_url=redis_server.url, symbols=SYMBOLS,
-                intervals=("1m",), topic_prefix=f"{tag}-", redis_prefix=tag, worker_id=tag,
-                state_dir=tmp / "worker-state", source="sim",
+                intervals=("1m",), source="sim",
             )
-            ensure_topics(settings)
-            print(f"publishing {n_trades:,} trades ...", flush=True)
-            messages, publish_s = _publish(settings, n_trades)
-            print("raw aiokafka consumer ...", flush=True)
-            raw_count, raw_s = asyncio.run(_raw_consume(settings, messages, timeout_s))
-            print("Faust worker ...", flush=True)
-            worker = _measure_worker(settings, messages, tmp, timeout_s)
+            return {
+                kind: _measure_topic(base.model_copy(update={
+                    "topic_prefix": f"{tag}-{kind}-", "redis_prefix": f"{tag}-{kind}",
+                    "worker_id": f"{tag}-{kind}", "state_dir": tmp / kind,
+                    "trades_batch_max": batch_max,
+                }), n, runs, tmp, timeout_s)
+                for kind, batch_max, n, runs in (("single", 1, n_single, 1),
+                                                 ("batched", base.trades_batch_max,
+                                                  n_batched, 3))
+            }
         finally:
             redis_server.stop()
     finally:
         kafka.stop()
-    raw_rate = raw_count / raw_s if raw_s > 0 else float("inf")
-    return Throughput(
-        n_trades=n_trades, messages=messages, publish_s=publish_s,
-        raw_consume_per_s=raw_rate, raw_consume_s=raw_s,
-        trades_per_s=worker.trades / worker.seconds, worker_measured_trades=worker.trades,
-        worker_measured_s=worker.seconds, worker_startup_s=worker.startup_s,
-        worker_cpu_pct=worker.cpu_pct,
-    )
 
 
 # ---- report ----------------------------------------------------------------------------
 
 
-def _report(throughput: Throughput, hot_us: float) -> dict[str, Any]:
+def _topic_report(t: Throughput) -> dict[str, Any]:
     return {
-        "trades_per_s": round(throughput.trades_per_s, 1),
-        "raw_consume_per_s": round(throughput.raw_consume_per_s, 1),
-        "ratio": round(throughput.trades_per_s / throughput.raw_consume_per_s, 4),
-        "hot_path_us_per_trade": round(hot_us, 3),
-        "n_trades": throughput.n_trades,
-        "n_messages": throughput.messages,
-        "publish_s": round(throughput.publish_s, 3),
-        "raw_consume_s": round(throughput.raw_consume_s, 3),
-        "worker_measured_trades": throughput.worker_measured_trades,
-        "worker_measured_s": round(throughput.worker_measured_s, 3),
-        "worker_startup_s": round(throughput.worker_startup_s, 2),
-        "worker_cpu_pct": round(throughput.worker_cpu_pct, 1),
+        "trades_per_s": round(t.trades_per_s, 1),
+        "worker_runs_trades_per_s": t.worker_runs_trades_per_s,
+        "raw_consume_msgs_per_s": round(t.raw_consume_per_s, 1),
+        "raw_consume_trades_per_s": round(t.raw_consume_per_s * t.n_trades / t.messages, 1),
+        "n_trades": t.n_trades,
+        "n_messages": t.messages,
+        "publish_s": round(t.publish_s, 3),
+        "raw_consume_s": round(t.raw_consume_s, 3),
+        "worker_measured_trades": t.worker_measured_trades,
+        "worker_measured_s": round(t.worker_measured_s, 3),
+        "worker_startup_s": round(t.worker_startup_s, 2),
+        "worker_cpu_pct": round(t.worker_cpu_pct, 1),
+    }
+
+
+def _report(topics: dict[str, Throughput], hot: dict[str, float]) -> dict[str, Any]:
+    single, batched = topics["single"], topics["batched"]
+    return {
+        "trades_per_s": round(batched.trades_per_s, 1),
+        "raw_consume_per_s": round(single.raw_consume_per_s, 1),
+        "ratio": round(batched.trades_per_s / single.raw_consume_per_s, 4),
+        "batched_over_single_worker": round(batched.trades_per_s / single.trades_per_s, 2),
+        "hot_path_us_per_trade": round(hot["us_per_trade"], 3),
+        "hot_path_batched_us_per_trade": round(hot["batched_us_per_trade"], 3),
+        "single": _topic_report(single),
+        "batched": _topic_report(batched),
     }
 
 
 def _print_summary(result: dict[str, Any], path: Path) -> None:
+    single, batched = result["single"], result["batched"]
     rows = [
-        ("Faust worker", f"{result['trades_per_s']:,.0f} trades/s"),
-        ("  its CPU while busy", f"{result['worker_cpu_pct']:.0f} % of a core"),
-        ("raw aiokafka consumer", f"{result['raw_consume_per_s']:,.0f} msgs/s"),
-        ("worker / raw", f"{result['ratio']:.3f}"),
-        ("hot path (decode+update)", f"{result['hot_path_us_per_trade']:.2f} us/trade"),
+        ("Faust worker, batches (median of 3)", f"{result['trades_per_s']:,.0f} trades/s"),
+        ("  its CPU while busy", f"{batched['worker_cpu_pct']:.0f} % of a core"),
+        ("Faust worker, one trade a message", f"{single['trades_per_s']:,.0f} trades/s"),
+        ("raw aiokafka, one trade a message", f"{result['raw_consume_per_s']:,.0f} msgs/s"),
+        ("raw aiokafka, batches", f"{batched['raw_consume_trades_per_s']:,.0f} trades/s"),
+        ("worker (batches) / raw (one a message)", f"{result['ratio']:.3f}"),
+        ("worker: batches / one a message", f"{result['batched_over_single_worker']:.1f}x"),
+        ("hot path, one a message", f"{result['hot_path_us_per_trade']:.2f} us/trade"),
+        ("hot path, batches", f"{result['hot_path_batched_us_per_trade']:.2f} us/trade"),
     ]
     width = max(len(name) for name, _ in rows)
     machine = result["machine"]
     print(f"\n{machine['cpu']} ({machine['cores']} cores), Python {machine['python']}")
-    print(f"{result['n_trades']:,} trades; bench took {result['bench_wall_s']:.0f} s")
+    print(f"{single['n_trades']:,} trades one a message, {batched['n_trades']:,} in batches; "
+          f"bench took {result['bench_wall_s']:.0f} s")
     for name, value in rows:
         print(f"  {name:<{width}}  {value:>18}")
     print(f"written to {path}")
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
-    parser = stage_parser("pipeline", __doc__, "30,000 trades")
-    parser.add_argument("--trades", type=int, help="trades to publish (default 200,000)")
-    parser.add_argument("--timeout", type=float, default=90.0,
+    parser = stage_parser("pipeline", __doc__, "30,000 / 1,000,000 trades")
+    parser.add_argument("--trades", type=int,
+                        help="trades published one a message (default 200,000)")
+    parser.add_argument("--batched-trades", type=int,
+                        help="trades published in batches (default 3,000,000)")
+    parser.add_argument("--timeout", type=float, default=120.0,
                         help="limit for each waiting step, in seconds")
-    return parse_stage(parser, argv, "pipeline", trades=(30_000, 200_000))
+    return parse_stage(parser, argv, "pipeline", trades=(30_000, 200_000),
+                       batched_trades=(1_000_000, 3_000_000))
 
 
 def _measure(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     print("hot path microbenchmark ...", flush=True)
-    hot_us = measure_hot_path()["us_per_trade"]
-    return _report(measure_throughput(args.trades, tmp, args.timeout), hot_us)
+    hot = measure_hot_path()
+    return _report(measure_throughput(args.trades, args.batched_trades, tmp, args.timeout), hot)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,6 +16,7 @@ import pytest
 import redis
 
 from kit.api import wait_for
+from kit.builders import topic_trades
 from kit.fake_binance import (
     BTCUSDT_TRADES_CSV,
     Drop,
@@ -33,7 +34,7 @@ from kit.worker import (
     worker_processes,
 )
 from makeusrich.core.embedded import EmbeddedService, kill_with_parent, terminate
-from makeusrich.core.schemas import Trade, trade_decoder
+from makeusrich.core.schemas import Trade
 from makeusrich.core.settings import Settings
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration, pytest.mark.faults]
@@ -104,8 +105,9 @@ async def test_drops_gaps_and_repeats_change_nothing_downstream(
     assert withheld["BTCUSDT"] > 33 and withheld["ETHUSDT"] > 2  # the gaps really happened
     # The trades topic: every trade exactly once (the ingestor skips repeats by id and
     # backfills gaps before publishing on; nothing disturbed the broker here).
-    published = [trade_decoder.decode(record.value) for record in
-                 await asyncio.to_thread(topic_records, settings, settings.topics.trades)]
+    published = topic_trades(record.value for record in
+                             await asyncio.to_thread(topic_records, settings,
+                                                     settings.topics.trades))
     assert all(isinstance(message, Trade) for message in published)
     counts = Counter((m.symbol, m.trade_id) for m in published if isinstance(m, Trade))
     assert counts == Counter((t.symbol, t.id) for trades in market.values() for t in trades)

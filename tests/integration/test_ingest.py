@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from kafka import KafkaConsumer, TopicPartition
 
+from kit.builders import topic_trades
 from kit.fake_binance import (
     BTCUSDT_TRADES_CSV,
     Drop,
@@ -22,7 +23,7 @@ from kit.fake_binance import (
 )
 from makeusrich.core.embedded import EmbeddedService, free_port
 from makeusrich.core.errors import IngestError
-from makeusrich.core.schemas import Trade, trade_decoder
+from makeusrich.core.schemas import Trade
 from makeusrich.core.settings import Settings
 from makeusrich.stream.ingest import BinanceIngestor, probe_binance, run_live
 from makeusrich.stream.publisher import TradePublisher, TradeSink, ensure_topics
@@ -149,8 +150,7 @@ def _poll_into(
     consumer: KafkaConsumer, by_partition: dict[TopicPartition, list[Trade]], timeout_ms: int
 ) -> None:
     for tp, records in consumer.poll(timeout_ms=timeout_ms).items():
-        for rec in records:
-            message = trade_decoder.decode(rec.value)
+        for message in topic_trades(rec.value for rec in records):
             assert isinstance(message, Trade)
             by_partition[tp].append(message)
 

@@ -2,20 +2,33 @@
 apart from live data, selected by event time."""
 
 import asyncio
+import itertools
+import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 import redis
-from kafka import KafkaConsumer, TopicPartition
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
 from kit.worker import history, worker_over
 from makeusrich.cli import BUNDLED_SAMPLE
 from makeusrich.core.embedded import EmbeddedService
-from makeusrich.core.errors import ConfigError, RegistryError
+from makeusrich.core.errors import ConfigError, RegistryError, SourceFormatError
+from makeusrich.core.schemas import EndOfStream, Trade, TradeBatch, encode
 from makeusrich.core.settings import Settings
-from makeusrich.stream.replay import ReplaySpec, drop_namespace, replay
+from makeusrich.stream.publisher import ensure_topics
+from makeusrich.stream.replay import (
+    ReplaySpec,
+    drop_namespace,
+    replay,
+    replay_settings,
+    span_trades,
+)
+from makeusrich.stream.sources import read_trades
 from makeusrich.trainer.archive import write_candles
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -121,6 +134,83 @@ def test_replay_from_kafka_selects_the_span_by_event_time(
     assert _comparable(candles) == [live_candles[c["open_time"]] for c in candles]
     assert start <= result.first_ts_event < result.last_ts_event < end
     drop_namespace(result.settings)
+
+
+def _publish_mixed(settings: Settings, partition: int, trades: list[Trade]) -> None:
+    """``trades`` (one symbol) into one partition of the ``trades`` topic: single trades
+    (as ingest published before batching), then messages the live worker dead-lettered and
+    a replay's end-of-stream marker, then batches (as ingest publishes now)."""
+    symbol = trades[0].symbol
+    unequal = {**msgspec.json.decode(encode(TradeBatch.of(trades[:3]))), "price": [1.0]}
+    values = [encode(trade) for trade in trades[:10]]
+    values += [b"{not json", msgspec.json.encode(unequal),
+               encode(EndOfStream(symbol=symbol, ts_event=trades[9].ts_event, ts_ingest=0))]
+    values += [encode(TradeBatch.of(trades[i : i + 700])) for i in range(10, len(trades), 700)]
+    producer = KafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all")
+    try:
+        for value in values:
+            producer.send(settings.topics.trades, value, key=symbol.encode(),
+                          partition=partition)
+        producer.flush()
+    finally:
+        producer.close()
+
+
+def test_replay_from_kafka_expands_trade_batches_into_every_trade_once_in_order(
+    live: Settings, client: redis.Redis, tmp_path: Path
+) -> None:
+    """Batches are expanded, what is no trade skipped; each partition is read as the merge
+    needs it (span_trades), and the span replays like the live path."""
+    name = f"replay-batches-{uuid.uuid4().hex[:8]}"
+    source = live.model_copy(update={
+        "topic_prefix": f"{name}-", "redis_prefix": name, "worker_id": name,
+        "state_dir": tmp_path, "symbols": ("BTCUSDT", "ETHUSDT"),
+    })
+    ensure_topics(source)
+    btc = list(read_trades(BUNDLED_SAMPLE))
+    # A second symbol in another partition, so that partitions are merged.
+    eth = [msgspec.structs.replace(t, symbol="ETHUSDT", price=t.price / 30,
+                                   quote_qty=t.quote_qty / 30) for t in btc[::3]]
+    _publish_mixed(source, 0, btc)
+    _publish_mixed(source, 1, eth)
+
+    streamed = list(span_trades(source, ReplaySpec(source="kafka")))
+    assert [t for t in streamed if t.symbol == "BTCUSDT"] == btc
+    assert [t for t in streamed if t.symbol == "ETHUSDT"] == eth
+    assert len(streamed) == len(btc) + len(eth)
+    assert [t.ts_event for t in streamed] == sorted(t.ts_event for t in streamed)
+
+    start, end = START_MS + 10 * MINUTE_MS, START_MS + 20 * MINUTE_MS
+    result = asyncio.run(replay(source, ReplaySpec(source="kafka", start_ms=start, end_ms=end),
+                                "from-batches"))
+    in_span = [t for t in streamed if start <= t.ts_event < end]
+    assert result.messages == len(in_span)
+    assert result.symbols == ("BTCUSDT", "ETHUSDT")
+    assert (result.first_ts_event, result.last_ts_event) == (in_span[0].ts_event,
+                                                             in_span[-1].ts_event)
+    candles = _comparable(history(client, result.settings, "candle"))
+    assert [c["open_time"] for c in candles] == list(range(start, end, MINUTE_MS))
+    live_candles = {c["open_time"]: c for c in _comparable(history(client, live, "candle"))}
+    assert candles == [live_candles[c["open_time"]] for c in candles]
+    assert len(history(client, result.settings, "candle", "ETHUSDT")) == 10
+    drop_namespace(result.settings)
+    drop_namespace(source)
+
+
+def test_a_malformed_line_ends_a_file_replay_when_it_is_read(
+    live: Settings, tmp_path: Path
+) -> None:
+    """The file is read while it is sent: a bad line after good trades ends the replay with
+    its own error, not with a worker that stalled waiting for the rest."""
+    rows = [f"{t.trade_id},{t.price},{t.qty},{t.quote_qty},{t.ts_event},{t.is_buyer_maker},True"
+            for t in itertools.islice(read_trades(BUNDLED_SAMPLE), 100)]
+    path = tmp_path / "BTCUSDT-trades-2019-04-01.csv"
+    path.write_text("\n".join([*rows, "junk"]) + "\n")
+    started_s = time.monotonic()
+    with pytest.raises(SourceFormatError, match=":101: "):
+        asyncio.run(replay(live, ReplaySpec(source=str(path)), "bad-line"))
+    assert time.monotonic() - started_s < 60  # the stall timeout is 120 s
+    drop_namespace(replay_settings(live, "bad-line"))
 
 
 def test_replay_from_the_archive_predicts_what_the_worker_predicted(

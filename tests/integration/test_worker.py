@@ -129,3 +129,65 @@ def test_malformed_and_late_messages_are_dead_lettered(
     assert sum(letter["reason"].startswith("late") for letter in letters) == 1
     assert {letter["stage"] for letter in letters} == {"worker"}
     assert proc.poll() is None  # nothing crashed it
+
+
+def _raw_batch(trades: list[tuple[int, int, float]], **fields: object) -> bytes:
+    """A TradeBatch message of (trade_id, ts_event, price) with qty 1, as raw JSON."""
+    record = {"kind": "trades", "v": 1, "symbol": "BTCUSDT", "source": "sim",
+              "ts_ingest": trades[-1][1], "trade_id": [t[0] for t in trades],
+              "price": [t[2] for t in trades], "qty": [1.0] * len(trades),
+              "quote_qty": [t[2] for t in trades], "is_buyer_maker": [False] * len(trades),
+              "ts_event": [t[1] for t in trades], **fields}
+    return msgspec.json.encode(record)
+
+
+def test_bad_trades_inside_a_batch_are_dead_lettered_one_by_one(
+    settings: Settings, worker: Callable[[], subprocess.Popen[bytes]],
+    redis_client: redis.Redis,
+) -> None:
+    t0 = 1_700_000_040_000 - 1_700_000_040_000 % 60_000
+    first = _raw_batch([(10, t0 + 1_000, 100.0), (11, t0 + 2_000, -5.0),  # bad price
+                        (12, t0 + 3_000, 103.0), (11, t0 + 3_500, 1.0),   # a repeat
+                        (13, 1, 104.0)])                                   # year 1970
+    # One id beyond int64 sends the batch down the per-trade path: same verdicts.
+    second = _raw_batch([(20, t0 + 61_000, 101.0), (2**64, t0 + 61_500, 1.0),
+                         (21, t0 + 62_000, 102.0), (22, t0 + 30_000, 999.0)])  # late
+    whole = [
+        _raw_batch([(30, t0 + 63_000, 1.0)], v=2),  # a version this worker does not know
+        _raw_batch([(31, t0 + 63_000, 1.0)], price=[1.0, 2.0]),  # columns differ in length
+        _raw_batch([(32, t0 + 63_000, 1.0)], symbol="DOGEUSDT"),  # not in MUR_SYMBOLS
+    ]
+    producer = KafkaProducer(bootstrap_servers=settings.kafka_bootstrap)
+    for message in [first, second, *whole]:
+        producer.send(settings.topics.trades, message, key=b"BTCUSDT")
+    producer.send(settings.topics.trades, encode(EndOfStream("BTCUSDT", t0 + 65_000, 0)),
+                  key=b"BTCUSDT")
+    producer.flush()
+    producer.close()
+    proc = worker()
+
+    wait_until(lambda: worker_stats(redis_client, settings).get("end_of_streams", 0) == 1,
+               "the end of the stream")
+    candles = history(redis_client, settings, "candle")
+    assert [(c["open"], c["high"], c["low"], c["close"], c["trades"]) for c in candles] == [
+        (100.0, 103.0, 100.0, 103.0, 2), (101.0, 102.0, 101.0, 102.0, 2)]
+    stats = worker_stats(redis_client, settings)
+    assert (stats["late"], stats["duplicates"]) == (1, 1)
+
+    consumer = KafkaConsumer(settings.topics.dead_letter,
+                             bootstrap_servers=settings.kafka_bootstrap,
+                             auto_offset_reset="earliest", consumer_timeout_ms=5_000)
+    letters = [msgspec.json.decode(m.value) for m in consumer]
+    consumer.close()
+    reasons = [letter["reason"] for letter in letters]
+    for expected in ("invalid: price must be positive", "invalid: ts_event 1 is not",
+                     f"invalid: trade_id {2**64} is out of range", "late: its candle",
+                     "undecodable: Invalid enum value 2", "undecodable: the batch's columns",
+                     "invalid: unknown symbol 'DOGEUSDT'"):
+        assert sum(reason.startswith(expected) for reason in reasons) == 1, (expected, reasons)
+    # A trade dead-lettered out of a batch is kept as a single trade message.
+    singles = [msgspec.json.decode(letter["payload"]) for letter in letters
+               if letter["reason"].startswith(("invalid: price", "late"))]
+    assert sorted((t["kind"], t["trade_id"]) for t in singles) == [("trade", 11), ("trade", 22)]
+    assert stats["dead_letters"] == len(letters) == 7
+    assert proc.poll() is None

@@ -13,7 +13,15 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from makeusrich.core.schemas import Candle, EndOfStream, Prediction, Source, Trade
+from makeusrich.core.schemas import (
+    Candle,
+    EndOfStream,
+    Prediction,
+    Source,
+    Trade,
+    TradeBatch,
+    trade_decoder,
+)
 
 __all__ = [
     "T0_MS",
@@ -26,6 +34,7 @@ __all__ = [
     "random_closes",
     "random_trades",
     "scale_volatility",
+    "topic_trades",
 ]
 
 T0_MS = 1_554_076_800_000  # 2019-04-01 00:00:00 UTC, the start of the tests/data slices
@@ -97,6 +106,15 @@ def random_trades(
             )
         )
         next_ids[symbol] += 1
+    return out
+
+
+def topic_trades(values: Iterable[bytes]) -> list[Trade | EndOfStream]:
+    """The ``trades`` topic's messages, decoded, each batch expanded into its trades."""
+    out: list[Trade | EndOfStream] = []
+    for value in values:
+        message = trade_decoder.decode(value)
+        out.extend(message.trades() if isinstance(message, TradeBatch) else [message])
     return out
 
 

@@ -4,10 +4,11 @@ import itertools
 import random
 from collections import defaultdict
 
+import numpy as np
 import pytest
 
-from makeusrich.core.schemas import Candle, Trade
-from makeusrich.stream.candles import CandleBuilder, UpdateResult
+from makeusrich.core.schemas import Candle, Trade, TradeBatch
+from makeusrich.stream.candles import CandleBuilder, TradeColumns, UpdateResult
 
 MIN_MS = 60_000
 
@@ -174,3 +175,96 @@ def test_snapshot_restore_resumes_mid_candle() -> None:
     strip = [(c.open_time, c.open, c.high, c.low, c.close, c.volume, c.trades) for c in candles]
     assert strip == [(c.open_time, c.open, c.high, c.low, c.close, c.volume, c.trades)
                      for c in whole]
+
+
+# ---- the batch path: update_batch must equal update, trade by trade, bit for bit -------------
+
+
+def _columns(trades: list[Trade]) -> TradeColumns:
+    return TradeColumns.of(TradeBatch.of(trades))
+
+
+def _with_duplicates(trades: list[Trade], seed: int) -> list[Trade]:
+    """Redeliveries: some trades again, right after or a little later."""
+    rng = random.Random(seed)
+    out: list[Trade] = []
+    for t in trades:
+        out.append(t)
+        if rng.random() < 0.03:
+            out.append(rng.choice(out[-20:]))
+    return out
+
+
+def _batches(trades: list[Trade], seed: int) -> list[list[Trade]]:
+    rng = random.Random(seed)
+    batches, i = [], 0
+    while i < len(trades):
+        size = rng.choice([1, 2, 7, 50, 333, 1_000])
+        batches.append(trades[i:i + size])
+        i += size
+    return batches
+
+
+def _fields(candles: list[Candle]) -> list[tuple[object, ...]]:
+    """Everything but ts_ingest (the wall clock when the candle closed)."""
+    return [tuple(getattr(c, f) for f in Candle.__struct_fields__ if f != "ts_ingest")
+            for c in candles]
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize(("interval", "grace_ms", "jitter_ms"), [
+    ("1m", 0, 0), ("1m", 2_000, 30_000), ("1s", 300, 800), ("5m", 10_000, 25_000),
+])
+def test_batches_equal_trade_by_trade(seed: int, interval: str, grace_ms: int,
+                                      jitter_ms: int) -> None:
+    trades = _with_duplicates(_random_trades(seed, 3_000, jitter_ms), seed)
+    one, many = (CandleBuilder("BTCUSDT", interval, grace_ms) for _ in range(2))
+    expected: list[Candle] = []
+    results = []
+    for t in trades:
+        results.append(one.update(t))
+        expected += one.closed()
+    got: list[Candle] = []
+    duplicate_masks, late_masks = [], []
+    for batch in _batches(trades, seed):
+        duplicate, late = many.update_batch(_columns(batch))
+        duplicate_masks += duplicate.tolist()
+        late_masks += late.tolist()
+        got += many.closed()
+    assert duplicate_masks == [r is UpdateResult.DUPLICATE for r in results]
+    assert late_masks == [r is UpdateResult.LATE for r in results]
+    assert any(duplicate_masks) and (any(late_masks) or jitter_ms == 0)
+    assert _fields(got) == _fields(expected)
+    assert many.snapshot() == one.snapshot()  # open candles too, to the last bit
+    for builder in (one, many):
+        builder.flush()
+    assert _fields(many.closed()) == _fields(one.closed())
+
+
+def test_batches_mix_with_single_trades_and_snapshots() -> None:
+    trades = _random_trades(5, 2_000, 1_500)
+    whole, _ = _build(trades, "1m", 2_000)
+    builder = CandleBuilder("BTCUSDT", "1m", 2_000)
+    candles: list[Candle] = []
+    for i, batch in enumerate(_batches(trades, 5)):
+        if i % 3 == 0:  # a restart from the snapshot between two messages
+            builder = CandleBuilder.restore("BTCUSDT", "1m", 2_000, builder.snapshot())
+        if i % 2:
+            for t in batch:
+                builder.update(t)
+        else:
+            builder.update_batch(_columns(batch))
+        candles += builder.closed()
+    builder.flush()
+    candles += builder.closed()
+    assert _fields(candles) == _fields(whole)
+
+
+def test_empty_batch_changes_nothing() -> None:
+    builder = CandleBuilder("BTCUSDT", "1m", 0)
+    builder.update(_trade(1, 1_700_000_040_000, 10.0))
+    before = builder.snapshot()
+    duplicate, late = builder.update_batch(_columns([_trade(2, 1, 1.0)]).select(
+        np.zeros(1, np.bool_)))
+    assert (len(duplicate), len(late)) == (0, 0)
+    assert builder.snapshot() == before

@@ -1,9 +1,13 @@
-"""TradePipeline's choice of model per symbol (no broker needed)."""
+"""TradePipeline: the model per symbol, and batches against single trades (no broker)."""
 
 from collections.abc import Sequence
 
-from makeusrich.core.schemas import Candle, EndOfStream, Trade
+from msgspec.structs import replace
+
+from kit.builders import random_trades
+from makeusrich.core.schemas import Candle, EndOfStream, Prediction, Trade, TradeBatch
 from makeusrich.inference import Forecast, NaiveForecaster
+from makeusrich.stream.candles import TradeColumns
 from makeusrich.stream.pipeline import TradePipeline
 
 T0 = 1_700_000_040_000  # a minute boundary
@@ -71,3 +75,41 @@ def test_histories_grow_for_a_symbol_model_with_a_longer_window() -> None:
     pipeline.set_forecaster(StubForecaster("stub-long", window=100), "ETHUSDT")
     versions = _feed(pipeline, ("ETHUSDT",), minutes=110)
     assert "stub-long" in versions["ETHUSDT"]
+
+
+
+def _outputs(pipeline: TradePipeline) -> tuple[list[tuple[object, ...]], ...]:
+    """What the pipeline made, sorted, without wall-clock stamps."""
+    out = pipeline.drain()
+
+    def strip(records: Sequence[Candle | Prediction]) -> list[tuple[object, ...]]:
+        return sorted(
+            tuple(getattr(r, f) for f in type(r).__struct_fields__
+                  if f not in ("ts_ingest", "made_at"))
+            for r in records
+        )
+
+    return strip(out.candles), strip(out.predictions), sorted(
+        (t.symbol, t.trade_id) for t in out.late)
+
+
+def test_batches_make_what_single_trades_make() -> None:
+    trades = [replace(t, trade_id=t.trade_id * 10) for t in random_trades(
+        6_000, seed=3, symbols=("BTCUSDT", "ETHUSDT"), mean_gap_ms=40)]
+    # Redeliveries, and stragglers 2 s old: late for their 1s candle, not for their 1m one.
+    trades = trades[:3_000] + trades[2_900:3_010] + trades[3_000:]
+    for i in range(500, 6_000, 500):
+        t = trades[i]
+        trades.insert(i + 1, replace(t, trade_id=t.trade_id + 5, ts_event=t.ts_event - 2_000))
+    one, many = (TradePipeline(("1s", "1m"), 500, NaiveForecaster()) for _ in range(2))
+    for t in trades:
+        one.process(t)
+    for symbol in ("BTCUSDT", "ETHUSDT"):
+        own = [t for t in trades if t.symbol == symbol]
+        for start in range(0, len(own), 257):
+            many.process_batch(TradeColumns.of(TradeBatch.of(own[start:start + 257])))
+    candles, predictions, late = _outputs(many)
+    assert (candles, predictions, late) == _outputs(one)
+    assert candles and predictions
+    assert many.duplicates == one.duplicates > 0
+    assert late

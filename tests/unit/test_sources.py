@@ -15,7 +15,7 @@ import pytest
 from kit.builders import T0_MS, FakePublisher, make_trade, random_trades
 from makeusrich.cli import BUNDLED_SAMPLE
 from makeusrich.core.errors import ConfigError, IngestError, SourceFormatError
-from makeusrich.core.schemas import EndOfStream, Trade
+from makeusrich.core.schemas import EndOfStream, Trade, TradeBatch, encode
 from makeusrich.core.settings import Settings
 from makeusrich.stream.sources import (
     read_binance_csv,
@@ -243,6 +243,26 @@ def test_jsonl_combined_stream_and_bare_messages(tmp_path: Path) -> None:
     assert [t.trade_id for t in read_jsonl(path, symbol="ethusdt")] == [7]
     assert replay_symbols(path) == ("BTCUSDT", "ETHUSDT")
     assert replay_symbols(path, symbol="ETHUSDT") == ("ETHUSDT",)
+
+
+def test_jsonl_of_trades_topic_records(tmp_path: Path) -> None:
+    trades = random_trades(2_500, seed=4, symbols=("BTCUSDT", "ETHUSDT"), source="sim")
+    btc = [t for t in trades if t.symbol == "BTCUSDT"]
+    eth = [t for t in trades if t.symbol == "ETHUSDT"]
+    lines = [encode(TradeBatch.of(btc[:1_000])), encode(eth[0]), encode(TradeBatch.of(eth[1:])),
+             encode(EndOfStream("ETHUSDT", eth[-1].ts_event, 0)),
+             encode(TradeBatch.of(btc[1_000:]))]
+    path = tmp_path / "topic.jsonl"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    replayed = list(read_trades(path))
+    assert [(t.symbol, t.trade_id, t.price, t.qty, t.ts_event) for t in replayed] == [
+        (t.symbol, t.trade_id, t.price, t.qty, t.ts_event) for t in btc[:1_000] + eth + btc[1_000:]]
+    assert {t.source for t in replayed} == {"replay"}  # replayed data never passes as live
+    assert [t.trade_id for t in read_trades(path, "ETHUSDT")] == [t.trade_id for t in eth]
+    assert replay_symbols(path) == ("BTCUSDT", "ETHUSDT")
+    path.write_bytes(lines[0] + b"\n" + lines[2][:-30] + b"\n")
+    with pytest.raises(SourceFormatError, match=r"topic.jsonl:2: bad trades record"):
+        list(read_trades(path))
 
 
 def test_jsonl_sniffed_without_extension_and_gz(tmp_path: Path) -> None:

@@ -25,6 +25,8 @@ import threading
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, ClassVar, Final, Protocol
 
+import numpy as np
+import numpy.typing as npt
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -158,6 +160,13 @@ class _LagHistogram:
         self.counts[bisect.bisect_left(_INGEST_LAG_BUCKETS, seconds)] += 1
         self.sum += seconds
 
+    def observe_many(self, seconds: npt.NDArray[np.float64]) -> None:
+        """``observe`` each of ``seconds``, bucketed at once."""
+        buckets = np.searchsorted(_INGEST_LAG_BUCKETS, seconds, side="left")
+        added = np.bincount(buckets, minlength=len(self.counts)).tolist()
+        self.counts = [count + more for count, more in zip(self.counts, added, strict=True)]
+        self.sum += float(seconds.sum())
+
 
 class _HotPathCollector(Collector):
     """Exposes the worker's lock-free per-trade counts and the pipeline's duplicate count."""
@@ -289,6 +298,16 @@ class WorkerMetrics:
                 lag = self._lags[trade.source] = _LagHistogram()
             # Clocks of Binance and this host differ by a few ms: no negative lags.
             lag.observe(max(trade.ts_ingest - trade.ts_event, 0) / 1000)
+
+    def trades(self, symbol: str, source: str, ts_ingest: int,
+               ts_event: npt.NDArray[np.int64]) -> None:
+        """``trade`` for a batch of one symbol's trades (one ``ts_ingest`` for all)."""
+        self._trades[symbol] = self._trades.get(symbol, 0) + len(ts_event)
+        if ts_ingest > 0:
+            lag = self._lags.get(source)
+            if lag is None:
+                lag = self._lags[source] = _LagHistogram()
+            lag.observe_many(np.maximum(ts_ingest - ts_event, 0) / 1000)
 
     def count_duplicates(self, read: Callable[[], int]) -> None:
         """Export ``read()`` (a monotonic count kept elsewhere) as the duplicates counter."""

@@ -6,6 +6,7 @@ what the trade hot path needs. Every record carries ``ts_event`` (exchange time)
 """
 
 import time
+from collections.abc import Sequence
 from typing import Literal
 
 import msgspec
@@ -42,7 +43,70 @@ class EndOfStream(msgspec.Struct, frozen=True, tag="eos", tag_field="kind"):
     source: Source = "replay"
 
 
-TradeMessage = Trade | EndOfStream
+class TradeBatch(msgspec.Struct, frozen=True, tag="trades", tag_field="kind"):
+    """Several trades of one symbol in one ``trades`` message, column by column: the
+    i-th trade is (``trade_id[i]``, ``price[i]``, ...), in the order the source saw them.
+
+    Wire format version ``v`` 1 (JSON, like every record here)::
+
+        {"kind": "trades", "v": 1, "symbol": "BTCUSDT", "source": "live",
+         "ts_ingest": 1764633600123, "trade_id": [5, 6], "price": [97000.1, 97000.0],
+         "qty": [0.01, 0.2], "quote_qty": [970.001, 19400.0],
+         "is_buyer_maker": [false, true], "ts_event": [1764633600101, 1764633600118]}
+
+    ``ts_ingest`` is when the batch was published. A batch costs the worker one message,
+    where single :class:`Trade` messages (still accepted, so old topics replay) cost one
+    each. Columns of unequal length make the whole message a dead letter."""
+
+    symbol: str
+    ts_ingest: int
+    trade_id: list[int]
+    price: list[float]
+    qty: list[float]
+    quote_qty: list[float]
+    is_buyer_maker: list[bool]
+    ts_event: list[int]
+    source: Source = "live"
+    v: Literal[1] = 1
+
+    def __post_init__(self) -> None:
+        # Raised while decoding, this makes the message undecodable (a dead letter).
+        n = len(self.trade_id)
+        if any(len(column) != n for column in (self.price, self.qty, self.quote_qty,
+                                               self.is_buyer_maker, self.ts_event)):
+            raise ValueError("the batch's columns differ in length")
+
+    def __len__(self) -> int:
+        return len(self.trade_id)
+
+    @classmethod
+    def of(cls, trades: Sequence[Trade], ts_ingest: int | None = None) -> "TradeBatch":
+        """The batch of ``trades`` (one symbol, one source; at least one trade)."""
+        first = trades[0]
+        return cls(
+            symbol=first.symbol,
+            ts_ingest=first.ts_ingest if ts_ingest is None else ts_ingest,
+            trade_id=[t.trade_id for t in trades],
+            price=[t.price for t in trades],
+            qty=[t.qty for t in trades],
+            quote_qty=[t.quote_qty for t in trades],
+            is_buyer_maker=[t.is_buyer_maker for t in trades],
+            ts_event=[t.ts_event for t in trades],
+            source=first.source,
+        )
+
+    def trades(self) -> list[Trade]:
+        """The batch as single trades, each stamped with the batch's ``ts_ingest``."""
+        return [
+            Trade(self.symbol, trade_id, price, qty, quote_qty, maker, ts_event,
+                  self.ts_ingest, self.source)
+            for trade_id, price, qty, quote_qty, maker, ts_event in zip(
+                self.trade_id, self.price, self.qty, self.quote_qty, self.is_buyer_maker,
+                self.ts_event, strict=True)
+        ]
+
+
+TradeMessage = Trade | EndOfStream | TradeBatch
 
 
 class Candle(msgspec.Struct, frozen=True):

@@ -78,8 +78,12 @@ class Settings(BaseSettings):
         "as each replica of a scaled compose service has its own")
     broker_rebalance_timeout_s: float = 5.0
     broker_session_timeout_s: float = 6.0
-    worker_batch_max: int = 2_000
-    worker_batch_within_s: float = 0.05
+
+    # Publishing trades: batches of one symbol's trades (see stream.publisher).
+    trades_batch_max: int = Field(default=1_000, gt=0, description="trades per batch message "
+                                  "at most; a replay at full speed sends batches this size")
+    trades_linger_ms: int = Field(default=20, ge=0, le=1_000, description="how long a batch "
+                                  "waits for more trades at most (0: every trade alone)")
 
     # API.
     api_host: str = "127.0.0.1"

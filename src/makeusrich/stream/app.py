@@ -1,6 +1,8 @@
 """The Faust worker: a thin adapter from the ``trades`` topic to ``TradePipeline``.
 
-Per trade: decode (msgspec) -> validate -> ``TradePipeline.process``. When candles close,
+Per message: decode (msgspec) -> validate -> ``TradePipeline.process`` (a single trade or
+end-of-stream marker) or ``TradePipeline.process_batch`` (a :class:`TradeBatch`'s valid
+trades, as numpy columns: the cost is per batch, not per trade). When candles close,
 they go to the ``candles`` topic and Redis, predictions to ``predictions`` and Redis, and
 the symbol's builder state to a plain Faust table (changelog-backed), so a restarted worker
 resumes mid-candle. Candles are built by our own event-time code, not Faust's windowed
@@ -30,7 +32,8 @@ Hostile input: a message that does not decode, names a symbol outside ``Settings
 or carries values no trade has (non-positive or absurd amounts, a quote quantity that is not
 price x quantity, integers beyond int64, times before 2009 or more than a day ahead) is
 dead-lettered with its reason and counted, like a late trade; nothing a message holds can
-stop the worker.
+stop the worker. Inside a batch each trade is judged alone: the invalid ones are
+dead-lettered one by one (as single trades) and the rest folded in.
 
 Models are hot-swapped: announcements on the ``model-control`` topic (see
 :mod:`makeusrich.stream.control`) replace the forecaster between two messages once the new
@@ -51,6 +54,7 @@ from typing import Any, TypeVar
 
 import faust
 import msgspec
+import numpy as np
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from faust.types import TP, EventT
 from prometheus_client import Counter
@@ -66,6 +70,7 @@ from makeusrich.core.schemas import (
     EndOfStream,
     ModelAnnouncement,
     Trade,
+    TradeBatch,
     encode,
     now_ms,
     trade_decoder,
@@ -74,6 +79,7 @@ from makeusrich.core.settings import Settings
 from makeusrich.core.store import RedisStore
 from makeusrich.inference import Forecaster, Registry
 from makeusrich.monitoring import MonitorConfig, latest_per_series, store_observations
+from makeusrich.stream.candles import Mask, TradeColumns
 from makeusrich.stream.control import (
     ModelWatcher,
     load_announced,
@@ -87,6 +93,9 @@ __all__ = ["WorkerStats", "create_app", "run_worker"]
 log = logging.getLogger(__name__)
 
 _SNAPSHOT_EVERY_S = 1.0  # how often open candles are snapshotted between candle closes
+# A partition whose consumer position is past the last message delivered, with nothing
+# delivered for this long, had fetched messages dropped (see read_back_stranded).
+_STRANDED_AFTER_S = 2.0
 # What a failed Redis call raises (timeouts are OSError too); anything else is a bug.
 _REDIS_FAILURES = (RedisError, OSError)
 _REDIS_RETRY_FIRST_S = 0.05
@@ -148,6 +157,45 @@ def _invalid_reason(message: Trade | EndOfStream, symbols: frozenset[str]) -> st
     if not abs(quote_qty - expected) <= _QUOTE_REL_TOLERANCE * expected + _QUOTE_ABS_TOLERANCE:
         return f"quote_qty {quote_qty!r} is not price * qty ({expected!r})"
     return None
+
+
+def _valid_rows(trades: TradeColumns, symbols: frozenset[str]) -> Mask:
+    """Where ``_invalid_reason`` finds nothing wrong with a batch's trade, for all at once
+    (the same comparisons in the same float arithmetic)."""
+    if trades.symbol not in symbols or not 0 <= trades.ts_ingest <= _INT64_MAX:
+        return np.zeros(len(trades), np.bool_)
+    ts, price, qty = trades.ts_event, trades.price, trades.qty
+    expected = price * qty
+    valid: Mask = (
+        (ts >= _EARLIEST_TS_MS) & (ts <= now_ms() + _MAX_AHEAD_MS) & (trades.trade_id >= 0)
+        & (price > 0) & (price <= _MAX_AMOUNT) & (qty > 0) & (qty <= _MAX_AMOUNT)
+        & (np.abs(trades.quote_qty - expected)
+           <= _QUOTE_REL_TOLERANCE * expected + _QUOTE_ABS_TOLERANCE)
+    )
+    return valid
+
+
+def _split(batch: TradeBatch, symbols: frozenset[str]
+           ) -> tuple[TradeColumns | None, list[tuple[str, Trade]]]:
+    """A batch's valid trades as columns (None when there are none), and each invalid
+    trade with the reason ``_invalid_reason`` gives it."""
+    if not len(batch):
+        return None, []
+    try:
+        columns = TradeColumns.of(batch)
+        if _valid_rows(columns, symbols).all():
+            return columns, []
+    except OverflowError:
+        pass  # an integer beyond int64: judged trade by trade below
+    valid: list[Trade] = []
+    invalid: list[tuple[str, Trade]] = []
+    for trade in batch.trades():
+        reason = _invalid_reason(trade, symbols)
+        if reason is None:
+            valid.append(trade)
+        else:
+            invalid.append((reason, trade))
+    return (TradeColumns.of(TradeBatch.of(valid)) if valid else None), invalid
 
 
 def _amount_reason(price: float, qty: float) -> str:
@@ -402,8 +450,10 @@ def create_app(settings: Settings, forecaster: Forecaster | None = None,
     # This process's newest snapshot per symbol: after a rebalance Faust may hand back a
     # table restored one batch short, or none.
     own_snapshots: dict[str, dict[str, Any]] = {}
-    last_sweep = time.monotonic()
+    last_sweep = last_delivery = time.monotonic()
     acks: faust.StreamT[bytes] | None = None
+    # The agent and read_back_stranded both fold messages in: one at a time.
+    handling = asyncio.Lock()
 
     async def save(symbol: str) -> None:
         snapshot = {"offset": folded_offset[symbol], "state": pipeline.snapshot(symbol)}
@@ -415,30 +465,43 @@ def create_app(settings: Settings, forecaster: Forecaster | None = None,
         for event in pending.pop(symbol, ()):
             await acks.ack(event)
 
-    async def decode(raw: bytes | None) -> Trade | EndOfStream | None:
-        """The message, or None once it has been dead-lettered."""
+    async def decode(raw: bytes | None) -> Trade | EndOfStream | TradeColumns | None:
+        """The message (a batch: its valid trades), or None once it has been dead-lettered
+        (a batch: when none of its trades is valid)."""
         if raw is None:  # a record without a value (a tombstone)
             await dead_letter("undecodable: no value", b"")
             return None
         try:
-            message: Trade | EndOfStream = trade_decoder.decode(raw)
+            message: Trade | EndOfStream | TradeBatch = trade_decoder.decode(raw)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             await dead_letter(f"undecodable: {exc}", raw)
             return None
+        if isinstance(message, TradeBatch):
+            columns, invalid = _split(message, symbols)
+            for why, trade in invalid:
+                await dead_letter(f"invalid: {why}", encode(trade))
+            return columns
         reason = _invalid_reason(message, symbols)
         if reason is not None:
             await dead_letter(f"invalid: {reason}", raw)
             return None
         return message
 
-    async def fold(message: Trade | EndOfStream) -> bool:
-        """Process one message; True when it closed candles (which are then shipped)."""
-        stats.trades += 1
-        if isinstance(message, EndOfStream):
-            stats.end_of_streams += 1
+    async def fold(message: Trade | EndOfStream | TradeColumns) -> bool:
+        """Process one message (a batch: its valid trades); True when it closed candles
+        (which are then shipped)."""
+        if isinstance(message, TradeColumns):
+            stats.trades += len(message)
+            metrics.trades(message.symbol, message.source, message.ts_ingest,
+                           message.ts_event)
+            pipeline.process_batch(message)
         else:
-            metrics.trade(message)
-        pipeline.process(message)
+            stats.trades += 1
+            if isinstance(message, EndOfStream):
+                stats.end_of_streams += 1
+            else:
+                metrics.trade(message)
+            pipeline.process(message)
         if not pipeline.has_output:
             return False
         await ship(pipeline.drain(), message.ts_ingest)
@@ -463,7 +526,13 @@ def create_app(settings: Settings, forecaster: Forecaster | None = None,
                 message = trade_decoder.decode(raw)
             except (msgspec.DecodeError, msgspec.ValidationError):
                 continue
-            if message.symbol == symbol and _invalid_reason(message, symbols) is None:
+            if message.symbol != symbol:
+                continue
+            if isinstance(message, TradeBatch):
+                columns, _ = _split(message, symbols)  # the invalid: dead-lettered before
+                if columns is not None:
+                    await fold(columns)
+            elif _invalid_reason(message, symbols) is None:
                 await fold(message)
         log.info("%s: resumed from its snapshot at offset %d; %d later messages read back",
                  symbol, snapshot["offset"], len(missed))
@@ -498,22 +567,47 @@ def create_app(settings: Settings, forecaster: Forecaster | None = None,
                 del partition_of[symbol]
                 pending.pop(symbol, None)
 
+    @app.timer(_STRANDED_AFTER_S)
+    async def read_back_stranded() -> None:
+        # Seen with Tansu: Faust seeks the partitions to their committed offsets once its
+        # fetcher has started, and messages fetched before the seek are never delivered.
+        # A gap in the middle shows at the next message (the agent reads it back); at a
+        # partition's tail nothing follows, so compare with the consumer's position.
+        if time.monotonic() - last_delivery < _STRANDED_AFTER_S:
+            return
+        for tp in app.consumer.assignment():
+            last = delivered.get(tp.partition)
+            if tp.topic != topics.trades or last is None:
+                continue
+            async with handling:
+                last = delivered[tp.partition]
+                position = await app.consumer.position(tp)
+                if position is not None and position > last + 1:
+                    await read_back(tp.partition, last + 1, position, "fetched but never "
+                                    "delivered")
+
+    async def read_back(partition: int, start: int, end: int, why: str) -> None:
+        """Fold in the messages at offsets [start, end) of a trades partition."""
+        missed = await _read_span(settings, partition, start, end)
+        log.warning("partition %d: offsets %d..%d were %s; read back %d messages", partition,
+                    start, end - 1, why, len(missed))
+        for missed_offset, raw in missed:
+            await handle(raw, partition, missed_offset)
+        delivered[partition] = max(delivered.get(partition, -1), end - 1)
+
     @app.agent(trades_topic)
     async def process(stream: faust.StreamT[bytes]) -> None:
-        nonlocal acks, last_sweep
+        nonlocal acks, last_sweep, last_delivery
         acks = stream.noack()
         async for event in acks.events():
+            last_delivery = time.monotonic()
             partition, offset = event.message.partition, event.message.offset
-            last = delivered.get(partition)
-            if last is not None and offset > last + 1:
-                skipped = await _read_span(settings, partition, last + 1, offset)
-                log.warning("partition %d: offsets %d..%d were skipped by the consumer; "
-                            "read back %d messages", partition, last + 1, offset - 1,
-                            len(skipped))
-                for skipped_offset, raw in skipped:
-                    await handle(raw, partition, skipped_offset)
-            delivered[partition] = offset
-            await handle(event.value, partition, offset, event)
+            async with handling:
+                last = delivered.get(partition)
+                if last is not None and offset > last + 1:
+                    await read_back(partition, last + 1, offset, "skipped by the consumer")
+                delivered[partition] = max(offset, delivered.get(partition, -1))
+                await handle(event.value, partition, offset, event)
             now = time.monotonic()
             if now - last_sweep >= _SNAPSHOT_EVERY_S:
                 last_sweep = now

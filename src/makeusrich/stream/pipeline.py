@@ -1,8 +1,9 @@
 """Broker-free core of the worker: trades in, closed candles and predictions out.
 
 ``TradePipeline`` owns one ``CandleBuilder`` per (symbol, interval) and the recent candles
-the forecaster needs. The Faust agent feeds it decoded messages and ships what
-``drain()`` returns; tests and benchmarks drive it directly.
+the forecaster needs. The Faust agent feeds it decoded messages (``process``: one trade or
+end-of-stream; ``process_batch``: a batch's columns) and ships what ``drain()`` returns;
+tests and benchmarks drive it directly.
 """
 
 import time
@@ -12,11 +13,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
+import numpy as np
 
 from makeusrich.core.schemas import Candle, EndOfStream, Prediction, Trade, now_ms
 from makeusrich.inference import Forecaster, NaiveForecaster
 from makeusrich.monitoring import Monitor, MonitorConfig, Observation
-from makeusrich.stream.candles import CandleBuilder, UpdateResult
+from makeusrich.stream.candles import CandleBuilder, TradeColumns, UpdateResult
 
 __all__ = ["Outputs", "TradePipeline"]
 
@@ -86,6 +88,18 @@ class TradePipeline:
             self._out.late.append(message)
         if duplicate:
             self.duplicates += 1
+
+    def process_batch(self, trades: TradeColumns) -> None:
+        """Fold a batch of one symbol's trades in, as ``process`` on each in order would."""
+        duplicate = late = np.zeros(len(trades), np.bool_)
+        for builder in self._builders_for(trades.symbol):
+            builder_duplicate, builder_late = builder.update_batch(trades)
+            self._collect(builder)
+            duplicate = duplicate | builder_duplicate
+            late = late | builder_late
+        self.duplicates += int(np.count_nonzero(duplicate))
+        if late.any():
+            self._out.late.extend(trades.select(late).trades())
 
     def _collect(self, builder: CandleBuilder) -> None:
         for candle in builder.closed():

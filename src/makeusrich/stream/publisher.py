@@ -1,9 +1,18 @@
-"""Publishes trades to the ``trades`` topic with kafka-python (acks=all, keyed by symbol).
+"""Publishes trades to the ``trades`` topic with kafka-python (acks=all, keyed by symbol),
+as :class:`TradeBatch` messages: the worker's cost is per message, so many trades per
+message is what lets it keep up with 2025 volumes.
+
+A symbol's batch goes out once it holds ``Settings.trades_batch_max`` trades (a replay at
+full speed: batches by size) or its first trade has waited ``Settings.trades_linger_ms``
+(live trades and paced replays: at most that much added latency). The linger timer runs on
+the event loop the trades are sent from; without one, batches wait for the size or
+``flush()``. An end-of-stream marker first publishes its symbol's batch, so it stays last.
 
 Tansu has no idempotent producer, so delivery is at-least-once; the worker drops
-re-delivered trades by trade id.
+re-delivered trades by trade id, inside batches too.
 """
 
+import asyncio
 import contextlib
 import logging
 from typing import Protocol
@@ -13,7 +22,7 @@ from kafka.admin import KafkaAdminClient, NewTopic
 from kafka.errors import KafkaError, TopicAlreadyExistsError
 
 from makeusrich.core.errors import StreamError
-from makeusrich.core.schemas import DeadLetter, EndOfStream, Trade, encode, now_ms
+from makeusrich.core.schemas import DeadLetter, EndOfStream, Trade, TradeBatch, encode, now_ms
 from makeusrich.core.settings import Settings
 
 __all__ = ["TradePublisher", "TradeSink", "ensure_topics"]
@@ -60,7 +69,7 @@ class TradeSink(Protocol):
 
 
 class TradePublisher:
-    """Thin wrapper over KafkaProducer that speaks the pipeline's trade records."""
+    """Thin wrapper over KafkaProducer that batches the pipeline's trade records."""
 
     def __init__(self, settings: Settings) -> None:
         assert settings.kafka_bootstrap, "kafka_bootstrap must be resolved first"
@@ -75,13 +84,46 @@ class TradePublisher:
             max_in_flight_requests_per_connection=1,  # keep per-symbol order across retries
             client_id="mur-ingest",
         )
-        self.sent = 0
+        self._batch_max = settings.trades_batch_max
+        self._linger_s = settings.trades_linger_ms / 1000
+        self._pending: dict[str, list[Trade]] = {}  # symbol -> trades not yet published
+        self._timers: dict[str, asyncio.TimerHandle] = {}
+        self.sent = 0  # trades and end-of-stream markers handed to send()
+        self.messages = 0  # records produced to the topic (batches and markers)
         self.failed = 0
 
     def send(self, trade: Trade | EndOfStream) -> None:
-        future = self._producer.send(self._topic, encode(trade), key=trade.symbol.encode())
-        future.add_errback(self._on_send_error)
+        """Queue a trade in its symbol's batch (an end-of-stream marker goes out at once,
+        after the batch)."""
         self.sent += 1
+        symbol = trade.symbol
+        if isinstance(trade, EndOfStream):
+            self._publish(symbol)
+            self._produce(symbol, encode(trade))
+            return
+        pending = self._pending.setdefault(symbol, [])
+        pending.append(trade)
+        if len(pending) >= self._batch_max or not self._linger_s:
+            self._publish(symbol)
+        elif len(pending) == 1:
+            with contextlib.suppress(RuntimeError):  # no running loop: size or flush()
+                loop = asyncio.get_running_loop()
+                self._timers[symbol] = loop.call_later(self._linger_s, self._publish, symbol)
+
+    def _publish(self, symbol: str) -> None:
+        """Publish the symbol's pending trades as one batch (its ts_ingest: when the last
+        of them was seen)."""
+        timer = self._timers.pop(symbol, None)
+        if timer is not None:
+            timer.cancel()
+        trades = self._pending.pop(symbol, None)
+        if trades:
+            self._produce(symbol, encode(TradeBatch.of(trades)))
+
+    def _produce(self, symbol: str, value: bytes) -> None:
+        future = self._producer.send(self._topic, value, key=symbol.encode())
+        future.add_errback(self._on_send_error)
+        self.messages += 1
 
     def dead_letter(self, reason: str, payload: str | bytes, stage: str = "ingest") -> None:
         text = payload if isinstance(payload, str) else payload.decode("utf-8", "replace")
@@ -95,6 +137,8 @@ class TradePublisher:
         log.error("publishing to Kafka failed after retries: %s", exc)
 
     def flush(self, timeout_s: float = 30.0) -> None:
+        for symbol in list(self._pending):
+            self._publish(symbol)
         self._producer.flush(timeout=timeout_s)
         if self.failed:
             raise StreamError(f"{self.failed} records could not be published; see the log")

@@ -11,14 +11,17 @@ Sources (:class:`ReplaySpec`):
 
 Trades take the live path: they are published to the run's own ``trades`` topic and a
 ``mur worker`` child process, the same program as in production, builds candles and
-predictions from them. Each run has its own topic prefix, Redis prefix, Faust app id and
-state directory (:func:`replay_settings`), so a replay never mixes with live data, and the
-models it serves are pinned: promotions announced to live workers do not reach it.
+predictions from them. They are read from the source as they are sent (a 2025 day is
+millions of trades), so a replay's memory does not grow with its span. Each run has its own
+topic prefix, Redis prefix, Faust app id and state directory (:func:`replay_settings`), so a
+replay never mixes with live data, and the models it serves are pinned: promotions
+announced to live workers do not reach it.
 """
 
 import asyncio
 import contextlib
 import heapq
+import itertools
 import logging
 import os
 import re
@@ -26,12 +29,11 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Generator, Iterator, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Final
 
-import msgspec
 import redis
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.errors import KafkaError
@@ -39,14 +41,22 @@ from redis.exceptions import RedisError
 
 from makeusrich.core.embedded import kill_with_parent, terminate
 from makeusrich.core.errors import ConfigError, StreamError
-from makeusrich.core.schemas import Candle, EndOfStream, Trade, encode, now_ms, trade_decoder
+from makeusrich.core.schemas import (
+    Candle,
+    EndOfStream,
+    Trade,
+    TradeBatch,
+    encode,
+    now_ms,
+    trade_decoder,
+)
 from makeusrich.core.settings import Settings
 from makeusrich.core.store import RedisStore
 from makeusrich.monitoring import MonitorConfig, store_observations
 from makeusrich.stream.control import load_serving_models
 from makeusrich.stream.pipeline import TradePipeline
 from makeusrich.stream.publisher import TradePublisher, ensure_topics
-from makeusrich.stream.sources import paced, read_trades, run_replay
+from makeusrich.stream.sources import paced, read_trades, replay_symbols, run_replay
 
 __all__ = [
     "Progress",
@@ -75,7 +85,8 @@ _STALL_TIMEOUT_S: Final = 120.0  # the worker wrote nothing new for this long: g
 @dataclass(frozen=True)
 class ReplaySpec:
     """What to replay: ``source`` is ``kafka``, ``archive`` or a trades file; ``symbols``
-    empty means every symbol in the source (for the archive: ``Settings.symbols``);
+    empty means every symbol in the file (for kafka and the archive: ``Settings.symbols``,
+    the ones the live worker folds in);
     ``start_ms`` .. ``end_ms`` is a half-open span of ``ts_event`` (candles: ``open_time``)
     in UTC epoch ms; ``speed`` a multiple of real time, None as fast as possible."""
 
@@ -144,47 +155,58 @@ def replay_settings(settings: Settings, run_id: str, model_dir: Path | None = No
 # ---- what to replay ----------------------------------------------------------------------
 
 
-def span_trades(settings: Settings, spec: ReplaySpec) -> list[Trade]:
-    """The trades ``spec`` selects, each symbol's in source order (the order live saw)."""
+def span_trades(settings: Settings, spec: ReplaySpec) -> Generator[Trade, None, None]:
+    """The trades ``spec`` selects, each symbol's in source order (the order live saw),
+    read from the source as they are consumed; closing the generator releases the source.
+    Source errors (a missing topic, a malformed line) surface while iterating."""
     if spec.source == "archive":
         raise ConfigError("the archive holds candles, not trades: use span_candles")
     if spec.source == "kafka":
-        return _kafka_trades(settings, spec)
+        if not settings.kafka_bootstrap:
+            raise ConfigError("replaying from kafka needs MUR_KAFKA_BOOTSTRAP (the live broker)")
+        # The live worker dead-letters symbols it is not configured for.
+        selected = replace(spec, symbols=spec.symbols or settings.symbols)
+        return _kafka_trades(settings.kafka_bootstrap, settings.topics.trades, selected)
     path = Path(spec.source)
     if not path.is_file():
         raise ConfigError(f"--from {spec.source!r}: not kafka, archive or a trades file")
-    return [t for t in read_trades(path) if spec.selects(t.symbol, t.ts_event)]
+    return (t for t in read_trades(path) if spec.selects(t.symbol, t.ts_event))
 
 
-def _kafka_trades(settings: Settings, spec: ReplaySpec) -> list[Trade]:
-    if not settings.kafka_bootstrap:
-        raise ConfigError("replaying from kafka needs MUR_KAFKA_BOOTSTRAP (the live broker)")
-    topic = settings.topics.trades
+def _kafka_trades(bootstrap: str, topic: str, spec: ReplaySpec) -> Generator[Trade, None, None]:
+    """Each partition read by a consumer of its own and merged as the merge asks for
+    records, so memory holds a fetch per partition, not the span."""
     started_ms = now_ms()
-    consumer = KafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, group_id=None,
-                             enable_auto_commit=False, client_id="mur-replay")
     try:
-        partitions = consumer.partitions_for_topic(topic)
-        if not partitions:
-            raise ConfigError(f"no topic {topic!r} on {settings.kafka_bootstrap}: no trades "
-                              "to replay from kafka")
-        per_partition = [
-            _partition_trades(consumer, TopicPartition(topic, p), spec, started_ms)
-            for p in sorted(partitions)
-        ]
+        with contextlib.ExitStack() as consumers:
+            first = consumers.enter_context(_consumer(bootstrap))
+            partitions = sorted(first.partitions_for_topic(topic) or ())
+            if not partitions:
+                raise ConfigError(f"no topic {topic!r} on {bootstrap}: no trades to replay "
+                                  "from kafka")
+            streams = [
+                _partition_trades(
+                    first if index == 0 else consumers.enter_context(_consumer(bootstrap)),
+                    TopicPartition(topic, partition), spec, started_ms,
+                )
+                for index, partition in enumerate(partitions)
+            ]
+            # Each symbol lives in one partition, so a stable merge keeps its order; across
+            # symbols the order only matters for pacing.
+            yield from heapq.merge(*streams, key=lambda trade: trade.ts_event)
     except KafkaError as exc:
-        raise StreamError(f"cannot read {topic} on {settings.kafka_bootstrap}: {exc}") from exc
-    finally:
-        consumer.close()
-    # Each symbol lives in one partition, so a stable merge keeps its order; across
-    # symbols the order only matters for pacing.
-    return list(heapq.merge(*per_partition, key=lambda trade: trade.ts_event))
+        raise StreamError(f"cannot read {topic} on {bootstrap}: {exc}") from exc
+
+
+def _consumer(bootstrap: str) -> KafkaConsumer:
+    return KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False,
+                         client_id="mur-replay")
 
 
 def _partition_trades(
     consumer: KafkaConsumer, tp: TopicPartition, spec: ReplaySpec, started_ms: int
-) -> list[Trade]:
-    """Every selected trade of one partition, up to what it held when the replay started.
+) -> Iterator[Trade]:
+    """The selected trades of one partition, up to what it held when the replay started.
 
     The end offset is only a hint: Tansu reports the base offset of the last batch. So
     reading goes on past it until a poll comes back empty or brings a trade newer than
@@ -192,24 +214,30 @@ def _partition_trades(
     consumer.assign([tp])
     consumer.seek_to_beginning(tp)
     end = consumer.end_offsets([tp])[tp]
-    trades: list[Trade] = []
     while True:
         records = consumer.poll(timeout_ms=_KAFKA_POLL_MS).get(tp, [])
         if not records:
             if consumer.position(tp) >= end:
-                return trades
+                return
             continue
         for record in records:
-            try:
-                message = trade_decoder.decode(record.value)
-            except (msgspec.DecodeError, msgspec.ValidationError):
-                continue  # the live worker dead-lettered it
-            if isinstance(message, EndOfStream):
-                continue  # a replay sends its own at its end
-            if record.offset >= end and message.ts_event >= started_ms:
-                return trades
-            if spec.selects(message.symbol, message.ts_event):
-                trades.append(message)
+            for trade in _message_trades(record.value):
+                if record.offset >= end and trade.ts_event >= started_ms:
+                    return
+                if spec.selects(trade.symbol, trade.ts_event):
+                    yield trade
+
+
+def _message_trades(value: bytes) -> Sequence[Trade]:
+    """The trades of one ``trades`` message: none of one the live worker dead-lettered or
+    of an end-of-stream marker (a replay sends its own at its end)."""
+    try:
+        message = trade_decoder.decode(value)
+        if isinstance(message, TradeBatch):
+            return message.trades()
+    except ValueError:  # undecodable (msgspec.DecodeError) or a batch's columns unequal
+        return ()
+    return () if isinstance(message, EndOfStream) else (message,)
 
 
 def span_candles(settings: Settings, spec: ReplaySpec) -> list[Candle]:
@@ -245,7 +273,7 @@ async def replay(
     run = replay_settings(settings, run_id, model_dir)
     report = progress or (lambda share, text: None)
     stop = stop or asyncio.Event()
-    started_s = time.monotonic()
+    started_s, started_ms = time.monotonic(), now_ms()
     if spec.source == "archive":
         candles = await asyncio.to_thread(span_candles, settings, spec)
         if not candles:
@@ -256,12 +284,22 @@ async def replay(
         messages, symbols = len(candles), sorted({c.symbol for c in candles})
     else:
         report(0.0, f"reading {spec.describe()}")
-        trades = await asyncio.to_thread(span_trades, settings, spec)
-        if not trades:
-            raise ConfigError(f"no trades in {spec.describe()}")
-        made = await _replay_trades(run, trades, spec.speed, stop, report)
-        first, last = trades[0].ts_event, trades[-1].ts_event
-        messages, symbols = len(trades), sorted({t.symbol for t in trades})
+        trades = span_trades(settings, spec)
+        try:
+            # In a thread: reaching the span can mean reading a topic from its start. It
+            # also finds an empty span or a broken source before a worker starts.
+            head = await asyncio.to_thread(next, trades, None)
+            if head is None:
+                raise ConfigError(f"no trades in {spec.describe()}")
+            accepted = await asyncio.to_thread(_span_symbols, settings, spec)
+            sent = _Sent(head, trades)
+            made = await _replay_trades(run, sent, accepted, _known_end_ms(spec, started_ms),
+                                        spec.speed, stop, report)
+        finally:
+            with contextlib.suppress(ValueError):  # a cancelled read's thread still runs it
+                trades.close()
+        first, last = sent.first_ts_event, sent.last_ts_event
+        messages, symbols = sent.count, sorted(sent.symbols)
     result = ReplayResult(
         run_id=run_id, settings=run, messages=messages, symbols=tuple(symbols),
         first_ts_event=first, last_ts_event=last, candles=made[0], predictions=made[1],
@@ -272,47 +310,90 @@ async def replay(
     return result
 
 
+class _Sent:
+    """The trades of a replay as it sends them (``head`` first, then ``rest``), noting what
+    a streamed span tells only once sent: how many, of which symbols, until when."""
+
+    def __init__(self, head: Trade, rest: Iterator[Trade]) -> None:
+        self._trades = itertools.chain((head,), rest)
+        self.count = 0
+        self.symbols: set[str] = set()
+        self.first_ts_event = self.last_ts_event = head.ts_event
+
+    def __iter__(self) -> Iterator[Trade]:
+        for trade in self._trades:
+            self.count += 1
+            self.symbols.add(trade.symbol)
+            self.last_ts_event = trade.ts_event
+            yield trade
+
+
+def _span_symbols(settings: Settings, spec: ReplaySpec) -> tuple[str, ...]:
+    """Every symbol the trades of ``spec`` can have, before they are read (the file's
+    symbols are a scan of it, not a parse)."""
+    if spec.symbols:
+        return spec.symbols
+    if spec.source == "kafka":
+        return settings.symbols  # as span_trades selects them
+    return replay_symbols(spec.source)
+
+
+def _known_end_ms(spec: ReplaySpec, started_ms: int) -> int | None:
+    """Where the span ends, as far as known before it is read: kafka is read up to the
+    replay's start (see _partition_trades); a file without ``end_ms`` only once read."""
+    if spec.source == "kafka":
+        return started_ms if spec.end_ms is None else min(spec.end_ms, started_ms)
+    return spec.end_ms
+
+
 async def _replay_trades(
-    run: Settings, trades: Sequence[Trade], speed: float | None, stop: asyncio.Event,
-    report: Progress,
+    run: Settings, sent: _Sent, accepted: tuple[str, ...], end_ms: int | None,
+    speed: float | None, stop: asyncio.Event, report: Progress,
 ) -> tuple[int, int]:
-    """Publish ``trades`` to the run's topic, let a worker child fold them in; returns the
-    (candles, predictions) it made."""
+    """Publish the ``sent`` trades to the run's topic, let a worker child that accepts the
+    ``accepted`` symbols fold them in; returns the (candles, predictions) it made. Progress
+    is the event time its candles closed, of the span up to ``end_ms`` (None: unknown until
+    all is sent; until then only the message moves)."""
     await asyncio.to_thread(ensure_topics, run)
-    symbols = sorted({t.symbol for t in trades})
-    first_ms, last_ms = trades[0].ts_event, trades[-1].ts_event
     # The worker dead-letters symbols it is not configured for: configure the replayed ones.
-    worker = _start_worker(run.model_copy(update={"symbols": tuple(symbols)}))
+    worker = _start_worker(run.model_copy(update={"symbols": accepted}))
     publisher = TradePublisher(run)
     store = RedisStore.from_settings(run)
     try:
-        sending = asyncio.create_task(run_replay(trades, publisher, stop, speed))
+        sending = asyncio.create_task(run_replay(sent, publisher, stop, speed))
         last_change_s, seen, reported = time.monotonic(), -1, 0.0
         while True:
+            slept_from_s = time.monotonic()
             await asyncio.sleep(_POLL_S)
+            # Sending reads the source on this loop: reading on past the span's end can hold
+            # it for long, and that time is not the worker's stall.
+            last_change_s += max(0.0, time.monotonic() - slept_from_s - _POLL_S)
             if stop.is_set():
                 raise StreamError("replay stopped before its end")
             if worker.poll() is not None:
                 raise StreamError(f"the replay's worker exited with code {worker.returncode}; "
                                   f"see {_worker_log(run)}:\n{_tail(_worker_log(run))}")
             stats = await store.worker_stats(run.worker_id)
+            if sending.done():
+                sending.result()  # surfaces a reading or publishing error
+                # The worker writes a symbol's last candles before it counts the symbol's
+                # end-of-stream marker, so this count says when the span is complete.
+                if stats.get("end_of_streams", 0) >= len(sent.symbols):
+                    return stats.get("candles", 0), stats.get("predictions", 0)
             folded = stats.get("trades", 0)
-            if folded != seen:
-                last_change_s, seen = time.monotonic(), folded
-            elif time.monotonic() - last_change_s > _STALL_TIMEOUT_S:
-                raise StreamError(f"the replay's worker made no progress for "
-                                  f"{_STALL_TIMEOUT_S:.0f} s; see {_worker_log(run)}")
-            # The worker writes a symbol's last candles before it counts the symbol's
-            # end-of-stream marker, so this count says when the span is complete.
-            if sending.done() and stats.get("end_of_streams", 0) >= len(symbols):
-                await sending  # surfaces a publishing error
-                return stats.get("candles", 0), stats.get("predictions", 0)
-            done_ms = await _closed_until(store, symbols, run.intervals)
-            share = 0.0 if last_ms == first_ms else (done_ms - first_ms) / (last_ms - first_ms)
-            share = min(max(share, 0.0), 0.99)
-            if share > reported:
-                reported = share
-                report(share, f"{folded} of {len(trades)} trades folded in")
+            if folded == seen:
+                if time.monotonic() - last_change_s > _STALL_TIMEOUT_S:
+                    raise StreamError(f"the replay's worker made no progress for "
+                                      f"{_STALL_TIMEOUT_S:.0f} s; see {_worker_log(run)}")
+                continue
+            last_change_s, seen = time.monotonic(), folded
+            span_end_ms = sent.last_ts_event if sending.done() else end_ms
+            if span_end_ms is not None and span_end_ms > sent.first_ts_event:
+                # A snapshot of the symbols: sending adds to them meanwhile.
+                done_ms = await _closed_until(store, sorted(sent.symbols), run.intervals)
+                share = (done_ms - sent.first_ts_event) / (span_end_ms - sent.first_ts_event)
+                reported = max(reported, min(share, 0.99))
+            report(reported, f"{folded} trades folded in, {sent.count} sent")
     finally:
         if not sending.done():
             stop.set()

@@ -37,7 +37,7 @@ from typing import Any, Literal, Protocol, TextIO, TypeVar
 import msgspec
 
 from makeusrich.core.errors import ConfigError, IngestError, SourceFormatError
-from makeusrich.core.schemas import EndOfStream, Source, Trade, now_ms
+from makeusrich.core.schemas import EndOfStream, Source, Trade, TradeBatch, now_ms, trade_decoder
 from makeusrich.core.settings import Settings
 from makeusrich.stream.publisher import TradeSink
 
@@ -280,7 +280,8 @@ def _decode_json_line(path: Path, lineno: int, line: str) -> Any:
 
 
 def read_jsonl(path: StrPath, symbol: str | None = None) -> Iterator[Trade]:
-    """Trades from a JSONL recording (raw websocket messages or the normalized capture).
+    """Trades from a JSONL recording (raw websocket messages, the normalized capture, or
+    this project's own ``trades`` topic records: single trades and batches).
 
     Messages that name their symbol (raw ``trade``/``aggTrade`` events) are filtered to
     ``symbol`` when it is given. Normalized rows carry no symbol: it comes from ``symbol``
@@ -300,6 +301,12 @@ def _iter_jsonl(path: Path, symbol: str | None) -> Iterator[Trade]:
         try:
             for lineno, line in enumerate(stream, 1):
                 if not line.strip():
+                    continue
+                if line.startswith('{"kind":'):  # this project's records: typed, fast
+                    for trade in _own_records(path, lineno, line):
+                        if symbol is None or trade.symbol == symbol:
+                            count += 1
+                            yield trade
                     continue
                 obj = _decode_json_line(path, lineno, line)
                 if not isinstance(obj, dict):
@@ -378,6 +385,20 @@ def _iter_jsonl(path: Path, symbol: str | None) -> Iterator[Trade]:
         raise SourceFormatError(f"{path}: no trades{wanted} in file")
 
 
+def _own_records(path: Path, lineno: int, line: str) -> list[Trade]:
+    """The trades of one ``trades`` topic record (none for an end-of-stream marker),
+    marked as replayed."""
+    try:
+        message = trade_decoder.decode(line)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise _bad(path, lineno, f"bad trades record ({exc})", line) from exc
+    if isinstance(message, EndOfStream):
+        return []
+    if isinstance(message, TradeBatch):
+        return msgspec.structs.replace(message, source="replay").trades()
+    return [msgspec.structs.replace(message, source="replay")]
+
+
 # --------------------------------------------------------------------------- dispatch
 
 _JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
@@ -413,7 +434,8 @@ def read_trades(path: StrPath, symbol: str | None = None) -> Iterator[Trade]:
     return read_binance_csv(p, symbol)
 
 
-_SYMBOL_FIELD = re.compile(rb'"s"\s*:\s*"([A-Za-z0-9]+)"')
+# Raw websocket events name it "s"; this project's own trades records "symbol".
+_SYMBOL_FIELD = re.compile(rb'"(?:s|symbol)"\s*:\s*"([A-Za-z0-9]+)"')
 _NORMALIZED_TRADE = re.compile(rb'"type"\s*:\s*"trade"')
 _SCAN_CHUNK_BYTES = 1 << 20
 _SCAN_OVERLAP_BYTES = 256  # longer than any match, so none is lost at a chunk boundary
