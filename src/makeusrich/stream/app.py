@@ -92,7 +92,7 @@ __all__ = ["WorkerStats", "create_app", "run_worker"]
 
 log = logging.getLogger(__name__)
 
-_SNAPSHOT_EVERY_S = 1.0  # how often open candles are snapshotted between candle closes
+_SNAPSHOT_EVERY_S = 1.0  # how often each symbol folded since its last snapshot is saved
 # A partition whose consumer position is past the last message delivered, with nothing
 # delivered for this long, had fetched messages dropped (see read_back_stranded).
 _STRANDED_AFTER_S = 2.0
@@ -431,6 +431,7 @@ def create_app(settings: Settings, forecaster: Forecaster | None = None,
     @app.timer(1.0)
     async def publish_stats() -> None:
         # Skipped while Redis is down: the next beat publishes the then current counters.
+        stats.duplicates = pipeline.duplicates
         await redis.once("stats", lambda: store.client.hset(
             stats_key, mapping=stats.as_dict()))
 
@@ -450,7 +451,8 @@ def create_app(settings: Settings, forecaster: Forecaster | None = None,
     # This process's newest snapshot per symbol: after a rebalance Faust may hand back a
     # table restored one batch short, or none.
     own_snapshots: dict[str, dict[str, Any]] = {}
-    last_sweep = last_delivery = time.monotonic()
+    last_delivery = time.monotonic()
+    unsaved: set[str] = set()  # symbols folded into since their last snapshot
     acks: faust.StreamT[bytes] | None = None
     # The agent and read_back_stranded both fold messages in: one at a time.
     handling = asyncio.Lock()
@@ -487,9 +489,8 @@ def create_app(settings: Settings, forecaster: Forecaster | None = None,
             return None
         return message
 
-    async def fold(message: Trade | EndOfStream | TradeColumns) -> bool:
-        """Process one message (a batch: its valid trades); True when it closed candles
-        (which are then shipped)."""
+    async def fold(message: Trade | EndOfStream | TradeColumns) -> None:
+        """Process one message (a batch: its valid trades) and ship what it closed."""
         if isinstance(message, TradeColumns):
             stats.trades += len(message)
             metrics.trades(message.symbol, message.source, message.ts_ingest,
@@ -502,10 +503,8 @@ def create_app(settings: Settings, forecaster: Forecaster | None = None,
             else:
                 metrics.trade(message)
             pipeline.process(message)
-        if not pipeline.has_output:
-            return False
-        await ship(pipeline.drain(), message.ts_ingest)
-        return True
+        if pipeline.has_output:
+            await ship(pipeline.drain(), message.ts_ingest)
 
     async def resume(symbol: str, partition: int, offset: int) -> None:
         """Restore a symbol from its newest snapshot and fold in what came after it."""
@@ -549,12 +548,22 @@ def create_app(settings: Settings, forecaster: Forecaster | None = None,
         if symbol not in partition_of:
             partition_of[symbol] = partition
             await resume(symbol, partition, offset)
-        closed = await fold(message)
+        await fold(message)
         folded_offset[symbol] = offset
+        unsaved.add(symbol)
         if event is not None:
             pending.setdefault(symbol, []).append(event)
-        if closed:
-            await save(symbol)
+
+    @app.timer(_SNAPSHOT_EVERY_S)
+    async def snapshot_folded() -> None:
+        # Once a second, not at every candle close: in batches a candle closes with nearly
+        # every message, and each snapshot is a changelog record (Tansu never compacts).
+        # A restart resumes from the snapshot and reads the messages after it back.
+        async with handling:
+            for symbol in sorted(unsaved):
+                if symbol in partition_of:  # else revoked: its new owner resumes it
+                    await save(symbol)
+            unsaved.clear()
 
     @app.on_partitions_revoked.connect
     async def forget_revoked(sender: faust.App, revoked: set[TP], **_: Any) -> None:
@@ -597,7 +606,7 @@ def create_app(settings: Settings, forecaster: Forecaster | None = None,
 
     @app.agent(trades_topic)
     async def process(stream: faust.StreamT[bytes]) -> None:
-        nonlocal acks, last_sweep, last_delivery
+        nonlocal acks, last_delivery
         acks = stream.noack()
         async for event in acks.events():
             last_delivery = time.monotonic()
@@ -608,12 +617,6 @@ def create_app(settings: Settings, forecaster: Forecaster | None = None,
                     await read_back(partition, last + 1, offset, "skipped by the consumer")
                 delivered[partition] = max(offset, delivered.get(partition, -1))
                 await handle(event.value, partition, offset, event)
-            now = time.monotonic()
-            if now - last_sweep >= _SNAPSHOT_EVERY_S:
-                last_sweep = now
-                stats.duplicates = pipeline.duplicates
-                for waiting in list(pending):
-                    await save(waiting)
 
     return app
 
