@@ -589,9 +589,9 @@ def create_app(settings: Settings, forecaster: Forecaster | None = None,
             if tp.topic != topics.trades or last is None:
                 continue
             async with handling:
-                last = delivered[tp.partition]
+                last = delivered.get(tp.partition)  # None: revoked while waiting
                 position = await app.consumer.position(tp)
-                if position is not None and position > last + 1:
+                if last is not None and position is not None and position > last + 1:
                     await read_back(tp.partition, last + 1, position, "fetched but never "
                                     "delivered")
 
