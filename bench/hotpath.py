@@ -3,7 +3,7 @@ per batch message (:class:`TradeBatch`) on the same trades."""
 
 import time
 
-from makeusrich.core.schemas import Trade, TradeBatch, encode, trade_decoder
+from makeusrich.core.schemas import Trade, TradeBatch, encode, encode_batch, trade_decoder
 from makeusrich.inference import NaiveForecaster
 from makeusrich.stream.candles import TradeColumns
 from makeusrich.stream.pipeline import TradePipeline
@@ -19,7 +19,8 @@ def measure(n: int = 300_000, intervals: tuple[str, ...] = ("1m",),
             batch_size: int = 1_000) -> dict[str, float]:
     trades = _trades(n)
     single = [encode(trade) for trade in trades]
-    batched = [encode(TradeBatch.of(trades[i:i + batch_size])) for i in range(0, n, batch_size)]
+    batched = [encode_batch(TradeBatch.of(trades[i:i + batch_size]))
+               for i in range(0, n, batch_size)]
 
     pipeline = TradePipeline(intervals, 2_000, NaiveForecaster())
     start = time.perf_counter()

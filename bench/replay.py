@@ -36,7 +36,7 @@ from bench._common import (
     stage_parser,
 )
 from makeusrich.core.embedded import start_kafka, start_redis
-from makeusrich.core.schemas import encode
+from makeusrich.core.schemas import encode_batch
 from makeusrich.core.settings import Settings
 from makeusrich.stream.replay import ReplayResult, ReplaySpec, drop_namespace, replay
 from makeusrich.stream.simday import simulate_day
@@ -68,7 +68,7 @@ def _write_sim_day(path: Path, n_trades: int) -> int:
     start_ms = (int(time.time() * 1000) // _DAY_MS - 2) * _DAY_MS
     with path.open("wb") as out:
         for batch in simulate_day(_SIM_SYMBOLS, 7, start_ms, n_trades):
-            out.write(encode(batch))
+            out.write(encode_batch(batch))
             out.write(b"\n")
     return path.stat().st_size
 

@@ -98,7 +98,7 @@ async def _ingest(settings: Settings, stop: asyncio.Event) -> None:
     from makeusrich.core.metrics import IngestMetrics, serve_metrics
     from makeusrich.stream.ingest import MeteredSink, probe_binance, run_live
     from makeusrich.stream.publisher import TradePublisher, ensure_topics
-    from makeusrich.stream.sources import read_trades, run_replay, run_sim
+    from makeusrich.stream.sources import read_batches, run_replay, run_sim
 
     metrics = IngestMetrics()
     if settings.ingest_metrics_port is not None:
@@ -126,7 +126,7 @@ async def _ingest(settings: Settings, stop: asyncio.Event) -> None:
             await run_sim(settings, publisher, stop)
         else:
             path = Path(settings.source.split(":", 1)[1])
-            count = await run_replay(read_trades(path), publisher, stop, settings.replay_speed)
+            count = await run_replay(read_batches(path), publisher, stop, settings.replay_speed)
             log.info("replay of %s finished: %d trades published", path, count)
     finally:
         producer.close()

@@ -23,7 +23,7 @@ from kit.fake_binance import (
 )
 from makeusrich.core.embedded import EmbeddedService, free_port
 from makeusrich.core.errors import IngestError
-from makeusrich.core.schemas import Trade
+from makeusrich.core.schemas import Trade, TradeBatch
 from makeusrich.core.settings import Settings
 from makeusrich.stream.ingest import BinanceIngestor, probe_binance, run_live
 from makeusrich.stream.publisher import TradePublisher, TradeSink, ensure_topics
@@ -51,6 +51,10 @@ class _CountingSink:
         self.trades.append(trade)
         if len(self.trades) >= self._expected:
             self.done.set()
+
+    def send_batch(self, batch: TradeBatch) -> None:
+        for trade in batch.trades():
+            self.send(trade)
 
     def dead_letter(self, reason: str, payload: str | bytes, stage: str = "ingest") -> None:
         if self._forward_to is not None:

@@ -18,7 +18,7 @@ from kit.worker import history, worker_over
 from makeusrich.cli import BUNDLED_SAMPLE
 from makeusrich.core.embedded import EmbeddedService
 from makeusrich.core.errors import ConfigError, RegistryError, SourceFormatError
-from makeusrich.core.schemas import EndOfStream, Trade, TradeBatch, encode
+from makeusrich.core.schemas import EndOfStream, Trade, TradeBatch, encode, encode_batch
 from makeusrich.core.settings import Settings
 from makeusrich.stream.publisher import ensure_topics
 from makeusrich.stream.replay import (
@@ -26,7 +26,7 @@ from makeusrich.stream.replay import (
     drop_namespace,
     replay,
     replay_settings,
-    span_trades,
+    span_batches,
 )
 from makeusrich.stream.sources import read_trades
 from makeusrich.trainer.archive import write_candles
@@ -139,13 +139,15 @@ def test_replay_from_kafka_selects_the_span_by_event_time(
 def _publish_mixed(settings: Settings, partition: int, trades: list[Trade]) -> None:
     """``trades`` (one symbol) into one partition of the ``trades`` topic: single trades
     (as ingest published before batching), then messages the live worker dead-lettered and
-    a replay's end-of-stream marker, then batches (as ingest publishes now)."""
+    a replay's end-of-stream marker, then batches in wire versions 1 and 2 by turns (as
+    ingest published them, then publishes now)."""
     symbol = trades[0].symbol
     unequal = {**msgspec.json.decode(encode(TradeBatch.of(trades[:3]))), "price": [1.0]}
     values = [encode(trade) for trade in trades[:10]]
     values += [b"{not json", msgspec.json.encode(unequal),
                encode(EndOfStream(symbol=symbol, ts_event=trades[9].ts_event, ts_ingest=0))]
-    values += [encode(TradeBatch.of(trades[i : i + 700])) for i in range(10, len(trades), 700)]
+    values += [(encode_batch if n % 2 else encode)(TradeBatch.of(trades[i : i + 700]))
+               for n, i in enumerate(range(10, len(trades), 700))]
     producer = KafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all")
     try:
         for value in values:
@@ -160,7 +162,7 @@ def test_replay_from_kafka_expands_trade_batches_into_every_trade_once_in_order(
     live: Settings, client: redis.Redis, tmp_path: Path
 ) -> None:
     """Batches are expanded, what is no trade skipped; each partition is read as the merge
-    needs it (span_trades), and the span replays like the live path."""
+    needs it (span_batches), and the span replays like the live path."""
     name = f"replay-batches-{uuid.uuid4().hex[:8]}"
     source = live.model_copy(update={
         "topic_prefix": f"{name}-", "redis_prefix": name, "worker_id": name,
@@ -174,11 +176,14 @@ def test_replay_from_kafka_expands_trade_batches_into_every_trade_once_in_order(
     _publish_mixed(source, 0, btc)
     _publish_mixed(source, 1, eth)
 
-    streamed = list(span_trades(source, ReplaySpec(source="kafka")))
+    batches = list(span_batches(source, ReplaySpec(source="kafka")))
+    streamed = [trade for batch in batches for trade in batch.trades()]
     assert [t for t in streamed if t.symbol == "BTCUSDT"] == btc
     assert [t for t in streamed if t.symbol == "ETHUSDT"] == eth
     assert len(streamed) == len(btc) + len(eth)
-    assert [t.ts_event for t in streamed] == sorted(t.ts_event for t in streamed)
+    # Merged batch by batch: across partitions, by each batch's first trade.
+    firsts = [batch.ts_event[0] for batch in batches]
+    assert firsts == sorted(firsts)
 
     start, end = START_MS + 10 * MINUTE_MS, START_MS + 20 * MINUTE_MS
     result = asyncio.run(replay(source, ReplaySpec(source="kafka", start_ms=start, end_ms=end),

@@ -153,7 +153,7 @@ def test_bad_trades_inside_a_batch_are_dead_lettered_one_by_one(
     second = _raw_batch([(20, t0 + 61_000, 101.0), (2**64, t0 + 61_500, 1.0),
                          (21, t0 + 62_000, 102.0), (22, t0 + 30_000, 999.0)])  # late
     whole = [
-        _raw_batch([(30, t0 + 63_000, 1.0)], v=2),  # a version this worker does not know
+        _raw_batch([(30, t0 + 63_000, 1.0)], v=3),  # a version this worker does not know
         _raw_batch([(31, t0 + 63_000, 1.0)], price=[1.0, 2.0]),  # columns differ in length
         _raw_batch([(32, t0 + 63_000, 1.0)], symbol="DOGEUSDT"),  # not in MUR_SYMBOLS
     ]
@@ -182,7 +182,7 @@ def test_bad_trades_inside_a_batch_are_dead_lettered_one_by_one(
     reasons = [letter["reason"] for letter in letters]
     for expected in ("invalid: price must be positive", "invalid: ts_event 1 is not",
                      f"invalid: trade_id {2**64} is out of range", "late: its candle",
-                     "undecodable: Invalid enum value 2", "undecodable: the batch's columns",
+                     "undecodable: Invalid enum value 3", "undecodable: the batch's columns",
                      "invalid: unknown symbol 'DOGEUSDT'"):
         assert sum(reason.startswith(expected) for reason in reasons) == 1, (expected, reasons)
     # A trade dead-lettered out of a batch is kept as a single trade message.

@@ -125,11 +125,17 @@ class FakePublisher:
     sent: list[Trade | EndOfStream] = field(default_factory=list)
     sent_at_s: list[float] = field(default_factory=list)  # time.monotonic() per send
     flushes: int = 0
+    batches: int = 0  # send_batch() calls
     dead_letters: list[tuple[str, str | bytes]] = field(default_factory=list)
 
     def send(self, trade: Trade | EndOfStream) -> None:
         self.sent.append(trade)
         self.sent_at_s.append(time.monotonic())
+
+    def send_batch(self, batch: TradeBatch) -> None:
+        self.batches += 1
+        for trade in batch.trades():
+            self.send(trade)
 
     def dead_letter(self, reason: str, payload: str | bytes, stage: str = "ingest") -> None:
         self.dead_letters.append((reason, payload))

@@ -1,7 +1,6 @@
 """What a replay reads from a trades file: streamed as it is consumed, never the whole span
 in memory (no broker)."""
 
-import itertools
 import sys
 import tracemalloc
 import zipfile
@@ -12,7 +11,8 @@ import pytest
 from kit.builders import T0_MS
 from makeusrich.core.errors import SourceFormatError
 from makeusrich.core.settings import Settings
-from makeusrich.stream.replay import ReplaySpec, span_trades
+from makeusrich.stream.replay import ReplaySpec, span_batches
+from makeusrich.stream.sources import read_trades
 
 SETTINGS = Settings(_env_file=None)  # a file source reads no setting
 
@@ -35,13 +35,13 @@ def _write(path: Path, lines: list[str]) -> Path:
 
 @pytest.mark.parametrize("suffix", [".csv", ".zip"])
 def test_a_file_span_is_read_only_as_far_as_it_is_consumed(tmp_path: Path, suffix: str) -> None:
-    # A malformed line after the first 1000 trades: only a reader that reads ahead meets it.
-    path = _write(tmp_path / f"BTCUSDT-trades-2019-04-01{suffix}", [*_rows(1_000), "junk"])
+    # A malformed line after the first 2000 trades: only a reader that reads ahead meets it.
+    path = _write(tmp_path / f"BTCUSDT-trades-2019-04-01{suffix}", [*_rows(2_000), "junk"])
     spec = ReplaySpec(source=str(path), start_ms=T0_MS + 1_000)
-    head = list(itertools.islice(span_trades(SETTINGS, spec), 5))
-    assert [t.trade_id for t in head] == [10, 11, 12, 13, 14]  # selected by start_ms
-    with pytest.raises(SourceFormatError, match=":1001: "):
-        list(span_trades(SETTINGS, spec))
+    head = next(span_batches(SETTINGS, spec))
+    assert head.trade_id == list(range(10, 1_000))  # a batch of 1000, selected by start_ms
+    with pytest.raises(SourceFormatError, match=":2001: "):
+        list(span_batches(SETTINGS, spec))
 
 
 @pytest.mark.slow
@@ -51,14 +51,14 @@ def test_a_file_span_streams_in_memory_that_does_not_grow_with_it(tmp_path: Path
     spec = ReplaySpec(source=str(path), end_ms=T0_MS + 100 * count)
     tracemalloc.start()
     try:
-        seen, last = 0, None
-        for trade in span_trades(SETTINGS, spec):
-            seen, last = seen + 1, trade
+        seen, last_id = 0, -1
+        for batch in span_batches(SETTINGS, spec):
+            seen, last_id = seen + len(batch), batch.trade_id[-1]
         _, peak_bytes = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    assert seen == count and last is not None and last.trade_id == count - 1
+    assert seen == count and last_id == count - 1
     # Less than a list of the trades would take: their structs alone, without list or floats.
-    listed_bytes = count * sys.getsizeof(last)
+    listed_bytes = count * sys.getsizeof(next(read_trades(path)))
     assert listed_bytes > 15_000_000
     assert peak_bytes < listed_bytes / 20, (peak_bytes, listed_bytes)

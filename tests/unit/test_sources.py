@@ -15,9 +15,10 @@ import pytest
 from kit.builders import T0_MS, FakePublisher, make_trade, random_trades
 from makeusrich.cli import BUNDLED_SAMPLE
 from makeusrich.core.errors import ConfigError, IngestError, SourceFormatError
-from makeusrich.core.schemas import EndOfStream, Trade, TradeBatch, encode
+from makeusrich.core.schemas import EndOfStream, Trade, TradeBatch, encode, encode_batch
 from makeusrich.core.settings import Settings
 from makeusrich.stream.sources import (
+    read_batches,
     read_binance_csv,
     read_jsonl,
     read_trades,
@@ -249,9 +250,10 @@ def test_jsonl_of_trades_topic_records(tmp_path: Path) -> None:
     trades = random_trades(2_500, seed=4, symbols=("BTCUSDT", "ETHUSDT"), source="sim")
     btc = [t for t in trades if t.symbol == "BTCUSDT"]
     eth = [t for t in trades if t.symbol == "ETHUSDT"]
-    lines = [encode(TradeBatch.of(btc[:1_000])), encode(eth[0]), encode(TradeBatch.of(eth[1:])),
+    lines = [encode(TradeBatch.of(btc[:1_000])), encode(eth[0]),
+             encode_batch(TradeBatch.of(eth[1:])),
              encode(EndOfStream("ETHUSDT", eth[-1].ts_event, 0)),
-             encode(TradeBatch.of(btc[1_000:]))]
+             encode_batch(TradeBatch.of(btc[1_000:]))]
     path = tmp_path / "topic.jsonl"
     path.write_bytes(b"\n".join(lines) + b"\n")
     replayed = list(read_trades(path))
@@ -260,6 +262,12 @@ def test_jsonl_of_trades_topic_records(tmp_path: Path) -> None:
     assert {t.source for t in replayed} == {"replay"}  # replayed data never passes as live
     assert [t.trade_id for t in read_trades(path, "ETHUSDT")] == [t.trade_id for t in eth]
     assert replay_symbols(path) == ("BTCUSDT", "ETHUSDT")
+    # Read as batches, a recorded batch passes whole; a single trade becomes one.
+    batches = list(read_batches(path))
+    assert [(b.symbol, len(b)) for b in batches] == [
+        ("BTCUSDT", 1_000), ("ETHUSDT", 1), ("ETHUSDT", len(eth) - 1),
+        ("BTCUSDT", len(btc) - 1_000)]
+    assert [t for b in batches for t in b.trades()] == replayed
     path.write_bytes(lines[0] + b"\n" + lines[2][:-30] + b"\n")
     with pytest.raises(SourceFormatError, match=r"topic.jsonl:2: bad trades record"):
         list(read_trades(path))
@@ -420,6 +428,32 @@ async def test_run_replay_as_fast_as_possible() -> None:
         assert end.ts_event == max(t.ts_event for t in trades if t.symbol == end.symbol)
         assert end.source == "replay"
     assert Counter(type(m) for m in publisher.sent) == {Trade: 5000, EndOfStream: 2}
+
+
+def test_csv_trades_are_read_as_batches_of_one_symbol(tmp_path: Path) -> None:
+    rows = [f"{i},4100.5,0.01,41.005,{T0_MS + i},True,True" for i in range(2_500)]
+    path = _write(tmp_path / "BTCUSDT-trades-2019-04-01.csv", rows)
+    batches = list(read_batches(path, batch_size=1_000))
+    assert [len(b) for b in batches] == [1_000, 1_000, 500]
+    assert [t for b in batches for t in b.trades()] == list(read_trades(path))
+
+
+async def test_run_replay_hands_batches_on_whole_unless_paced() -> None:
+    trades = random_trades(3_000, seed=5, symbols=("BTCUSDT", "ETHUSDT"), mean_gap_ms=1.0)
+    of_symbol = {s: [t for t in trades if t.symbol == s] for s in ("BTCUSDT", "ETHUSDT")}
+    batches = [TradeBatch.of(of_symbol[s][i:i + 500])
+               for i in range(0, 3_000, 500) for s in of_symbol if of_symbol[s][i:i + 500]]
+    fast = FakePublisher()
+    assert await run_replay(batches, fast, asyncio.Event(), speed=None) == 3_000
+    assert fast.batches == len(batches)
+    paced_out = FakePublisher()
+    assert await run_replay(batches, paced_out, asyncio.Event(), speed=1_000.0) == 3_000
+    assert paced_out.batches == 0  # a batch can span minutes: paced goes trade by trade
+    for publisher in (fast, paced_out):
+        sent = [(t.symbol, t.trade_id, t.ts_event) for t in publisher.trades]
+        assert sent == [(t.symbol, t.trade_id, t.ts_event) for b in batches for t in b.trades()]
+        assert {e.symbol: e.ts_event for e in publisher.end_of_streams} == {
+            s: [t for t in trades if t.symbol == s][-1].ts_event for s in ("BTCUSDT", "ETHUSDT")}
 
 
 async def test_run_replay_without_eos_flag() -> None:

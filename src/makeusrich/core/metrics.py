@@ -470,12 +470,12 @@ class IngestMetrics(Collector):
         self.registry = _registry()
         self.registry.register(self)
 
-    def published(self, trade: Trade) -> None:
-        """Count one trade handed to the publisher (the hot path)."""
-        symbol = trade.symbol
-        self._published[symbol] = self._published.get(symbol, 0) + 1
-        if trade.ts_event > self._last_event_ms.get(symbol, 0):
-            self._last_event_ms[symbol] = trade.ts_event
+    def published(self, symbol: str, ts_event: int, count: int = 1) -> None:
+        """Count ``count`` trades of ``symbol`` handed to the publisher, the newest at
+        ``ts_event`` (the hot path)."""
+        self._published[symbol] = self._published.get(symbol, 0) + count
+        if ts_event > self._last_event_ms.get(symbol, 0):
+            self._last_event_ms[symbol] = ts_event
 
     def watch(self, live: LiveIngestCounts) -> None:
         """Export ``live``'s counts from now on."""

@@ -448,6 +448,7 @@ def create_app(settings: Settings, forecaster: Forecaster | None = None,
     partition_of: dict[str, int] = {}
     folded_offset: dict[str, int] = {}
     delivered: dict[int, int] = {}  # partition -> last offset handled
+    stranded_at: dict[int, int] = {}  # partition -> position seen ahead, at the last check
     # This process's newest snapshot per symbol: after a rebalance Faust may hand back a
     # table restored one batch short, or none.
     own_snapshots: dict[str, dict[str, Any]] = {}
@@ -571,6 +572,7 @@ def create_app(settings: Settings, forecaster: Forecaster | None = None,
         gone = {tp.partition for tp in revoked if tp.topic == topics.trades}
         for partition in gone:
             delivered.pop(partition, None)
+            stranded_at.pop(partition, None)
         for symbol, partition in list(partition_of.items()):
             if partition in gone:
                 del partition_of[symbol]
@@ -585,13 +587,23 @@ def create_app(settings: Settings, forecaster: Forecaster | None = None,
         if time.monotonic() - last_delivery < _STRANDED_AFTER_S:
             return
         for tp in app.consumer.assignment():
-            last = delivered.get(tp.partition)
-            if tp.topic != topics.trades or last is None:
+            if tp.topic != topics.trades:
                 continue
             async with handling:
-                last = delivered.get(tp.partition)  # None: revoked while waiting
+                if tp not in app.consumer.assignment():
+                    continue  # revoked while waiting
+                # A partition that delivered nothing yet starts at its committed offset
+                # (Faust's copy; None: no commit, read from the start).
+                last = delivered.get(tp.partition,
+                                     (app.consumer._committed_offset.get(tp) or 0) - 1)
                 position = await app.consumer.position(tp)
-                if last is not None and position is not None and position > last + 1:
+                if position is None or position <= last + 1:
+                    stranded_at.pop(tp.partition, None)
+                elif stranded_at.get(tp.partition) != position:
+                    # Seen once: a partition just assigned may not have begun delivering.
+                    stranded_at[tp.partition] = position
+                else:
+                    del stranded_at[tp.partition]
                     await read_back(tp.partition, last + 1, position, "fetched but never "
                                     "delivered")
 

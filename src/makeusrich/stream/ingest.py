@@ -30,7 +30,7 @@ from websockets.protocol import State
 
 from makeusrich.core.errors import IngestError
 from makeusrich.core.metrics import IngestMetrics
-from makeusrich.core.schemas import EndOfStream, Trade, now_ms
+from makeusrich.core.schemas import EndOfStream, Trade, TradeBatch, now_ms
 from makeusrich.core.settings import Settings
 from makeusrich.stream.publisher import TradeSink
 
@@ -231,7 +231,12 @@ class MeteredSink:
     def send(self, trade: Trade | EndOfStream) -> None:
         self._sink.send(trade)
         if isinstance(trade, Trade):
-            self._metrics.published(trade)
+            self._metrics.published(trade.symbol, trade.ts_event)
+
+    def send_batch(self, batch: TradeBatch) -> None:
+        self._sink.send_batch(batch)
+        if batch:
+            self._metrics.published(batch.symbol, max(batch.ts_event), len(batch))
 
     def dead_letter(self, reason: str, payload: str | bytes, stage: str = "ingest") -> None:
         self._sink.dead_letter(reason, payload, stage)

@@ -1,6 +1,6 @@
 """Publishes trades to the ``trades`` topic with kafka-python (acks=all, keyed by symbol),
-as :class:`TradeBatch` messages: the worker's cost is per message, so many trades per
-message is what lets it keep up with 2025 volumes.
+as :class:`TradeBatch` messages (wire version 2): the worker's cost is per message, so many
+trades per message is what lets it keep up with 2025 volumes.
 
 A symbol's batch goes out once it holds ``Settings.trades_batch_max`` trades (a replay at
 full speed: batches by size) or its first trade has waited ``Settings.trades_linger_ms``
@@ -22,7 +22,16 @@ from kafka.admin import KafkaAdminClient, NewTopic
 from kafka.errors import KafkaError, TopicAlreadyExistsError
 
 from makeusrich.core.errors import StreamError
-from makeusrich.core.schemas import DeadLetter, EndOfStream, Trade, TradeBatch, encode, now_ms
+from makeusrich.core.schemas import (
+    DeadLetter,
+    EndOfStream,
+    Source,
+    Trade,
+    TradeBatch,
+    encode,
+    encode_batch,
+    now_ms,
+)
 from makeusrich.core.settings import Settings
 
 __all__ = ["TradePublisher", "TradeSink", "ensure_topics"]
@@ -63,9 +72,56 @@ class TradeSink(Protocol):
 
     def send(self, trade: Trade | EndOfStream) -> None: ...
 
+    def send_batch(self, batch: TradeBatch) -> None: ...
+
     def dead_letter(self, reason: str, payload: str | bytes, stage: str = "ingest") -> None: ...
 
     def flush(self, timeout_s: float = 30.0) -> None: ...
+
+
+class _Pending:
+    """One symbol's trades not yet published, column by column (a batch in the making)."""
+
+    def __init__(self, source: Source) -> None:
+        self.source: Source = source
+        self.ts_ingest = 0
+        self.trade_id: list[int] = []
+        self.price: list[float] = []
+        self.qty: list[float] = []
+        self.quote_qty: list[float] = []
+        self.is_buyer_maker: list[bool] = []
+        self.ts_event: list[int] = []
+
+    def __len__(self) -> int:
+        return len(self.trade_id)
+
+    def add(self, trade: Trade) -> None:
+        self.ts_ingest = trade.ts_ingest
+        self.trade_id.append(trade.trade_id)
+        self.price.append(trade.price)
+        self.qty.append(trade.qty)
+        self.quote_qty.append(trade.quote_qty)
+        self.is_buyer_maker.append(trade.is_buyer_maker)
+        self.ts_event.append(trade.ts_event)
+
+    def extend(self, batch: TradeBatch) -> None:
+        self.ts_ingest = batch.ts_ingest
+        self.trade_id += batch.trade_id
+        self.price += batch.price
+        self.qty += batch.qty
+        self.quote_qty += batch.quote_qty
+        self.is_buyer_maker += batch.is_buyer_maker
+        self.ts_event += batch.ts_event
+
+    def take(self, symbol: str, n: int) -> TradeBatch:
+        """The first ``n`` trades as a batch, removed from here."""
+        batch = TradeBatch(symbol, self.ts_ingest, self.trade_id[:n], self.price[:n],
+                           self.qty[:n], self.quote_qty[:n], self.is_buyer_maker[:n],
+                           self.ts_event[:n], self.source)
+        for column in (self.trade_id, self.price, self.qty, self.quote_qty,
+                       self.is_buyer_maker, self.ts_event):
+            del column[:n]
+        return batch
 
 
 class TradePublisher:
@@ -86,9 +142,9 @@ class TradePublisher:
         )
         self._batch_max = settings.trades_batch_max
         self._linger_s = settings.trades_linger_ms / 1000
-        self._pending: dict[str, list[Trade]] = {}  # symbol -> trades not yet published
+        self._pending: dict[str, _Pending] = {}  # symbol -> trades not yet published
         self._timers: dict[str, asyncio.TimerHandle] = {}
-        self.sent = 0  # trades and end-of-stream markers handed to send()
+        self.sent = 0  # trades and end-of-stream markers handed to send() or send_batch()
         self.messages = 0  # records produced to the topic (batches and markers)
         self.failed = 0
 
@@ -101,24 +157,48 @@ class TradePublisher:
             self._publish(symbol)
             self._produce(symbol, encode(trade))
             return
-        pending = self._pending.setdefault(symbol, [])
-        pending.append(trade)
-        if len(pending) >= self._batch_max or not self._linger_s:
+        pending = self._pending.get(symbol)
+        if pending is None:
+            pending = self._pending[symbol] = _Pending(trade.source)
+        pending.add(trade)
+        self._queued(symbol, pending)
+
+    def send_batch(self, batch: TradeBatch) -> None:
+        """Queue a batch's trades, as :meth:`send` queues each (replays read batches)."""
+        if not batch:
+            return
+        self.sent += len(batch)
+        pending = self._pending.get(batch.symbol)
+        if pending is None:
+            pending = self._pending[batch.symbol] = _Pending(batch.source)
+        pending.extend(batch)
+        self._queued(batch.symbol, pending)
+
+    def _queued(self, symbol: str, pending: _Pending) -> None:
+        """Publish what fills batches; start the linger timer for what is left."""
+        while len(pending) >= self._batch_max:
+            self._produce(symbol, encode_batch(pending.take(symbol, self._batch_max)))
+        if pending and not self._linger_s:
             self._publish(symbol)
-        elif len(pending) == 1:
+        elif pending and symbol not in self._timers:
             with contextlib.suppress(RuntimeError):  # no running loop: size or flush()
                 loop = asyncio.get_running_loop()
                 self._timers[symbol] = loop.call_later(self._linger_s, self._publish, symbol)
+        elif not pending:
+            self._cancel_timer(symbol)
+
+    def _cancel_timer(self, symbol: str) -> None:
+        timer = self._timers.pop(symbol, None)
+        if timer is not None:
+            timer.cancel()
 
     def _publish(self, symbol: str) -> None:
         """Publish the symbol's pending trades as one batch (its ts_ingest: when the last
         of them was seen)."""
-        timer = self._timers.pop(symbol, None)
-        if timer is not None:
-            timer.cancel()
-        trades = self._pending.pop(symbol, None)
-        if trades:
-            self._produce(symbol, encode(TradeBatch.of(trades)))
+        self._cancel_timer(symbol)
+        pending = self._pending.pop(symbol, None)
+        if pending:
+            self._produce(symbol, encode_batch(pending.take(symbol, len(pending))))
 
     def _produce(self, symbol: str, value: bytes) -> None:
         future = self._producer.send(self._topic, value, key=symbol.encode())

@@ -2,7 +2,7 @@
 
 Sources (:class:`ReplaySpec`):
 
-- a trades file, in any format :func:`~makeusrich.stream.sources.read_trades` reads;
+- a trades file, in any format :func:`~makeusrich.stream.sources.read_batches` reads;
 - ``kafka``: the live ``trades`` topic, selected by each message's ``ts_event`` (never by
   broker timestamps: Tansu stamps append time and answers ``offsets_for_times`` wrongly);
 - ``archive``: the Parquet candle archive. It holds closed candles, so there is no candle
@@ -29,11 +29,20 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Generator, Iterator, Sequence
+from collections.abc import (
+    AsyncIterable,
+    AsyncIterator,
+    Callable,
+    Generator,
+    Iterable,
+    Iterator,
+    Sequence,
+)
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Final
+from typing import Final, TypeVar
 
+import msgspec
 import redis
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.errors import KafkaError
@@ -44,7 +53,6 @@ from makeusrich.core.errors import ConfigError, StreamError
 from makeusrich.core.schemas import (
     Candle,
     EndOfStream,
-    Trade,
     TradeBatch,
     encode,
     now_ms,
@@ -56,7 +64,7 @@ from makeusrich.monitoring import MonitorConfig, store_observations
 from makeusrich.stream.control import load_serving_models
 from makeusrich.stream.pipeline import TradePipeline
 from makeusrich.stream.publisher import TradePublisher, ensure_topics
-from makeusrich.stream.sources import paced, read_trades, replay_symbols, run_replay
+from makeusrich.stream.sources import paced, read_batches, replay_symbols, run_replay
 
 __all__ = [
     "Progress",
@@ -65,8 +73,8 @@ __all__ = [
     "drop_namespace",
     "replay",
     "replay_settings",
+    "span_batches",
     "span_candles",
-    "span_trades",
 ]
 
 log = logging.getLogger(__name__)
@@ -74,6 +82,7 @@ log = logging.getLogger(__name__)
 #: Called with the share of the span done (0..1) and a short description.
 Progress = Callable[[float, str], None]
 
+_V = TypeVar("_V")
 _RUN_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _POLL_S: Final = 0.25
 _KAFKA_POLL_MS: Final = 2_000  # an empty poll this long past the end offset ends a partition
@@ -155,10 +164,11 @@ def replay_settings(settings: Settings, run_id: str, model_dir: Path | None = No
 # ---- what to replay ----------------------------------------------------------------------
 
 
-def span_trades(settings: Settings, spec: ReplaySpec) -> Generator[Trade, None, None]:
-    """The trades ``spec`` selects, each symbol's in source order (the order live saw),
-    read from the source as they are consumed; closing the generator releases the source.
-    Source errors (a missing topic, a malformed line) surface while iterating."""
+def span_batches(settings: Settings, spec: ReplaySpec) -> Generator[TradeBatch, None, None]:
+    """The trades ``spec`` selects as batches of one symbol's, each symbol's in source
+    order (the order live saw), read from the source as they are consumed; closing the
+    generator releases the source. Source errors (a missing topic, a malformed line)
+    surface while iterating."""
     if spec.source == "archive":
         raise ConfigError("the archive holds candles, not trades: use span_candles")
     if spec.source == "kafka":
@@ -166,14 +176,42 @@ def span_trades(settings: Settings, spec: ReplaySpec) -> Generator[Trade, None, 
             raise ConfigError("replaying from kafka needs MUR_KAFKA_BOOTSTRAP (the live broker)")
         # The live worker dead-letters symbols it is not configured for.
         selected = replace(spec, symbols=spec.symbols or settings.symbols)
-        return _kafka_trades(settings.kafka_bootstrap, settings.topics.trades, selected)
+        return _kafka_batches(settings.kafka_bootstrap, settings.topics.trades, selected)
     path = Path(spec.source)
     if not path.is_file():
         raise ConfigError(f"--from {spec.source!r}: not kafka, archive or a trades file")
-    return (t for t in read_trades(path) if spec.selects(t.symbol, t.ts_event))
+    return _selected(read_batches(path), spec)
 
 
-def _kafka_trades(bootstrap: str, topic: str, spec: ReplaySpec) -> Generator[Trade, None, None]:
+def _selected(
+    batches: Iterable[TradeBatch], spec: ReplaySpec
+) -> Generator[TradeBatch, None, None]:
+    """The trades of ``batches`` that ``spec`` selects (a batch wholly inside passes as is)."""
+    for batch in batches:
+        if not batch or (spec.symbols and batch.symbol not in spec.symbols):
+            continue
+        ts = batch.ts_event
+        if (spec.start_ms is None or min(ts) >= spec.start_ms) and (
+                spec.end_ms is None or max(ts) < spec.end_ms):
+            yield batch
+            continue
+        rows = [i for i, ts_ms in enumerate(ts) if spec.selects(batch.symbol, ts_ms)]
+        if rows:
+            yield _rows(batch, rows)
+
+
+def _rows(batch: TradeBatch, rows: Sequence[int]) -> TradeBatch:
+    def pick(column: list[_V]) -> list[_V]:
+        return [column[i] for i in rows]
+
+    return TradeBatch(batch.symbol, batch.ts_ingest, pick(batch.trade_id), pick(batch.price),
+                      pick(batch.qty), pick(batch.quote_qty), pick(batch.is_buyer_maker),
+                      pick(batch.ts_event), batch.source)
+
+
+def _kafka_batches(
+    bootstrap: str, topic: str, spec: ReplaySpec
+) -> Generator[TradeBatch, None, None]:
     """Each partition read by a consumer of its own and merged as the merge asks for
     records, so memory holds a fetch per partition, not the span."""
     started_ms = now_ms()
@@ -185,15 +223,16 @@ def _kafka_trades(bootstrap: str, topic: str, spec: ReplaySpec) -> Generator[Tra
                 raise ConfigError(f"no topic {topic!r} on {bootstrap}: no trades to replay "
                                   "from kafka")
             streams = [
-                _partition_trades(
+                _partition_batches(
                     first if index == 0 else consumers.enter_context(_consumer(bootstrap)),
                     TopicPartition(topic, partition), spec, started_ms,
                 )
                 for index, partition in enumerate(partitions)
             ]
             # Each symbol lives in one partition, so a stable merge keeps its order; across
-            # symbols the order only matters for pacing.
-            yield from heapq.merge(*streams, key=lambda trade: trade.ts_event)
+            # symbols the order only matters for pacing (a paced replay goes trade by trade
+            # but batch by batch here: close enough at a batch's span).
+            yield from heapq.merge(*streams, key=lambda batch: batch.ts_event[0])
     except KafkaError as exc:
         raise StreamError(f"cannot read {topic} on {bootstrap}: {exc}") from exc
 
@@ -203,9 +242,9 @@ def _consumer(bootstrap: str) -> KafkaConsumer:
                          client_id="mur-replay")
 
 
-def _partition_trades(
+def _partition_batches(
     consumer: KafkaConsumer, tp: TopicPartition, spec: ReplaySpec, started_ms: int
-) -> Iterator[Trade]:
+) -> Iterator[TradeBatch]:
     """The selected trades of one partition, up to what it held when the replay started.
 
     The end offset is only a hint: Tansu reports the base offset of the last batch. So
@@ -221,23 +260,28 @@ def _partition_trades(
                 return
             continue
         for record in records:
-            for trade in _message_trades(record.value):
-                if record.offset >= end and trade.ts_event >= started_ms:
+            batch = _message_batch(record.value)
+            if batch is None:
+                continue
+            if record.offset >= end:
+                newer = next((i for i, ts in enumerate(batch.ts_event) if ts >= started_ms),
+                             None)
+                if newer is not None:
+                    yield from _selected((_rows(batch, range(newer)),), spec)
                     return
-                if spec.selects(trade.symbol, trade.ts_event):
-                    yield trade
+            yield from _selected((batch,), spec)
 
 
-def _message_trades(value: bytes) -> Sequence[Trade]:
-    """The trades of one ``trades`` message: none of one the live worker dead-lettered or
-    of an end-of-stream marker (a replay sends its own at its end)."""
+def _message_batch(value: bytes) -> TradeBatch | None:
+    """The trades of one ``trades`` message as a batch: None for one the live worker
+    dead-lettered or an end-of-stream marker (a replay sends its own at its end)."""
     try:
         message = trade_decoder.decode(value)
-        if isinstance(message, TradeBatch):
-            return message.trades()
-    except ValueError:  # undecodable (msgspec.DecodeError) or a batch's columns unequal
-        return ()
-    return () if isinstance(message, EndOfStream) else (message,)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None
+    if isinstance(message, EndOfStream):
+        return None
+    return message if isinstance(message, TradeBatch) else TradeBatch.of([message])
 
 
 def span_candles(settings: Settings, spec: ReplaySpec) -> list[Candle]:
@@ -284,20 +328,20 @@ async def replay(
         messages, symbols = len(candles), sorted({c.symbol for c in candles})
     else:
         report(0.0, f"reading {spec.describe()}")
-        trades = span_trades(settings, spec)
+        batches = span_batches(settings, spec)
         try:
             # In a thread: reaching the span can mean reading a topic from its start. It
             # also finds an empty span or a broken source before a worker starts.
-            head = await asyncio.to_thread(next, trades, None)
+            head = await asyncio.to_thread(next, batches, None)
             if head is None:
                 raise ConfigError(f"no trades in {spec.describe()}")
             accepted = await asyncio.to_thread(_span_symbols, settings, spec)
-            sent = _Sent(head, trades)
+            sent = _Sent(head, batches)
             made = await _replay_trades(run, sent, accepted, _known_end_ms(spec, started_ms),
                                         spec.speed, stop, report)
         finally:
             with contextlib.suppress(ValueError):  # a cancelled read's thread still runs it
-                trades.close()
+                batches.close()
         first, last = sent.first_ts_event, sent.last_ts_event
         messages, symbols = sent.count, sorted(sent.symbols)
     result = ReplayResult(
@@ -314,18 +358,18 @@ class _Sent:
     """The trades of a replay as it sends them (``head`` first, then ``rest``), noting what
     a streamed span tells only once sent: how many, of which symbols, until when."""
 
-    def __init__(self, head: Trade, rest: Iterator[Trade]) -> None:
-        self._trades = itertools.chain((head,), rest)
+    def __init__(self, head: TradeBatch, rest: Iterator[TradeBatch]) -> None:
+        self._batches = itertools.chain((head,), rest)
         self.count = 0
         self.symbols: set[str] = set()
-        self.first_ts_event = self.last_ts_event = head.ts_event
+        self.first_ts_event = self.last_ts_event = head.ts_event[0]
 
-    def __iter__(self) -> Iterator[Trade]:
-        for trade in self._trades:
-            self.count += 1
-            self.symbols.add(trade.symbol)
-            self.last_ts_event = trade.ts_event
-            yield trade
+    def __iter__(self) -> Iterator[TradeBatch]:
+        for batch in self._batches:
+            self.count += len(batch)
+            self.symbols.add(batch.symbol)
+            self.last_ts_event = batch.ts_event[-1]
+            yield batch
 
 
 def _span_symbols(settings: Settings, spec: ReplaySpec) -> tuple[str, ...]:
@@ -334,7 +378,7 @@ def _span_symbols(settings: Settings, spec: ReplaySpec) -> tuple[str, ...]:
     if spec.symbols:
         return spec.symbols
     if spec.source == "kafka":
-        return settings.symbols  # as span_trades selects them
+        return settings.symbols  # as span_batches selects them
     return replay_symbols(spec.source)
 
 

@@ -43,6 +43,7 @@ from makeusrich.stream.publisher import TradeSink
 
 __all__ = [
     "paced",
+    "read_batches",
     "read_binance_csv",
     "read_jsonl",
     "read_trades",
@@ -289,10 +290,20 @@ def read_jsonl(path: StrPath, symbol: str | None = None) -> Iterator[Trade]:
     Non-trade rows (other stream events, subscription replies, derived features) are skipped.
     """
     p = _check_file(path)
-    return _iter_jsonl(p, symbol.upper() if symbol else None)
+    return _each_trade(_iter_jsonl(p, symbol.upper() if symbol else None))
 
 
-def _iter_jsonl(path: Path, symbol: str | None) -> Iterator[Trade]:
+def _each_trade(records: Iterable[Trade | TradeBatch]) -> Iterator[Trade]:
+    for record in records:
+        if isinstance(record, TradeBatch):
+            yield from record.trades()
+        else:
+            yield record
+
+
+def _iter_jsonl(path: Path, symbol: str | None) -> Iterator[Trade | TradeBatch]:
+    """The file's trades; a record of this project's ``trades`` topic as it is (a batch
+    stays one)."""
     name_symbol = symbol or _symbol_from_name(path.name.removesuffix(".gz"))
     synthetic_id = 0
     count = 0
@@ -303,10 +314,10 @@ def _iter_jsonl(path: Path, symbol: str | None) -> Iterator[Trade]:
                 if not line.strip():
                     continue
                 if line.startswith('{"kind":'):  # this project's records: typed, fast
-                    for trade in _own_records(path, lineno, line):
-                        if symbol is None or trade.symbol == symbol:
-                            count += 1
-                            yield trade
+                    record = _own_record(path, lineno, line)
+                    if record is not None and (symbol is None or record.symbol == symbol):
+                        count += len(record) if isinstance(record, TradeBatch) else 1
+                        yield record
                     continue
                 obj = _decode_json_line(path, lineno, line)
                 if not isinstance(obj, dict):
@@ -385,18 +396,15 @@ def _iter_jsonl(path: Path, symbol: str | None) -> Iterator[Trade]:
         raise SourceFormatError(f"{path}: no trades{wanted} in file")
 
 
-def _own_records(path: Path, lineno: int, line: str) -> list[Trade]:
-    """The trades of one ``trades`` topic record (none for an end-of-stream marker),
-    marked as replayed."""
+def _own_record(path: Path, lineno: int, line: str) -> Trade | TradeBatch | None:
+    """One ``trades`` topic record, marked as replayed (None: an end-of-stream marker)."""
     try:
         message = trade_decoder.decode(line)
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
         raise _bad(path, lineno, f"bad trades record ({exc})", line) from exc
     if isinstance(message, EndOfStream):
-        return []
-    if isinstance(message, TradeBatch):
-        return msgspec.structs.replace(message, source="replay").trades()
-    return [msgspec.structs.replace(message, source="replay")]
+        return None
+    return msgspec.structs.replace(message, source="replay")
 
 
 # --------------------------------------------------------------------------- dispatch
@@ -432,6 +440,37 @@ def read_trades(path: StrPath, symbol: str | None = None) -> Iterator[Trade]:
     if _is_jsonl(p):
         return read_jsonl(p, symbol)
     return read_binance_csv(p, symbol)
+
+
+def read_batches(
+    path: StrPath, symbol: str | None = None, batch_size: int = 1_000
+) -> Iterator[TradeBatch]:
+    """:func:`read_trades`'s trades as batches of one symbol's consecutive trades (at most
+    ``batch_size``); a recorded ``trades`` batch passes as it is, with no trade built."""
+    p = _check_file(path)
+    if _is_jsonl(p):
+        return _batched(_iter_jsonl(p, symbol.upper() if symbol else None), batch_size)
+    return _batched(read_binance_csv(p, symbol), batch_size)
+
+
+def _batched(records: Iterable[Trade | TradeBatch], batch_size: int) -> Iterator[TradeBatch]:
+    run: list[Trade] = []
+    for record in records:
+        if isinstance(record, TradeBatch):
+            if run:
+                yield TradeBatch.of(run)
+                run = []
+            yield record
+            continue
+        if run and record.symbol != run[0].symbol:
+            yield TradeBatch.of(run)
+            run = []
+        run.append(record)
+        if len(run) >= batch_size:
+            yield TradeBatch.of(run)
+            run = []
+    if run:
+        yield TradeBatch.of(run)
 
 
 # Raw websocket events name it "s"; this project's own trades records "symbol".
@@ -687,29 +726,49 @@ async def paced(
 
 
 async def run_replay(
-    trades: Iterable[Trade],
+    records: Iterable[Trade | TradeBatch],
     publisher: TradeSink,
     stop: asyncio.Event,
     speed: float | None,
     symbols_done_eos: bool = True,
 ) -> int:
-    """Publish ``trades`` in order, :func:`paced` by ``speed``, stamping ``ts_ingest`` with
-    the wall clock; return the number of trades sent.
+    """Publish ``records`` (trades, or batches of them) in order, :func:`paced` by
+    ``speed``, stamping ``ts_ingest`` with the wall clock; return the number of trades sent.
 
-    When the trades run out (not when ``stop`` ends the replay early) and
-    ``symbols_done_eos`` is set, one :class:`EndOfStream` per symbol follows, carrying that
-    symbol's last ``ts_event``, so the worker can close its open candles. The publisher is
-    flushed in every case.
+    As fast as possible (``speed=None``) a batch is handed on whole; paced, trade by trade
+    (a recorded batch can span minutes). When the records run out (not when ``stop`` ends
+    the replay early) and ``symbols_done_eos`` is set, one :class:`EndOfStream` per symbol
+    follows, carrying that symbol's last ``ts_event``, so the worker can close its open
+    candles. The publisher is flushed in every case.
     """
     last: dict[str, tuple[int, Source]] = {}
     count = 0
     started_s = time.monotonic()
     replace = msgspec.structs.replace
-    send = publisher.send
-    async for trade in paced(trades, speed, stop):
-        send(replace(trade, ts_ingest=now_ms()))
-        last[trade.symbol] = (trade.ts_event, trade.source)
-        count += 1
+    if speed is None:
+        next_yield = _YIELD_EVERY
+        for record in records:
+            if stop.is_set():
+                break
+            if isinstance(record, TradeBatch):
+                if not record:
+                    continue
+                publisher.send_batch(replace(record, ts_ingest=now_ms()))
+                last[record.symbol] = (record.ts_event[-1], record.source)
+                count += len(record)
+            else:
+                publisher.send(replace(record, ts_ingest=now_ms()))
+                last[record.symbol] = (record.ts_event, record.source)
+                count += 1
+            if count >= next_yield:  # let the loop's other tasks run
+                next_yield = count + _YIELD_EVERY
+                await asyncio.sleep(0)
+    else:
+        send = publisher.send
+        async for trade in paced(_each_trade(records), speed, stop):
+            send(replace(trade, ts_ingest=now_ms()))
+            last[trade.symbol] = (trade.ts_event, trade.source)
+            count += 1
     exhausted = not stop.is_set()
     if exhausted and symbols_done_eos:
         _send_end_of_stream(publisher, last)
