@@ -1,5 +1,6 @@
 # `make run` and `make test` create .venv and install what they need on first use, every
-# package from the locks in requirements/ (exact versions, hash-checked; `make lock` writes them).
+# package from a lock (exact versions, hash-checked; `make lock` writes them): pylock.toml
+# (PEP 751) for tests and benchmarks, requirements/run.txt for serving.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -31,8 +32,8 @@ $(VENV)/.run-installed: $(LOCKS)/run.txt pyproject.toml | $(UV)
 	touch $@
 
 # Tests and benchmarks also train (torch from PyPI, runs on the CPU) and lint.
-$(VENV)/.dev-installed: $(LOCKS)/dev.txt pyproject.toml | $(UV)
-	$(call sync,$(LOCKS)/dev.txt)
+$(VENV)/.dev-installed: pylock.toml pyproject.toml | $(UV)
+	$(call sync,pylock.toml)
 	touch $@ $(VENV)/.run-installed
 
 install-run: $(VENV)/.run-installed
@@ -51,29 +52,33 @@ test: install-dev lint browser proxy
 test-fast: install-dev
 	$(BIN)/pytest -m "not slow"
 
-# The locks, resolved anew for every platform and Python >= 3.11 with hashes: dev.txt (all
-# extras) first, then train.txt (serving + torch, the trainer image) and run.txt (serving)
+# The locks, resolved anew for every platform and Python >= 3.11 with hashes: pylock.toml
+# (all extras: what the tests run on) first, then requirements/train.txt (serving + torch,
+# the trainer image) and requirements/run.txt (serving; pip-installable, for the image)
 # constrained to the same versions. LOCK_UPGRADE= keeps the current pins where pyproject.toml
 # still allows them (after adding a dependency); the default takes the newest releases.
 LOCK_UPGRADE ?= --upgrade
 compile = $(UV) pip compile -q --universal --generate-hashes --python-version 3.11 \
-	$(LOCK_UPGRADE) --output-file $(LOCKS)/$(1).txt $(2)
+	$(LOCK_UPGRADE) --output-file $(1) $(2)
 
 lock: | $(UV)
-	$(call compile,uv,$(LOCKS)/uv.in)
-	$(call compile,dev,pyproject.toml $(LOCKS)/build.in --extra dev --extra train)
-	$(call compile,train,pyproject.toml $(LOCKS)/build.in --extra train -c $(LOCKS)/dev.txt)
-	$(call compile,run,pyproject.toml $(LOCKS)/build.in -c $(LOCKS)/dev.txt)
+	$(call compile,$(LOCKS)/uv.txt,$(LOCKS)/uv.in)
+	$(call compile,pylock.toml,pyproject.toml $(LOCKS)/build.in --extra dev --extra train)
+	@set -e; pins=$(LOCKS)/pylock-pins.txt; trap 'rm -f "$$pins"' EXIT; \
+	$(BIN)/python $(LOCKS)/pins.py pylock.toml > "$$pins"; \
+	$(call compile,$(LOCKS)/train.txt,pyproject.toml $(LOCKS)/build.in --extra train -c "$$pins"); \
+	$(call compile,$(LOCKS)/run.txt,pyproject.toml $(LOCKS)/build.in -c "$$pins")
 
 # Tomorrow's `make lock`, tried today: the newest releases pyproject.toml allows, in a
-# throw-away venv, through lint, type-check and the fast tests; first, what differs from dev.txt.
+# throw-away venv, through lint, type-check and the fast tests; first, what differs from
+# pylock.toml.
 test-latest: | $(UV)
 	@set -e; tmp="$$(mktemp -d)"; trap 'rm -rf "$$tmp"' EXIT; py="$$tmp/venv/bin/python"; \
 	$(UV) venv -q --python $(PYTHON) "$$tmp/venv"; \
 	$(UV) pip install -q --python "$$py" --upgrade -e '.[dev,train]'; \
 	$(UV) pip freeze -q --python "$$py" --exclude-editable | sort > "$$tmp/latest.txt"; \
-	grep -oE '^[a-z0-9._-]+==[^ ;]+' $(LOCKS)/dev.txt | sort > "$$tmp/locked.txt"; \
-	echo "newer than requirements/dev.txt:"; comm -13 "$$tmp/locked.txt" "$$tmp/latest.txt" | sed 's/^/  /'; \
+	$(PYTHON) $(LOCKS)/pins.py pylock.toml | cut -d' ' -f1 | sort > "$$tmp/locked.txt"; \
+	echo "newer than pylock.toml:"; comm -13 "$$tmp/locked.txt" "$$tmp/latest.txt" | sed 's/^/  /'; \
 	"$$tmp/venv/bin/ruff" check src tests bench; \
 	"$$tmp/venv/bin/mypy" --cache-dir "$$tmp/mypy-cache"; \
 	"$$tmp/venv/bin/pytest" -m "not slow"
