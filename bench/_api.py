@@ -87,14 +87,16 @@ async def publisher(store: RedisStore, batch: Callable[[int], list[Candle | Pred
 
 @contextlib.contextmanager
 def api_process(redis_url: str, redis_prefix: str, names: list[str], sse_clients: int,
-                tmp: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    """A ``mur api`` child on a free port, open to ``sse_clients`` anonymous streams and
-    more requests than offered; yields (base URL, process)."""
+                tmp: Path, workers: int = 1) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """A ``mur api`` child on a free port (``MUR_API_WORKERS=workers``), open to
+    ``sse_clients`` anonymous streams and more requests than offered; yields (base URL,
+    process)."""
     port = free_port()
     env = clean_env({
         "MUR_REDIS_URL": redis_url, "MUR_REDIS_PREFIX": redis_prefix,
         "MUR_API_HOST": "127.0.0.1", "MUR_API_PORT": str(port), "MUR_SYMBOLS": ",".join(names),
         "MUR_INTERVALS": INTERVAL, "MUR_STATE_DIR": str(tmp / "state"),
+        "MUR_API_WORKERS": str(workers),
         "MUR_LOG_LEVEL": "WARNING", **open_access_env(sse_clients),
     })
     log_path = tmp / "api.log"

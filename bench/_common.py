@@ -36,6 +36,7 @@ __all__ = [
     "parse_stage",
     "percentile",
     "print_columns",
+    "process_tree",
     "raise_nofile",
     "results_path",
     "rss_kb",
@@ -44,6 +45,8 @@ __all__ = [
     "stage_parser",
     "stop_process",
     "tail",
+    "tree_cpu_s",
+    "tree_rss_kb",
     "wait_healthy",
     "write_results",
 ]
@@ -173,10 +176,16 @@ def latency_summary(values: Iterable[float]) -> dict[str, Any]:
 # ---- processes -------------------------------------------------------------------------
 
 
+def _stat_fields(pid: int | str) -> list[str]:
+    """The fields of ``/proc/PID/stat`` after the command name (which may hold spaces):
+    [0] state, [1] ppid, ... [11] utime, [12] stime."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
 def cpu_s(pid: int) -> float:
     """CPU seconds (user + system, all threads) a live process has used so far."""
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        fields = _stat_fields(pid)
     except OSError as exc:
         raise BenchError(f"process {pid} is gone: {exc}") from exc
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
@@ -197,10 +206,43 @@ def child_pid(parent: int, subcommand: str) -> int:
         if not entry.name.isdigit():
             continue
         with contextlib.suppress(OSError):  # processes come and go while we look
-            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            ppid = int(_stat_fields(entry.name)[1])
             if ppid == parent and (entry / "cmdline").read_bytes().split(b"\0")[1:4] == wanted:
                 return int(entry.name)
     raise BenchError(f"no `{subcommand}` child of process {parent}")
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its descendants (children, their children, ...), found through /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):  # processes come and go while we look
+                children.setdefault(int(_stat_fields(entry.name)[1]), []).append(int(entry.name))
+    tree, todo = [], [pid]
+    while todo:
+        tree.append(todo.pop())
+        todo.extend(children.get(tree[-1], ()))
+    return tree
+
+
+def _sum_over_tree(pid: int, read: Callable[[int], float]) -> float:
+    total = read(pid)  # BenchError when pid itself is gone
+    for descendant in process_tree(pid)[1:]:
+        with contextlib.suppress(BenchError):  # it exited since the listing
+            total += read(descendant)
+    return total
+
+
+def tree_cpu_s(pid: int) -> float:
+    """:func:`cpu_s` of ``pid`` plus its live descendants' (e.g. a server's workers)."""
+    return _sum_over_tree(pid, cpu_s)
+
+
+def tree_rss_kb(pid: int) -> int:
+    """:func:`rss_kb` of ``pid`` plus its live descendants' (pages they share count once
+    per process)."""
+    return int(_sum_over_tree(pid, rss_kb))
 
 
 def raise_nofile(needed: int) -> int:

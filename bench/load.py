@@ -1,171 +1,126 @@
-"""Load test of ONE API worker: ``python -m bench.load`` (``make load``, options via ``ARGS``).
+"""Load test of the API: ``python -m bench.load`` (``make load``, options via ``ARGS``).
 
-Starts an embedded redis-server and one ``mur api`` process (anonymous access, with limits
-high enough to stay out of the way), seeds history, then for ``--seconds``:
+Starts an embedded redis-server and one ``mur api`` process (``--api-workers`` sets
+``MUR_API_WORKERS``; anonymous access, limits above the offered load), seeds history, and
+while a publisher writes a candle and a prediction for each of ``--symbols`` symbols every
+``--publish-interval`` s (through :class:`RedisStore`, stamping ``ts_ingest``) runs two
+phases (``--only`` picks one):
 
-- a publisher writes a candle and a prediction for each of ``--symbols`` symbols every
-  ``--publish-interval`` s, through :class:`RedisStore` as the worker does, stamping
-  ``ts_ingest`` just before the write;
-- ``--sse-clients`` clients (httpx + httpx-sse) hold ``/v1/stream`` open; an event's
-  delivery time is its receipt time minus the record's ``ts_ingest``;
-- polling clients send ``--rps`` requests a second, open loop: request i is due at
-  start + i / rps whether or not earlier ones were answered, and its latency counts from
-  then (so a stalled server is not hidden by clients that wait for it). They are spread
-  over the latest-prediction, prediction-history and candles endpoints.
+- mixed: ``--sse-clients`` hold ``/v1/stream?events=candle,prediction`` open
+  (:mod:`bench._sse`; delivery time = receipt - ``ts_ingest``) while polling clients send
+  ``--rps`` requests a second for ``--seconds`` s, spread uniformly over four endpoints;
+- capacity: no SSE clients; ``GET /v1/predictions/latest`` alone at each of
+  ``--capacity-rates`` for ``--capacity-seconds`` s, up to the first rate whose p99
+  exceeds 50 ms or that is not answered (95 % of it, no errors). The highest rate answered
+  within that is the capacity: of one API process with ``--api-workers 1``.
 
-The SSE clients and the polling clients run in their own processes (``--sse-procs`` for
-the former), and polling uses aiohttp (a dependency already), which costs about a fifth of
-httpx's CPU per request: with httpx and everything in one process, the load generator,
-not the API, was the bottleneck on a 2-core machine.
+Polling is open loop: request i is due at start + i / rate whether or not earlier ones
+were answered, and its latency counts from then, so a stalled server is not hidden by
+clients that wait for it. It runs in ``--poll-procs`` processes (aiohttp, its own session
+each), the SSE clients in theirs. They share the machine with the API, so each process's
+CPU is reported beside the figures it produced: a process near a full core means the load
+generator, not the API, set the figure, and a warning says so.
 
-Reports p50/p99 of polling latency and of event delivery, errors by kind, the API's RSS
-(``/proc/PID/status`` VmRSS) before and after the SSE clients connected, hence memory per
-connection, and the CPU of the API and of each client process: they share the machine, and
-a saturated client inflates every latency. Results go to stdout and
-``bench/results/load.json``. A load test, not a test: it asserts nothing about the figures.
+Also reported: errors by kind, missed events, and the API's CPU and RSS (summed over its
+worker processes) before and with the SSE clients, hence memory per connection. Results go
+to stdout and ``bench/results/load.json``. A load test, not a test: it asserts nothing
+about the figures.
 """
 
 import argparse
 import asyncio
+import contextlib
 import multiprocessing as mp
 import random
-import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
-from multiprocessing.queues import Queue
-from multiprocessing.sharedctypes import Synchronized
-from multiprocessing.synchronize import Event as EventT
+from multiprocessing.connection import Connection
 from pathlib import Path
-from queue import Empty
 from typing import Any, Final, TypeVar
 
 import aiohttp
-import httpx
-import msgspec
-from httpx_sse import aconnect_sse
 
 from bench._api import api_process, publisher, records, symbols
 from bench._common import (
     BenchError,
-    cpu_s,
     latency_summary,
+    parse_stage,
     percentile,
-    results_path,
-    rss_kb,
+    print_columns,
+    raise_nofile,
     run_stage,
+    stage_parser,
+    tree_cpu_s,
+    tree_rss_kb,
 )
+from bench._sse import Batch, Fleet, client_steps
 from makeusrich.core.embedded import start_redis
+from makeusrich.core.schemas import Candle, Prediction
 from makeusrich.core.settings import Settings
 from makeusrich.core.store import RedisStore
 
 _PREFIX: Final = "load"
 HISTORY: Final = 200  # candles and predictions per symbol written before the run
-# What the polling clients ask for (name, path template, query), chosen uniformly.
-ENDPOINTS: Final[tuple[tuple[str, str, dict[str, str]], ...]] = (
+Endpoint = tuple[str, str, dict[str, str]]  # name, path template, query
+# What the mixed phase polls, chosen uniformly; the capacity phase polls the first alone.
+ENDPOINTS: Final[tuple[Endpoint, ...]] = (
     ("predictions_latest_all", "/v1/predictions/latest", {}),
     ("prediction_latest", "/v1/predictions/{symbol}/latest", {}),
     ("prediction_history", "/v1/predictions/{symbol}/history", {"limit": "100"}),
     ("candles", "/v1/candles/{symbol}", {"limit": "100"}),
 )
+LATEST_ALL: Final = ENDPOINTS[0]
+PHASES: Final = ("mixed", "capacity")
+CAPACITY_RATES: Final = [500, 1000, 1500, 2000, 2500, 3000, 4000, 5000, 6000]
+P99_LIMIT_MS: Final = 50.0
+MIN_ANSWERED: Final = 0.95  # share of the offered rate a capacity step must achieve
+BUSY_PCT: Final = 90.0  # a load generator process above this much of a core limits a figure
+_CANDLE_STEP_MS: Final = 60_000  # between one symbol's open times (bench._api)
+_START_AHEAD_S: Final = 0.05  # for a polling plan to reach every process
+_TIMEOUT_S: Final = 10.0  # per request, and for the backlog once a run's schedule ends
+_WARMUP: Final = (100.0, 1.0)  # req/s and s: the API's code paths, the pollers' sessions
+_SETTLE_S: Final = 1.0
+_DRAIN_S: Final = 10.0  # for the SSE clients to receive the last events
 
 T = TypeVar("T")
 
 
-class _Stamp(msgspec.Struct):
-    ts_ingest: int
-
-
-_stamp_decoder: Final = msgspec.json.Decoder(_Stamp)
+# ---- polling processes -----------------------------------------------------------------
 
 
 @dataclass
-class Stats:
-    """What one client process measured (sent back to the main process)."""
+class Plan:
+    """One polling run, the same for every process: request i of int(rate x seconds) is
+    due at ``start`` + i / rate, and process k of P sends those with i % P == k."""
 
-    poll_ms: dict[str, list[float]] = field(default_factory=dict)  # by endpoint
-    event_ms: list[float] = field(default_factory=list)
-    received: dict[int, int] = field(default_factory=dict)  # events per connected client
-    sse_failed: int = 0
-    schedule_lag_ms: list[float] = field(default_factory=list)
+    rate: float
+    seconds: float
+    start: float  # time.monotonic(): CLOCK_MONOTONIC, one clock for every process
+    endpoints: tuple[Endpoint, ...]
+    names: list[str]
+
+
+@dataclass
+class Polled:
+    """What one polling process measured over a run."""
+
+    ms: dict[str, list[float]] = field(default_factory=dict)  # latency of 200s, by endpoint
     errors: Counter[str] = field(default_factory=Counter)
-    wall_s: float = 0.0  # of the measured part
+    lag_ms_p99: float = 0.0  # how late the process sent its requests
+    wall_s: float = 0.0  # from the start to its last answer
     cpu_s: float = 0.0
 
-
-# ---- helpers ---------------------------------------------------------------------------
-
-
-# ---- clients (each kind in its own process) --------------------------------------------
+    @property
+    def cpu_pct(self) -> float:
+        return 100 * self.cpu_s / self.wall_s
 
 
-@dataclass
-class Control:
-    """How the main process steers the client processes (multiprocessing primitives)."""
-
-    ready: "Queue[tuple[int, int]]"  # (connected, failed) from each client process
-    results: "Queue[Stats]"
-    go: EventT  # measurement starts: pollers send, CPU is counted
-    stop: EventT  # publishing ended: SSE clients drain up to ``published``, then report
-    published: "Synchronized[int]"
-
-
-async def sse_client(client: httpx.AsyncClient, index: int, stats: Stats,
-                     stop: asyncio.Event) -> None:
-    """Hold /v1/stream open; record each event's delivery time."""
-    try:
-        async with aconnect_sse(client, "GET", "/v1/stream",
-                                params={"events": "candle,prediction"}) as source:
-            if source.response.status_code != 200:
-                stats.errors[f"sse_http_{source.response.status_code}"] += 1
-                stats.sse_failed += 1
-                return
-            stats.received[index] = 0
-            async for event in source.aiter_sse():
-                received_ms = time.time_ns() / 1e6
-                if not event.data:
-                    continue  # a heartbeat: httpx-sse yields comments after an id as events
-                stats.event_ms.append(received_ms - _stamp_decoder.decode(event.data).ts_ingest)
-                stats.received[index] += 1
-        if not stop.is_set():
-            stats.errors["sse_stream_ended"] += 1
-    except (httpx.HTTPError, msgspec.DecodeError) as exc:
-        if not stop.is_set():
-            stats.errors[f"sse_{type(exc).__name__}"] += 1
-        if index not in stats.received:
-            stats.sse_failed += 1
-
-
-async def sse_clients(base: str, first: int, count: int, control: Control) -> Stats:
-    stats = Stats()
-    stop = asyncio.Event()
-    limits = httpx.Limits(max_connections=count + 10)
-    async with httpx.AsyncClient(base_url=base, limits=limits,
-                                 timeout=httpx.Timeout(10, read=None)) as client:
-        tasks = [asyncio.create_task(sse_client(client, i, stats, stop))
-                 for i in range(first, first + count)]
-        await wait_until(lambda: len(stats.received) + stats.sse_failed >= count, 60)
-        control.ready.put((len(stats.received), stats.sse_failed))
-        await asyncio.to_thread(control.go.wait)
-        started = time.perf_counter(), time.process_time()
-        await asyncio.to_thread(control.stop.wait)
-        # Let the last events arrive, then hang up.
-        await wait_until(lambda: min(stats.received.values(), default=0)
-                         >= control.published.value, 5)
-        stats.wall_s = time.perf_counter() - started[0]
-        stats.cpu_s = time.process_time() - started[1]
-        stop.set()
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-    return stats
-
-
-async def poll_worker(session: aiohttp.ClientSession,
-                      queue: "asyncio.Queue[tuple[float, str, str, dict[str, str]]]",
-                      stats: Stats) -> None:
+async def _send(session: aiohttp.ClientSession,
+                queue: "asyncio.Queue[tuple[float, str, str, dict[str, str]]]",
+                polled: Polled) -> None:
     """Send queued requests one at a time; latency counts from when each was due."""
     while True:
         due, name, path, params = await queue.get()
@@ -173,178 +128,266 @@ async def poll_worker(session: aiohttp.ClientSession,
             async with session.get(path, params=params) as response:
                 await response.read()
             if response.status == 200:
-                stats.poll_ms.setdefault(name, []).append((time.perf_counter() - due) * 1000)
+                polled.ms.setdefault(name, []).append((time.monotonic() - due) * 1000)
             else:
-                stats.errors[f"poll_http_{response.status}"] += 1
+                polled.errors[f"http_{response.status}"] += 1
         except (aiohttp.ClientError, TimeoutError) as exc:
-            stats.errors[f"poll_{type(exc).__name__}"] += 1
+            polled.errors[type(exc).__name__] += 1
         finally:
             queue.task_done()
 
 
-async def pollers(base: str, rps: float, seconds: float, connections: int, names: list[str],
-                  control: Control) -> Stats:
-    """Open loop: request i is due at start + i / rps, answered or not the ones before; it
-    waits in a queue for one of ``connections`` workers, and that wait counts in its
-    latency (no coordinated omission)."""
-    stats = Stats()
-    rng = random.Random(7)
+async def _poll(session: aiohttp.ClientSession, plan: Plan, index: int, procs: int,
+                connections: int) -> Polled:
+    """Run this process's share of ``plan``: each request waits in a queue for one of
+    ``connections`` workers, and that wait counts in its latency (no coordinated omission)."""
+    polled, rng = Polled(), random.Random(index)
     queue: asyncio.Queue[tuple[float, str, str, dict[str, str]]] = asyncio.Queue()
+    workers = [asyncio.create_task(_send(session, queue, polled)) for _ in range(connections)]
+    requests = range(index, int(plan.rate * plan.seconds), procs)
+    lags: list[float] = []
+    await asyncio.sleep(plan.start - time.monotonic())
+    cpu = time.process_time()
+    for i in requests:
+        due = plan.start + i / plan.rate
+        await asyncio.sleep(due - time.monotonic())  # also when late: lets the workers run
+        lags.append((time.monotonic() - due) * 1000)
+        name, template, params = rng.choice(plan.endpoints)
+        queue.put_nowait((due, name, template.format(symbol=rng.choice(plan.names)), params))
+    with contextlib.suppress(TimeoutError):  # an overloaded API: the rest is unanswered
+        await asyncio.wait_for(queue.join(), _TIMEOUT_S)
+    polled.wall_s = time.monotonic() - plan.start
+    polled.cpu_s = time.process_time() - cpu
+    polled.lag_ms_p99 = percentile(lags, 99)
+    for worker in workers:
+        worker.cancel()
+    await asyncio.gather(*workers, return_exceptions=True)
+    answered = sum(map(len, polled.ms.values())) + polled.errors.total()
+    if answered < len(requests):
+        polled.errors["unanswered"] += len(requests) - answered
+    return polled
+
+
+async def _serve(pipe: Connection, base: str, index: int, procs: int, connections: int) -> None:
     async with aiohttp.ClientSession(
         base, connector=aiohttp.TCPConnector(limit=connections),
-        timeout=aiohttp.ClientTimeout(total=10),
+        timeout=aiohttp.ClientTimeout(total=_TIMEOUT_S),
     ) as session:
-        workers = [asyncio.create_task(poll_worker(session, queue, stats))
-                   for _ in range(connections)]
-        control.ready.put((0, 0))
-        await asyncio.to_thread(control.go.wait)
-        start, cpu = time.perf_counter(), time.process_time()
-        for i in range(int(rps * seconds)):
-            due = start + i / rps
-            delay = due - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            stats.schedule_lag_ms.append(max(0.0, -delay) * 1000)
-            name, template, params = rng.choice(ENDPOINTS)
-            queue.put_nowait((due, name, template.format(symbol=rng.choice(names)), params))
-        await queue.join()
-        stats.wall_s = time.perf_counter() - start
-        stats.cpu_s = time.process_time() - cpu
-        for worker in workers:
-            worker.cancel()
-        await asyncio.gather(*workers, return_exceptions=True)
-    return stats
+        pipe.send(None)  # ready
+        while (plan := await asyncio.to_thread(pipe.recv)) is not None:
+            pipe.send(await _poll(session, plan, index, procs, connections))
 
 
-def sse_process(base: str, first: int, count: int, control: Control) -> None:
-    control.results.put(asyncio.run(sse_clients(base, first, count, control)))
+def _poller_process(pipe: Connection, base: str, index: int, procs: int,
+                    connections: int) -> None:
+    asyncio.run(_serve(pipe, base, index, procs, connections))
 
 
-def poll_process(base: str, args: argparse.Namespace, names: list[str],
-                 control: Control) -> None:
-    control.results.put(asyncio.run(
-        pollers(base, args.rps, args.seconds, args.poll_connections, names, control)))
+class Pollers:
+    """``procs`` polling processes of ``base``, each with its own aiohttp session of up to
+    ``connections`` connections, kept from one run to the next."""
 
+    def __init__(self, base: str, procs: int, connections: int) -> None:
+        ctx = mp.get_context("spawn")
+        self._pipes: list[Connection] = []
+        self._processes: list[mp.process.BaseProcess] = []
+        for index in range(procs):
+            ours, theirs = ctx.Pipe()
+            process = ctx.Process(target=_poller_process, daemon=True,
+                                  args=(theirs, base, index, procs, connections))
+            process.start()
+            theirs.close()  # so that our end reads EOF when the process dies
+            self._pipes.append(ours)
+            self._processes.append(process)
+        for pipe in self._pipes:
+            self._receive(pipe, 60, "start")
 
-async def wait_until(predicate: Callable[[], bool], timeout_s: float) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        await asyncio.sleep(0.05)
-    return True
+    def __enter__(self) -> "Pollers":
+        return self
 
-
-# ---- the run ---------------------------------------------------------------------------
-
-
-async def receive(queue: "Queue[T]", timeout_s: float, what: str) -> T:
-    try:
-        return await asyncio.to_thread(queue.get, timeout=timeout_s)
-    except Empty:
-        raise BenchError(f"waited {timeout_s:.0f} s for {what}") from None
-
-
-def split(total: int, parts: int) -> list[tuple[int, int]]:
-    """(first index, count) of each of ``parts`` near-equal shares of ``total``."""
-    shares = [total // parts + (i < total % parts) for i in range(parts)]
-    return [(sum(shares[:i]), share) for i, share in enumerate(shares) if share]
-
-
-async def run(args: argparse.Namespace, base: str, api: subprocess.Popen[bytes],
-              store: RedisStore, names: list[str]) -> dict[str, Any]:
-    ctx = mp.get_context("spawn")
-    control = Control(ready=ctx.Queue(), results=ctx.Queue(), go=ctx.Event(),
-                      stop=ctx.Event(), published=ctx.Value("q", 0))
-    # Warm the API's code paths first, so the RSS difference is the connections'.
-    async with httpx.AsyncClient(base_url=base, timeout=10) as client:
-        for _, path, params in ENDPOINTS * 5:
-            await client.get(path.format(symbol=names[0]), params=params)
-    await asyncio.sleep(0.5)
-    rss_before = rss_kb(api.pid)
-
-    print(f"connecting {args.sse_clients} SSE clients from {args.sse_procs} process(es) ...",
-          flush=True)
-    processes = [ctx.Process(target=sse_process, args=(base, first, count, control))
-                 for first, count in split(args.sse_clients, args.sse_procs)]
-    processes.append(ctx.Process(target=poll_process, args=(base, args, names, control)))
-    for process in processes:
-        process.start()
-    try:
-        connected = 0
-        for _ in processes:
-            connected += (await receive(control.ready, 90, "a client process to start"))[0]
-        await asyncio.sleep(1.0)  # every connected stream has subscribed by now
-        rss_connected = rss_kb(api.pid)
-
-        print(f"publishing {len(names)} symbols every {args.publish_interval:g} s and polling "
-              f"at {args.rps:g} req/s for {args.seconds:g} s ...", flush=True)
-        cpu_api, wall = cpu_s(api.pid), time.perf_counter()
-        stop = asyncio.Event()
-        publishing = asyncio.create_task(publisher(
-            store, lambda i: records(names, i), args.publish_interval, stop, first=HISTORY))
-        control.go.set()
-        polled = await receive(control.results, args.seconds + 120, "the polling to end")
-        stop.set()
-        control.published.value = await publishing
-        elapsed, cpu_api = time.perf_counter() - wall, cpu_s(api.pid) - cpu_api
-        rss_end = rss_kb(api.pid)
-        control.stop.set()
-        streamed = [await receive(control.results, 60, "the SSE clients to report")
-                    for _ in processes[:-1]]
-    finally:
-        control.go.set()
-        control.stop.set()
-        for process in processes:
-            process.join(10)
+    def __exit__(self, *exc: object) -> None:
+        for pipe, process in zip(self._pipes, self._processes, strict=True):
+            with contextlib.suppress(OSError):
+                pipe.send(None)
+            process.join(5)
             if process.is_alive():
                 process.kill()
-    return report(args, names, polled, streamed, control.published.value, connected,
-                  elapsed, cpu_api, (rss_before, rss_connected, rss_end))
+                process.join()
+
+    def run(self, rate: float, seconds: float, endpoints: tuple[Endpoint, ...],
+            names: list[str]) -> list[Polled]:
+        """Poll at ``rate`` requests/s, all processes together, for ``seconds``; blocks."""
+        plan = Plan(rate, seconds, time.monotonic() + _START_AHEAD_S, endpoints, names)
+        for pipe in self._pipes:
+            pipe.send(plan)
+        return [self._receive(pipe, seconds + 2 * _TIMEOUT_S + 30, "finish")
+                for pipe in self._pipes]
+
+    @staticmethod
+    def _receive(pipe: Connection, timeout_s: float, what: str) -> Any:
+        with contextlib.suppress(EOFError):
+            if pipe.poll(timeout_s):
+                return pipe.recv()
+        raise BenchError(f"a polling process did not {what} within {timeout_s:.0f} s "
+                         "(or died)")
 
 
-def report(args: argparse.Namespace, names: list[str], polled: Stats, streamed: list[Stats],
-           published: int, connected: int, elapsed: float, cpu_api: float,
-           rss: tuple[int, int, int]) -> dict[str, Any]:
-    errors = polled.errors + sum((stats.errors for stats in streamed), Counter())
-    received = [n for stats in streamed for n in stats.received.values()]
-    missed = sum(max(0, published - n) for n in received)
-    if missed:
-        errors["sse_events_missed"] += missed
-    event_ms = [ms for stats in streamed for ms in stats.event_ms]
-    all_polls = [ms for values in polled.poll_ms.values() for ms in values]
-    rss_before, rss_connected, rss_end = rss
+def _latencies(polled: list[Polled]) -> dict[str, list[float]]:
+    merged: dict[str, list[float]] = {}
+    for part in polled:
+        for name, values in part.ms.items():
+            merged.setdefault(name, []).extend(values)
+    return dict(sorted(merged.items()))
+
+
+def _poll_summary(polled: list[Polled]) -> dict[str, Any]:
+    every = [ms for values in _latencies(polled).values() for ms in values]
+    return {**latency_summary(every),
+            "achieved_rps": round(len(every) / max(part.wall_s for part in polled), 1)}
+
+
+def _errors(polled: list[Polled]) -> dict[str, int]:
+    return dict(sorted(sum((part.errors for part in polled), Counter()).items()))
+
+
+def _pollers_cpu(polled: list[Polled]) -> dict[str, Any]:
+    """The polling processes' own load: CPU, and how late they sent (p99)."""
+    return {"poller_cpu_pct_of_core": [round(part.cpu_pct, 1) for part in polled],
+            "poller_lag_ms_p99": [round(part.lag_ms_p99, 2) for part in polled]}
+
+
+def _busy(what: str, cpu_pcts: list[float]) -> list[str]:
+    """A warning when a load generator process was near a full core during ``what``."""
+    if max(cpu_pcts) <= BUSY_PCT:
+        return []
+    return [f"{what}: a load generator process used {max(cpu_pcts):.0f} % of a core, so "
+            "the figure may be the load generator's limit rather than the API's"]
+
+
+# ---- the phases ------------------------------------------------------------------------
+
+
+class Feed:
+    """The publisher, run during each measurement: every ``interval_s`` it writes each
+    symbol's next candle and prediction, going on where the last run stopped (the store
+    refuses a candle it already holds)."""
+
+    def __init__(self, store: RedisStore, names: list[str], interval_s: float) -> None:
+        self.names = names
+        self._store, self._interval_s = store, interval_s
+        self._next = HISTORY
+
+    def _batch(self, i: int) -> list[Candle | Prediction]:
+        self._next = i + 1
+        return records(self.names, i)
+
+    async def during(self, work: Awaitable[T]) -> tuple[T, int]:
+        """``work``'s result, and how many events were published while it ran."""
+        stop = asyncio.Event()
+        publishing = asyncio.create_task(
+            publisher(self._store, self._batch, self._interval_s, stop, first=self._next))
+        try:
+            result = await work
+        finally:
+            stop.set()
+            published = await publishing
+        return result, published
+
+
+async def mixed(args: argparse.Namespace, base: str, api_pid: int, feed: Feed,
+                pollers: Pollers) -> dict[str, Any]:
+    rss_before = tree_rss_kb(api_pid)
+    print(f"mixed: connecting {args.sse_clients} SSE clients ...", flush=True)
+    with Fleet(base, "events=candle,prediction", procs=args.sse_procs,
+               step_ms=_CANDLE_STEP_MS) as fleet:
+        await asyncio.to_thread(fleet.grow, args.sse_clients)
+        await asyncio.sleep(_SETTLE_S)  # every stream has subscribed, the API is idle again
+        rss_with = tree_rss_kb(api_pid)
+        await asyncio.to_thread(fleet.collect)  # forget heartbeats; clients' CPU from here
+        print(f"mixed: polling at {args.rps:g} req/s for {args.seconds:g} s ...", flush=True)
+        started, api_cpu = time.monotonic(), tree_cpu_s(api_pid)
+        polled, published = await feed.during(asyncio.to_thread(
+            pollers.run, args.rps, args.seconds, ENDPOINTS, feed.names))
+        elapsed, api_cpu = time.monotonic() - started, tree_cpu_s(api_pid) - api_cpu
+        rss_end = tree_rss_kb(api_pid)
+        drained = await asyncio.to_thread(fleet.drain, published, _DRAIN_S)
+        streamed = await asyncio.to_thread(fleet.collect)
+        sse_cpu_pct = 100 * streamed.cpu_s / (time.monotonic() - started)
+    # The SSE clients' CPU is their processes' sum (Fleet reports no more).
+    generator = {**_pollers_cpu(polled), "sse_cpu_pct_of_core": round(sse_cpu_pct, 1)}
     return {
-        "config": {
-            "symbols": len(names), "publish_interval_s": args.publish_interval,
-            "sse_clients": args.sse_clients, "sse_connected": connected, "rps": args.rps,
-            "seconds": args.seconds, "poll_connections": args.poll_connections,
-            "sse_procs": args.sse_procs, "api_workers": 1,
-        },
-        "poll": {**latency_summary(all_polls),
-                 "achieved_rps": round(len(all_polls) / polled.wall_s, 1),
-                 "by_endpoint": {name: latency_summary(values)
-                                 for name, values in sorted(polled.poll_ms.items())}},
-        "events": {**latency_summary(event_ms), "published": published, "delivered": sum(received),
-                   "delivered_per_s": round(sum(received) / elapsed, 1)},
-        "errors": dict(sorted(errors.items())),
+        "config": {"sse_clients": args.sse_clients, "sse_procs": args.sse_procs,
+                   "rps": args.rps, "seconds": args.seconds,
+                   "endpoints": [name for name, _, _ in ENDPOINTS]},
+        "poll": {**_poll_summary(polled), "by_endpoint": {
+            name: latency_summary(values) for name, values in _latencies(polled).items()}},
+        "events": _events(streamed, published, drained, elapsed),
+        "errors": _errors(polled),
         "api": {
             "rss_mb_before_sse": round(rss_before / 1024, 1),
-            "rss_mb_with_sse": round(rss_connected / 1024, 1),
+            "rss_mb_with_sse": round(rss_with / 1024, 1),
             "rss_mb_end": round(rss_end / 1024, 1),
-            "kb_per_sse_connection": round((rss_connected - rss_before) / max(connected, 1), 1),
-            "cpu_pct_of_core": round(100 * cpu_api / elapsed, 1),
+            "kb_per_sse_connection": round((rss_with - rss_before) / args.sse_clients, 1),
+            "cpu_pct_of_core": round(100 * api_cpu / elapsed, 1),
         },
-        "load_generator": {
-            "poller_cpu_pct_of_core": round(100 * polled.cpu_s / polled.wall_s, 1),
-            "sse_cpu_pct_of_core": [round(100 * stats.cpu_s / stats.wall_s, 1)
-                                    for stats in streamed],
-            "schedule_lag_ms_p99": round(percentile(polled.schedule_lag_ms, 99), 2),
-        },
+        "load_generator": generator,
+        "warnings": [*_busy("mixed, polling", generator["poller_cpu_pct_of_core"]),
+                     *_busy("mixed, SSE clients", [sse_cpu_pct / args.sse_procs])],
+    }
+
+
+def _events(streamed: Batch, published: int, drained: bool, elapsed: float) -> dict[str, Any]:
+    delivered = sum(streamed.counts)
+    return {**latency_summary(streamed.latency_ms), "published": published,
+            "delivered": delivered, "delivered_per_s": round(delivered / elapsed, 1),
+            "missed": sum(max(0, published - count) for count in streamed.counts),
+            "open_time_gaps": streamed.missed, "streams_ended_by_api": streamed.closed_by_server,
+            "open_at_end": streamed.open, "drained": drained}
+
+
+async def capacity(args: argparse.Namespace, api_pid: int, feed: Feed,
+                   pollers: Pollers) -> dict[str, Any]:
+    steps: list[dict[str, Any]] = []
+    for rate in args.capacity_rates:
+        print(f"capacity: {rate:,} req/s of {LATEST_ALL[1]} for {args.capacity_seconds:g} s "
+              "...", flush=True)
+        steps.append(await _capacity_step(rate, args.capacity_seconds, api_pid, feed, pollers))
+        if not steps[-1]["passed"]:
+            break
+    best = max((step for step in steps if step["passed"]), key=lambda step: step["achieved_rps"],
+               default=None)
+    return {
+        "config": {"endpoint": LATEST_ALL[1], "rates": args.capacity_rates,
+                   "seconds": args.capacity_seconds, "p99_limit_ms": P99_LIMIT_MS,
+                   "min_answered_share": MIN_ANSWERED},
+        "steps": steps,
+        "capacity_rps_at_p99_50ms": None if best is None else best["achieved_rps"],
+        "api_cpu_pct_at_capacity": None if best is None else best["api_cpu_pct_of_core"],
+        "per_api_process": args.api_workers == 1,
+        "warnings": [warning for step in steps for warning in _busy(
+            f"capacity, {step['offered_rps']:,} req/s",
+            step["load_generator"]["poller_cpu_pct_of_core"])],
+    }
+
+
+async def _capacity_step(rate: int, seconds: float, api_pid: int, feed: Feed,
+                         pollers: Pollers) -> dict[str, Any]:
+    started, api_cpu = time.monotonic(), tree_cpu_s(api_pid)
+    polled, _ = await feed.during(asyncio.to_thread(
+        pollers.run, rate, seconds, (LATEST_ALL,), feed.names))
+    api_cpu_pct = 100 * (tree_cpu_s(api_pid) - api_cpu) / (time.monotonic() - started)
+    poll, errors = _poll_summary(polled), _errors(polled)
+    return {
+        "offered_rps": rate, **poll, "errors": errors,
+        "api_cpu_pct_of_core": round(api_cpu_pct, 1),
+        "load_generator": _pollers_cpu(polled),
+        "passed": (poll["p99_ms"] <= P99_LIMIT_MS and not errors
+                   and poll["achieved_rps"] >= MIN_ANSWERED * rate),
     }
 
 
 async def measure(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+    raise_nofile(args.sse_clients + args.poll_procs * args.poll_connections + 1_000)
     names = symbols(args.symbols)
     with start_redis(log_dir=tmp / "logs") as redis_server:
         settings = Settings(_env_file=None, redis_url=redis_server.url, redis_prefix=_PREFIX)
@@ -352,69 +395,154 @@ async def measure(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         try:
             for i in range(HISTORY):
                 await store.write_many(records(names, i))
-            with api_process(redis_server.url, _PREFIX, names, args.sse_clients,
-                             tmp) as (base, api):
-                return await run(args, base, api, store, names)
+            feed = Feed(store, names, args.publish_interval)
+            with api_process(redis_server.url, _PREFIX, names, args.sse_clients, tmp,
+                             args.api_workers) as (base, api), \
+                    Pollers(base, args.poll_procs, args.poll_connections) as pollers:
+                await asyncio.to_thread(pollers.run, *_WARMUP, ENDPOINTS, names)
+                await asyncio.sleep(_SETTLE_S)
+                result: dict[str, Any] = {"config": {
+                    "phases": args.only, "api_workers": args.api_workers,
+                    "symbols": args.symbols, "publish_interval_s": args.publish_interval,
+                    "poll_procs": args.poll_procs, "poll_connections": args.poll_connections,
+                }}
+                if "mixed" in args.only:
+                    result["mixed"] = await mixed(args, base, api.pid, feed, pollers)
+                if "capacity" in args.only:
+                    result["capacity"] = await capacity(args, api.pid, feed, pollers)
+                return result
         finally:
             await store.aclose()
 
 
-def print_summary(result: dict[str, Any], path: Path) -> None:
-    poll, events, api = result["poll"], result["events"], result["api"]
-    config, machine, generator = result["config"], result["machine"], result["load_generator"]
-    print(f"\n{machine['cpu']} ({machine['cores']} cores), Python {machine['python']}")
-    print(f"1 API worker; {config['symbols']} symbols every {config['publish_interval_s']:g} s; "
-          f"{config['sse_clients']} SSE clients; {config['rps']:g} req/s for "
-          f"{config['seconds']:g} s")
+# ---- output ----------------------------------------------------------------------------
+
+
+def _pcts(values: list[float]) -> str:
+    return " + ".join(f"{value:.0f}" for value in values) + " %"
+
+
+def _api_label(workers: int) -> str:
+    return "one API process" if workers == 1 else f"{workers} API workers together"
+
+
+def _print_mixed(mixed: dict[str, Any]) -> None:
+    config, poll, events, api = mixed["config"], mixed["poll"], mixed["events"], mixed["api"]
+    generator = mixed["load_generator"]
+    print(f"mixed: {config['sse_clients']} SSE clients + {config['rps']:g} req/s over "
+          f"{len(config['endpoints'])} endpoints for {config['seconds']:g} s")
     rows = [
-        ("polling latency p50 / p99",
-         f"{poll['p50_ms']:.1f} / {poll['p99_ms']:.1f} ms ({poll['achieved_rps']:g} req/s)"),
-        ("event delivery p50 / p99",
-         f"{events['p50_ms']:.1f} / {events['p99_ms']:.1f} ms "
-         f"({events['delivered_per_s']:,.0f} events/s)"),
-        ("API RSS before / with SSE",
-         f"{api['rss_mb_before_sse']:.1f} / {api['rss_mb_with_sse']:.1f} MB "
-         f"(end {api['rss_mb_end']:.1f} MB)"),
-        ("memory per SSE connection", f"{api['kb_per_sse_connection']:.0f} KB"),
-        ("API CPU", f"{api['cpu_pct_of_core']:.0f} % of a core"),
-        ("load generator CPU", f"polling {generator['poller_cpu_pct_of_core']:.0f} %, SSE "
-         + " + ".join(f"{pct:.0f} %" for pct in generator["sse_cpu_pct_of_core"])
-         + " of a core"),
-        ("errors", ", ".join(f"{k}={v}" for k, v in result["errors"].items()) or "none"),
+        ("polling p50 / p99", f"{poll['p50_ms']:.1f} / {poll['p99_ms']:.1f} ms "
+         f"({poll['achieved_rps']:g} req/s)",
+         f"pollers {_pcts(generator['poller_cpu_pct_of_core'])} of a core"),
+        *((f"  {name}", f"{figures['p50_ms']:.1f} / {figures['p99_ms']:.1f} ms", "")
+          for name, figures in poll["by_endpoint"].items()),
+        ("event delivery p50 / p99", f"{events['p50_ms']:.1f} / {events['p99_ms']:.1f} ms "
+         f"({events['delivered_per_s']:,.0f} events/s)",
+         f"SSE clients {_pcts([generator['sse_cpu_pct_of_core']])} of a core"),
+        ("API RSS before / with SSE", f"{api['rss_mb_before_sse']:.1f} / "
+         f"{api['rss_mb_with_sse']:.1f} MB, {api['kb_per_sse_connection']:.0f} KB a client",
+         f"end {api['rss_mb_end']:.1f} MB"),
+        ("API CPU", f"{api['cpu_pct_of_core']:.0f} % of a core", ""),
+        ("errors", ", ".join(f"{k}={v}" for k, v in mixed["errors"].items()) or "none",
+         f"missed events {events['missed']}, streams ended {events['streams_ended_by_api']}"),
     ]
-    width = max(len(name) for name, _ in rows)
-    for name, value in rows:
-        print(f"  {name:<{width}}  {value}")
-    for name, figures in poll["by_endpoint"].items():
-        print(f"    {name:<24} p50 {figures['p50_ms']:6.1f} ms  p99 {figures['p99_ms']:6.1f} ms")
+    widths = [max(len(row[i]) for row in rows) for i in range(2)]
+    for name, value, note in rows:
+        print(f"  {name:<{widths[0]}}  {value:<{widths[1]}}  {note}".rstrip())
+    for warning in mixed["warnings"]:
+        print(f"  warning: {warning}")
+
+
+def _print_capacity(capacity: dict[str, Any], workers: int) -> None:
+    config = capacity["config"]
+    print(f"capacity: GET {config['endpoint']}, {config['seconds']:g} s a rate, up to p99 > "
+          f"{config['p99_limit_ms']:g} ms or < {100 * config['min_answered_share']:.0f} % "
+          "answered")
+    print_columns(
+        ("offered/s", "achieved/s", "p50 ms", "p99 ms", "max ms", "errors", "API CPU",
+         "pollers CPU"),
+        [(f"{step['offered_rps']:,}", f"{step['achieved_rps']:,.0f}", f"{step['p50_ms']}",
+          f"{step['p99_ms']}", f"{step['max_ms']}", f"{sum(step['errors'].values())}",
+          f"{step['api_cpu_pct_of_core']:.0f} %",
+          _pcts(step["load_generator"]["poller_cpu_pct_of_core"]))
+         for step in capacity["steps"]])
+    if capacity["capacity_rps_at_p99_50ms"] is None:
+        print("  capacity: no rate passed (p99, share answered, errors)")
+    else:
+        print(f"  capacity at p99 <= {config['p99_limit_ms']:g} ms: "
+              f"{capacity['capacity_rps_at_p99_50ms']:,.0f} req/s, {_api_label(workers)} "
+              f"at {capacity['api_cpu_pct_at_capacity']:.0f} % of a core"
+              + ("" if capacity["per_api_process"] else " (not a per-process figure)"))
+    for warning in capacity["warnings"]:
+        print(f"  warning: {warning}")
+
+
+def print_summary(result: dict[str, Any], path: Path) -> None:
+    machine, config = result["machine"], result["config"]
+    print(f"\n{machine['cpu']} ({machine['cores']} cores), Python {machine['python']}; "
+          f"{_api_label(config['api_workers'])}; {config['symbols']} symbols published every "
+          f"{config['publish_interval_s']:g} s; load generator CPU in % of a core; bench "
+          f"took {result['bench_wall_s']:.0f} s")
+    if "mixed" in result:
+        _print_mixed(result["mixed"])
+    if "capacity" in result:
+        _print_capacity(result["capacity"], config["api_workers"])
     print(f"written to {path}")
 
 
+def _phases(text: str) -> list[str]:
+    """The argparse type of ``--only``: phases such as mixed,capacity."""
+    phases = [part.strip() for part in text.split(",") if part.strip()]
+    if not phases or set(phases) - set(PHASES):
+        raise argparse.ArgumentTypeError(f"{text!r}: choose from {','.join(PHASES)}")
+    return [phase for phase in PHASES if phase in phases]
+
+
 def parse(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m bench.load",
-                                     description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sse-clients", type=int, default=200, help="SSE connections")
-    parser.add_argument("--rps", type=float, default=200.0, help="polling requests per second")
-    parser.add_argument("--seconds", type=float, default=30.0, help="length of the run")
+    parser = stage_parser("load", __doc__, "50 SSE clients for 5 s, capacity at 200,500,1000 "
+                          "req/s for 3 s each")
+    parser.add_argument("--only", type=_phases, default=list(PHASES),
+                        help=f"comma-separated phases to run, of {','.join(PHASES)} (default all)")
+    parser.add_argument("--api-workers", type=int, default=1,
+                        help="MUR_API_WORKERS of the API (default 1: capacity per process)")
     parser.add_argument("--symbols", type=int, default=20, help="symbols published")
     parser.add_argument("--publish-interval", type=float, default=1.0,
                         help="seconds between two candle+prediction writes per symbol")
+    parser.add_argument("--poll-procs", type=int, default=2,
+                        help="processes the polling load is spread over (default 2)")
     parser.add_argument("--poll-connections", type=int, default=64,
-                        help="connection pool size of the polling clients")
-    parser.add_argument("--sse-procs", type=int, default=1,
-                        help="processes the SSE clients are spread over (polling has its own)")
-    parser.add_argument("--out", type=Path, default=results_path("load", quick=False))
-    args = parser.parse_args(argv)
-    if min(args.sse_clients, args.sse_procs, args.symbols, args.poll_connections) < 1:
-        parser.error("--sse-clients, --sse-procs, --symbols and --poll-connections must be >= 1")
-    if args.rps <= 0 or args.seconds <= 0 or args.publish_interval <= 0:
-        parser.error("--rps, --seconds and --publish-interval must be positive")
+                        help="connection pool size of each polling process (default 64)")
+    mixed_options = parser.add_argument_group("mixed phase")
+    mixed_options.add_argument("--sse-clients", type=int, help="SSE connections (default 200)")
+    mixed_options.add_argument("--sse-procs", type=int, default=1,
+                               help="processes the SSE clients are spread over (default 1)")
+    mixed_options.add_argument("--rps", type=float, default=200.0,
+                               help="polling requests per second (default 200)")
+    mixed_options.add_argument("--seconds", type=float, help="length (default 30)")
+    capacity_options = parser.add_argument_group("capacity phase")
+    capacity_options.add_argument(
+        "--capacity-rates", type=client_steps,
+        help=f"increasing req/s (default {','.join(map(str, CAPACITY_RATES))})")
+    capacity_options.add_argument("--capacity-seconds", type=float,
+                                  help="length of each rate (default 10)")
+    args = parse_stage(parser, argv, "load", sse_clients=(50, 200), seconds=(5.0, 30.0),
+                       capacity_rates=([200, 500, 1000], CAPACITY_RATES),
+                       capacity_seconds=(3.0, 10.0))
+    if min(args.sse_clients, args.sse_procs, args.symbols, args.poll_procs,
+           args.poll_connections, args.api_workers) < 1:
+        parser.error("--sse-clients, --sse-procs, --symbols, --poll-procs, --poll-connections "
+                     "and --api-workers must be >= 1")
+    if min(args.rps, args.seconds, args.publish_interval, args.capacity_seconds) <= 0:
+        parser.error("--rps, --seconds, --publish-interval and --capacity-seconds must be "
+                     "positive")
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
-    return run_stage(lambda tmp: asyncio.run(measure(args, tmp)), args.out, print_summary)
+    return run_stage(lambda tmp: asyncio.run(measure(args, tmp)), args.out, print_summary,
+                     quick=args.quick)
 
 
 if __name__ == "__main__":

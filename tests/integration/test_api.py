@@ -20,7 +20,8 @@ from httpx_sse import ServerSentEvent, aconnect_sse
 
 from kit.api import EventReader, RunningApi, serve_in_thread, settings_factory, wait_for
 from makeusrich.api import create_app
-from makeusrich.api.broadcast import Broadcaster
+from makeusrich.api.broadcast import Broadcaster, EventFilter
+from makeusrich.api.routes.stream import EVENT_TYPES
 from makeusrich.core.embedded import EmbeddedService, free_port
 from makeusrich.core.errors import ConfigError
 from makeusrich.core.schemas import Alert, Candle, Prediction
@@ -512,17 +513,19 @@ async def test_slow_client_is_dropped_without_slowing_others(
 ) -> None:
     settings = make_settings(sse_client_queue_max=5)
     live_store = RedisStore.from_settings(settings)
-    broadcaster = Broadcaster(live_store, queue_max=settings.sse_client_queue_max)
+    broadcaster = Broadcaster(live_store, queue_max=settings.sse_client_queue_max,
+                              heartbeat_s=settings.sse_heartbeat_s)
     await broadcaster.start()
     try:
         assert broadcaster.ready
-        slow = broadcaster.subscribe()
-        fast = broadcaster.subscribe()
+        everything = EventFilter(symbols=None, types=frozenset(EVENT_TYPES), interval=None)
+        slow = broadcaster.subscribe(everything)
+        fast = broadcaster.subscribe(everything)
         received = []
 
         async def consume() -> None:
-            while (event := await fast.get()) is not None:
-                received.append(event.id)
+            while (bursts := await fast.next()) is not None:
+                received.extend(event.id for burst in bursts for event in burst.events)
 
         consumer = asyncio.create_task(consume())
         ids = []
@@ -533,7 +536,7 @@ async def test_slow_client_is_dropped_without_slowing_others(
         assert received == ids
         assert slow.overflowed and not fast.overflowed
         assert broadcaster.subscriber_count == 1
-        assert await slow.get() is None  # its generator ends; the client resumes later
+        assert await slow.next() is None  # its stream ends; the client resumes later
         broadcaster.unsubscribe(fast)
         await consumer
         assert broadcaster.subscriber_count == 0

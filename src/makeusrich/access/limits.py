@@ -26,6 +26,7 @@ every API replica shares one clock and one set of limits. The script needs Redis
 """
 
 import math
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from typing import Any, Final, Literal
 
@@ -307,10 +308,14 @@ class Limiter:
             sse=int(reply[11]),
         )
 
-    async def refresh(self, subject: Subject, lease: str) -> None:
-        """Keep an open stream's lease alive for another :attr:`lease_ttl_ms`."""
-        await self._refresh(keys=[self._keys.stream_leases(subject.name)],
-                            args=[lease, self.lease_ttl_ms])
+    async def refresh(self, leases: Iterable[tuple[Subject, str]]) -> None:
+        """Keep open streams' leases alive for another :attr:`lease_ttl_ms`, in one round
+        trip: ``leases`` are (subject, lease id) pairs."""
+        async with self._client.pipeline(transaction=False) as pipe:
+            for subject, lease in leases:
+                await self._refresh(keys=[self._keys.stream_leases(subject.name)],
+                                    args=[lease, self.lease_ttl_ms], client=pipe)
+            await pipe.execute()
 
     async def release(self, subject: Subject, lease: str) -> None:
         """The stream ended: free its slot."""

@@ -1,23 +1,37 @@
 """HTTP API: REST for candles and predictions, SSE for live events."""
 
+import gc
 import socket
 
 import uvicorn
+from fastapi import FastAPI
 
 from makeusrich.api.app import create_app
 from makeusrich.core.settings import Settings
 
 __all__ = ["create_app", "listen_socket", "serve"]
 
-# Open SSE streams would otherwise hold Ctrl-C for uvicorn's unbounded graceful wait.
-# Streams end themselves within ~1.5 s (see routes/stream.py), so this rarely bites.
+# Open SSE streams are ended at shutdown (see _Server); backtest progress streams end
+# within ~1.5 s by themselves (see routes/backtests.py), so this bound rarely bites.
 _GRACEFUL_SHUTDOWN_S = 3
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, ending live SSE streams when it stops: they never end by
+    themselves, and would hold the graceful shutdown until its timeout."""
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        app = self.config.app
+        broadcaster = getattr(app.state, "broadcaster", None) if isinstance(app, FastAPI) else None
+        if broadcaster is not None:
+            broadcaster.end_streams()
+        await super().shutdown(sockets)
 
 
 def serve(settings: Settings) -> None:
     """Run the API with uvicorn (one worker) on ``settings.api_host:api_port``; blocks.
 
-    On Ctrl-C/SIGTERM open SSE streams end within about a second and the server stops;
+    On Ctrl-C/SIGTERM open SSE streams end at once and the server stops;
     uvicorn then re-raises the signal (``KeyboardInterrupt`` for Ctrl-C) for the caller.
     """
     config = uvicorn.Config(
@@ -33,7 +47,16 @@ def serve(settings: Settings) -> None:
         proxy_headers=True,
         forwarded_allow_ips=list(settings.forwarded_allow_ips),
     )
-    uvicorn.Server(config).run(sockets=[listen_socket(config, settings)])
+    sock = listen_socket(config, settings)
+    # Everything loaded so far lives as long as the process: out of the collector's way.
+    # Otherwise each full collection walks those ~400k objects, stalling every SSE client
+    # for ~190 ms (measured at 1,000 clients).
+    gc.collect()
+    gc.freeze()
+    # Each burst allocates a few objects per client: collect young ones less often (at
+    # 5,000 clients, p99 518 -> 198 ms with the default thresholds of 700, 10, 10).
+    gc.set_threshold(10_000, 20, 20)
+    _Server(config).run(sockets=[sock])
 
 
 def listen_socket(config: uvicorn.Config, settings: Settings) -> socket.socket:

@@ -17,7 +17,8 @@ that is not public it
    ``{daily};w=86400``), and ``X-Quota-Limit``, ``X-Quota-Remaining``, ``X-Quota-Reset``
    (the daily quota; resets at 00:00 UTC);
 4. for an SSE stream, holds a lease on one of the subject's stream slots while the response
-   runs (refreshed every :data:`~makeusrich.access.limits.LEASE_TTL_MS` / 3, released when
+   runs (refreshed every :data:`~makeusrich.access.limits.LEASE_TTL_MS` / 3, with every
+   other open stream of the process in one Redis round trip; released when
    the stream ends, including when the client goes away).
 
 Public paths (:data:`PUBLIC_PATHS`, ``/static/*``) and ``OPTIONS`` (CORS preflights carry
@@ -227,6 +228,9 @@ class AccessMiddleware:
                                 settings.anonymous_sse)
         self._limiter: tuple[RedisStore, Limiter] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        # The open streams' leases (id -> subject), all refreshed by one task.
+        self._leases: dict[str, Subject] = {}
+        self._keeper: asyncio.Task[None] | None = None
         self._outage_logged_s = 0.0
 
     def limiter(self) -> Limiter:
@@ -290,11 +294,12 @@ class AccessMiddleware:
         if lease is None:
             await self.app(scope, receive, send_with_limits)
             return
-        keeper = asyncio.create_task(self._keep(limiter, subject, lease))
+        self._leases[lease] = subject
+        self._start_keeper()
         try:
             await self.app(scope, receive, send_with_limits)
         finally:
-            keeper.cancel()
+            del self._leases[lease]
             await self._release(limiter, subject, lease)
 
     async def _refuse(self, refusal: Refusal, send: Send,
@@ -303,12 +308,22 @@ class AccessMiddleware:
             self.metrics.access_refused.labels(str(refusal.status), refusal.reason).inc()
         await _answer(refusal, send, extra)
 
-    async def _keep(self, limiter: Limiter, subject: Subject, lease: str) -> None:
-        """Refresh the stream's lease until cancelled (the stream ended)."""
+    def _start_keeper(self) -> None:
+        keeper = self._keeper
+        if keeper is None or keeper.done() or keeper.get_loop() is not asyncio.get_running_loop():
+            self._keeper = asyncio.create_task(self._keep(), name="mur-lease-keeper")
+
+    async def _keep(self) -> None:
+        """Refresh the leases of every open stream of this process, in one round trip:
+        one task and one Redis call per period, whatever the number of streams."""
         while True:
+            limiter = self.limiter()
             await asyncio.sleep(limiter.lease_ttl_ms / 3000)
+            if not self._leases:
+                continue
             try:
-                await limiter.refresh(subject, lease)
+                await limiter.refresh([(subject, lease)
+                                       for lease, subject in self._leases.items()])
             except (RedisError, OSError) as exc:
                 self._log_outage(exc)
 

@@ -66,7 +66,7 @@ def create_app(settings: Settings) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         store = RedisStore.from_settings(settings)
         broadcaster = Broadcaster(store, queue_max=settings.sse_client_queue_max,
-                                  metrics=app_metrics)
+                                  heartbeat_s=settings.sse_heartbeat_s, metrics=app_metrics)
         await broadcaster.start()
         jobs = JobManager(settings, store.client)
         await jobs.start()

@@ -55,8 +55,9 @@ _UNKNOWN: Final[dict[int | str, dict[str, Any]]] = {
 _EVENTS_PAGE: Final = 200
 # Between waits the stream checks for shutdown and for a lost owner: keep it short.
 _WAIT_MS: Final = 500
-# Same as routes/stream.py: below serve()'s graceful-shutdown timeout.
 _SEND_TIMEOUT_S: Final = 30.0
+# At shutdown streams end by themselves, or are cancelled after this long: it must stay
+# below serve()'s graceful-shutdown timeout.
 _SHUTDOWN_GRACE_S: Final = 1.0
 
 

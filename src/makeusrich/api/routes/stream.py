@@ -2,36 +2,50 @@
 
 Resuming with ``Last-Event-ID`` delivers exactly the missed events: the client subscribes
 to the broadcaster *first*, then reads the backlog from the Redis events stream, then
-drains live events while skipping every id it has already passed. An event published
-while the backlog is read is thus in the backlog, in the live queue, or both, and is sent
+takes live bursts while skipping every id it has already passed. An event published
+while the backlog is read is thus in the backlog, in the live log, or both, and is sent
 once.
+
+The response is :class:`_LiveEvents`, not sse-starlette's ``EventSourceResponse`` (which
+the backtest progress stream still uses): that one runs four tasks per connection and an
+anyio cancel scope around every send, and measured at 1,000 clients (``bench.sse_latency``)
+its path cost ~55 us a send, enough to hold the event loop for ~60 ms a burst. Here the
+request's own task writes, one more task waits for the disconnect, heartbeats come from
+the broadcaster's single timer, and the kernel drops a client that stopped reading
+(``TCP_USER_TIMEOUT``, see :func:`makeusrich.api.listen_socket`). Frames are still
+sse-starlette's ``ServerSentEvent`` encoding.
 """
 
 import asyncio
-import functools
 import logging
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from collections import Counter
 from typing import Annotated, Final
 
-import anyio
 from fastapi import APIRouter, Depends, HTTPException, Query
 from redis.exceptions import RedisError
-from sse_starlette import EventSourceResponse, ServerSentEvent
+from sse_starlette import ServerSentEvent
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
 
-from makeusrich.api.broadcast import Broadcaster, Subscription
+from makeusrich.api.broadcast import (
+    Broadcaster,
+    Burst,
+    Chunk,
+    EventFilter,
+    Subscription,
+    chunk_of,
+)
 from makeusrich.api.deps import (
     BroadcasterDep,
     LastEventIdDep,
     OptionalIntervalDep,
-    SettingsDep,
     StoreDep,
     SymbolsDep,
     unprocessable,
 )
 from makeusrich.api.routes.metrics import ApiMetricsDep
 from makeusrich.core.metrics import ApiMetrics
-from makeusrich.core.store import RedisStore, StoredEvent, parse_stream_id
+from makeusrich.core.store import RedisStore, parse_stream_id
 
 __all__ = ["EVENT_TYPES", "router"]
 
@@ -41,28 +55,7 @@ router = APIRouter(tags=["stream"])
 
 EVENT_TYPES: Final = ("candle", "prediction", "alert", "drift")
 _BACKLOG_PAGE: Final = 500
-# Events written to a client in one send when they are already queued (a burst of closes).
-_BATCH_MAX: Final = 500
-# On server shutdown streams end by themselves (so the response completes cleanly) and
-# are cancelled after this long; it must stay below serve()'s graceful-shutdown timeout.
-_SHUTDOWN_GRACE_S: Final = 1.0
-
-
-@dataclass(frozen=True, slots=True)
-class _Filter:
-    symbols: frozenset[str] | None
-    types: frozenset[str]
-    interval: str | None
-
-    def accepts(self, event: StoredEvent) -> bool:
-        # Alerts (e.g. a rejected model) concern the whole service: no symbol filter drops them.
-        return event.type in self.types and (
-            not event.symbol
-            or (
-                (self.symbols is None or event.symbol in self.symbols)
-                and (self.interval is None or event.interval == self.interval)
-            )
-        )
+_HEARTBEAT: Final = ServerSentEvent(comment="ping").encode()
 
 
 def _events_query(
@@ -83,87 +76,115 @@ def _events_query(
     return wanted
 
 
-@functools.lru_cache(maxsize=4_096)
-def _encoded(event: StoredEvent) -> bytes:
-    """The SSE frame of ``event``, encoded once for all the clients it goes to (the
-    broadcaster hands every queue the same object)."""
-    return ServerSentEvent(data=event.data.decode(), id=event.id, event=event.type).encode()
+def _live_chunk(bursts: list[Burst], event_filter: EventFilter,
+                resume_key: tuple[int, int] | None) -> Chunk:
+    """The frames of ``bursts`` for this client, skipping what the backlog sent (events up
+    to ``resume_key``). Only the first bursts after a resume are filtered one by one; the
+    rest are the chunks shared by every client with the same filter."""
+    if resume_key is None or bursts[0].first_key > resume_key:
+        chunks = [burst.chunk(event_filter) for burst in bursts]
+        if len(chunks) == 1:
+            return chunks[0]
+        counts: Counter[str] = Counter()
+        for chunk in chunks:
+            counts.update(dict(chunk.counts))
+        return Chunk(b"".join(chunk.body for chunk in chunks), tuple(counts.items()))
+    return chunk_of(event for burst in bursts for event in burst.events
+                    if event.key > resume_key and event_filter.accepts(event))
 
 
-async def _end_on_shutdown(
-    shutdown: anyio.Event, broadcaster: Broadcaster, subscription: Subscription
-) -> None:
-    await shutdown.wait()
-    broadcaster.unsubscribe(subscription)  # its get() now returns None: the stream ends
+class _LiveEvents(Response):
+    """One client's SSE stream: the backlog after ``Last-Event-ID``, then live bursts, one
+    write each, until the client leaves, falls behind or the server stops."""
 
+    media_type = "text/event-stream"
 
-def _accepted(events: list[StoredEvent], event_filter: _Filter) -> list[StoredEvent]:
-    return [event for event in events if event_filter.accepts(event)]
+    def __init__(self, store: RedisStore, broadcaster: Broadcaster, event_filter: EventFilter,
+                 resume_from: str | None, metrics: ApiMetrics) -> None:
+        # No super().__init__(): it would set a body, hence a Content-Length.
+        self.status_code = 200
+        self.background = None
+        self.init_headers({"Cache-Control": "no-store", "Connection": "keep-alive",
+                           "X-Accel-Buffering": "no"})
+        self._store = store
+        self._broadcaster = broadcaster
+        self._filter = event_filter
+        self._resume_from = resume_from
+        self._metrics = metrics
+        self._sent = {kind: metrics.sse_events_sent.labels(kind) for kind in EVENT_TYPES}
 
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        # Subscribed before the backlog is read: nothing is missed in between.
+        subscription = self._broadcaster.subscribe(self._filter)
+        self._metrics.sse_clients.inc()
+        # The writes run in a task of their own: waking this request's task would resume
+        # every middleware's frame on the way down (~15), for each burst and client.
+        streaming = asyncio.ensure_future(self._stream(send, subscription))
+        left = asyncio.ensure_future(self._until_disconnect(receive, subscription))
+        try:
+            await streaming
+        finally:
+            streaming.cancel()
+            left.cancel()
+            self._broadcaster.unsubscribe(subscription)
+            self._metrics.sse_clients.dec()
 
-def _frames(events: list[StoredEvent]) -> bytes:
-    """``events`` as one chunk: one write for a burst of events."""
-    return b"".join(_encoded(event) for event in events)
+    async def _stream(self, send: Send, subscription: Subscription) -> None:
+        await send({"type": "http.response.start", "status": self.status_code,
+                    "headers": self.raw_headers})
+        resume_key = await self._backlog(send, subscription)
+        while (bursts := await subscription.next()) is not None:
+            if not bursts:
+                await self._write(send, Chunk(_HEARTBEAT, ()))
+                continue
+            chunk = _live_chunk(bursts, self._filter, resume_key)
+            if resume_key is not None and bursts[-1].last_key > resume_key:
+                resume_key = None  # past the backlog: no more filtering one by one
+            if chunk.body:
+                await self._write(send, chunk)
+        # Left, dropped or shutting down: the client resumes with Last-Event-ID.
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
 
+    async def _backlog(self, send: Send, subscription: Subscription) -> tuple[int, int] | None:
+        """Send the events after ``Last-Event-ID``; the key of the last one read."""
+        if self._resume_from is None:
+            return None
+        cursor, resume_key = self._resume_from, parse_stream_id(self._resume_from)
+        while not subscription.closed:
+            try:
+                page = await self._store.events_after(cursor, _BACKLOG_PAGE)
+            except RedisError as exc:
+                # Headers are already sent: end the stream; the client retries later.
+                log.warning("cannot read the SSE backlog: %r", exc)
+                self._metrics.redis_errors.labels("stream").inc()
+                self._broadcaster.unsubscribe(subscription)
+                break
+            if page:
+                resume_key = page[-1].key
+                chunk = chunk_of(e for e in page if self._filter.accepts(e))
+                if chunk.body:
+                    await self._write(send, chunk)
+            if len(page) < _BACKLOG_PAGE:
+                break
+            cursor = page[-1].id
+        return resume_key
 
-async def _event_stream(
-    store: RedisStore,
-    broadcaster: Broadcaster,
-    event_filter: _Filter,
-    resume_from: str | None,
-    shutdown: anyio.Event,
-    metrics: ApiMetrics,
-) -> AsyncIterator[bytes]:
-    # Counted after each yield returns, i.e. once sse-starlette has written the event and
-    # asks for the next: an event the client never got (it left) is not counted.
-    sent = {kind: metrics.sse_events_sent.labels(kind) for kind in EVENT_TYPES}
-    metrics.sse_clients.inc()
-    subscription = broadcaster.subscribe()
-    watcher = asyncio.create_task(_end_on_shutdown(shutdown, broadcaster, subscription))
-    try:
-        last_key: tuple[int, int] | None = None
-        if resume_from is not None:
-            cursor = resume_from
-            last_key = parse_stream_id(resume_from)
-            while True:
-                try:
-                    page = await store.events_after(cursor, _BACKLOG_PAGE)
-                except RedisError as exc:
-                    # Headers are already sent: end the stream; the client retries later.
-                    log.warning("cannot read the SSE backlog: %r", exc)
-                    metrics.redis_errors.labels("stream").inc()
-                    return
-                if page:
-                    last_key = page[-1].key
-                    if accepted := _accepted(page, event_filter):
-                        yield _frames(accepted)
-                        for event in accepted:
-                            sent[event.type].inc()
-                if len(page) < _BACKLOG_PAGE:
-                    break
-                cursor = page[-1].id
-        while True:
-            events = await subscription.get_many(_BATCH_MAX)
-            if not events:
-                return  # overflowed or shutting down: the client resumes with Last-Event-ID
-            if last_key is not None:
-                threshold = last_key
-                events = [e for e in events if e.key > threshold]  # sent from the backlog
-            if events:
-                last_key = events[-1].key
-                if accepted := _accepted(events, event_filter):
-                    yield _frames(accepted)
-                    for event in accepted:
-                        sent[event.type].inc()
-    finally:
-        watcher.cancel()
-        broadcaster.unsubscribe(subscription)
-        metrics.sse_clients.dec()
+    async def _write(self, send: Send, chunk: Chunk) -> None:
+        await send({"type": "http.response.body", "body": chunk.body, "more_body": True})
+        # Counted once written: events the client never got (it left) are not counted.
+        for kind, count in chunk.counts:
+            self._sent[kind].inc(count)
+
+    async def _until_disconnect(self, receive: Receive, subscription: Subscription) -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        self._broadcaster.unsubscribe(subscription)  # wakes the stream, which then ends
 
 
 @router.get(
     "/stream",
-    response_class=EventSourceResponse,
+    response_class=_LiveEvents,
+    status_code=200,
     responses={
         200: {
             "content": {"text/event-stream": {}},
@@ -177,7 +198,6 @@ async def _event_stream(
     },
 )
 async def stream(
-    settings: SettingsDep,
     store: StoreDep,
     broadcaster: BroadcasterDep,
     symbols: SymbolsDep,
@@ -185,7 +205,7 @@ async def stream(
     events: Annotated[frozenset[str], Depends(_events_query)],
     resume_from: LastEventIdDep,
     metrics: ApiMetricsDep,
-) -> EventSourceResponse:
+) -> _LiveEvents:
     """Live events; with ``Last-Event-ID`` first the events missed since that id.
 
     Heartbeat comments keep idle connections open. Without ``Last-Event-ID`` only events
@@ -193,18 +213,9 @@ async def stream(
     """
     if not broadcaster.ready:
         raise HTTPException(503, "live events unavailable: the Redis subscription is down")
-    event_filter = _Filter(
+    event_filter = EventFilter(
         symbols=None if symbols is None else frozenset(symbols),
         types=events,
         interval=interval,
     )
-    shutdown = anyio.Event()
-    return EventSourceResponse(
-        _event_stream(store, broadcaster, event_filter, resume_from, shutdown, metrics),
-        ping=settings.sse_heartbeat_s,
-        # A client that accepts nothing for this long is dropped (on Linux the kernel does
-        # it first, see makeusrich.api.listen_socket).
-        send_timeout=settings.api_send_timeout_s,
-        shutdown_event=shutdown,
-        shutdown_grace_period=_SHUTDOWN_GRACE_S,
-    )
+    return _LiveEvents(store, broadcaster, event_filter, resume_from, metrics)
