@@ -30,14 +30,14 @@ from typing import Any
 from bench._api import api_process, candle, publisher, symbols
 from bench._common import (
     BenchError,
-    cpu_s,
     latency_summary,
     parse_stage,
     print_columns,
     raise_nofile,
-    rss_kb,
     run_stage,
     stage_parser,
+    tree_cpu_s,
+    tree_rss_kb,
 )
 from bench._sse import Fleet, client_steps
 from makeusrich.core.embedded import start_redis
@@ -67,15 +67,15 @@ async def _step(fleet: Fleet, store: RedisStore, api_pid: int, names: list[str],
     await asyncio.to_thread(fleet.grow, clients)
     connect_s = time.perf_counter() - connect_started
     await asyncio.sleep(_SETTLE_S)
-    rss = rss_kb(api_pid)
+    rss = tree_rss_kb(api_pid)
     await asyncio.to_thread(fleet.collect)  # forget heartbeats
     print(f"{clients:,} SSE client(s): publishing {args.rate:g} candles/s for "
           f"{args.seconds:g} s ...", flush=True)
-    api_cpu, started = cpu_s(api_pid), time.perf_counter()
+    api_cpu, started = tree_cpu_s(api_pid), time.perf_counter()
     published = await _publish(store, names, args.rate, args.seconds, first)
     drained = await asyncio.to_thread(fleet.drain, published, args.drain)
     elapsed = time.perf_counter() - started
-    api_cpu = cpu_s(api_pid) - api_cpu
+    api_cpu = tree_cpu_s(api_pid) - api_cpu
     batch = await asyncio.to_thread(fleet.collect)
     if not batch.latency_ms:
         raise BenchError(f"none of the {published} events reached the {clients} client(s)")
@@ -106,7 +106,8 @@ async def _measure(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         settings = Settings(_env_file=None, redis_url=redis_server.url, redis_prefix=_PREFIX)
         store = RedisStore.from_settings(settings)
         try:
-            with api_process(redis_server.url, _PREFIX, names, top, tmp) as (base, api), \
+            with api_process(redis_server.url, _PREFIX, names, top, tmp,
+                             args.api_workers) as (base, api), \
                     Fleet(base, "events=candle", procs=args.client_procs) as fleet:
                 steps: list[dict[str, Any]] = []
                 for clients in args.clients:
@@ -137,7 +138,7 @@ def _report(args: argparse.Namespace, steps: list[dict[str, Any]]) -> dict[str, 
     return {
         "config": {"steps": args.clients, "rate_per_s": args.rate, "seconds": args.seconds,
                    "drain_s": args.drain, "symbols": args.symbols,
-                   "client_procs": args.client_procs, "api_workers": 1},
+                   "client_procs": args.client_procs, "api_workers": args.api_workers},
         "steps": steps,
         "ratios": ratios,
         "api_kb_per_connection": kb_per_connection,
@@ -147,8 +148,8 @@ def _report(args: argparse.Namespace, steps: list[dict[str, Any]]) -> dict[str, 
 def _print_summary(result: dict[str, Any], path: Path) -> None:
     machine, config = result["machine"], result["config"]
     print(f"\n{machine['cpu']} ({machine['cores']} cores), Python {machine['python']}; "
-          f"1 API worker, {config['rate_per_s']:g} candles/s for {config['seconds']:g} s "
-          f"per step; bench took {result['bench_wall_s']:.0f} s")
+          f"API processes: {config['api_workers']}, {config['rate_per_s']:g} candles/s for "
+          f"{config['seconds']:g} s per step; bench took {result['bench_wall_s']:.0f} s")
     header = ("clients", "events/s", "delivered", "p50 ms", "p99 ms", "max ms", "ended",
               "missed", "API RSS MB", "API CPU", "clients CPU")
     print_columns(header, [
@@ -177,10 +178,14 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--symbols", type=int, default=20)
     parser.add_argument("--client-procs", type=int, default=1,
                         help="processes the SSE clients are spread over")
+    parser.add_argument("--api-workers", type=int, default=1,
+                        help="MUR_API_WORKERS of the API (default 1)")
     args = parse_stage(parser, argv, "fanout", clients=([1, 20, 200], [1, 100, 5000]),
                        seconds=(3.0, 10.0))
-    if args.rate <= 0 or args.seconds <= 0 or min(args.symbols, args.client_procs) < 1:
-        parser.error("--rate and --seconds must be positive, --symbols and --client-procs >= 1")
+    if args.rate <= 0 or args.seconds <= 0 or min(args.symbols, args.client_procs,
+                                                   args.api_workers) < 1:
+        parser.error("--rate and --seconds must be positive; --symbols, --client-procs and "
+                     "--api-workers at least 1")
     return args
 
 

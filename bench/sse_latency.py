@@ -29,7 +29,6 @@ from bench._common import (
     check_alive,
     child_pid,
     clean_env,
-    cpu_s,
     latency_summary,
     open_access_env,
     parse_stage,
@@ -39,6 +38,7 @@ from bench._common import (
     spawn_mur,
     stage_parser,
     stop_process,
+    tree_cpu_s,
     wait_healthy,
 )
 from bench._sse import Fleet, client_steps
@@ -68,7 +68,7 @@ def _step(fleet: Fleet, pids: dict[str, int], clients: int,
     connect_s = time.perf_counter() - connect_started
     time.sleep(args.warmup)
     fleet.collect()  # the warm-up's candles
-    cpu = {name: cpu_s(pid) for name, pid in pids.items()}
+    cpu = {name: tree_cpu_s(pid) for name, pid in pids.items()}
     started = time.perf_counter()
     time.sleep(args.seconds)
     batch = fleet.collect()
@@ -81,7 +81,7 @@ def _step(fleet: Fleet, pids: dict[str, int], clients: int,
         "delivered_per_s": round(len(batch.latency_ms) / elapsed, 1),
         "candles_missed": batch.missed,
         "streams_ended_by_api": batch.closed_by_server,
-        **{f"{name}_cpu_pct_of_core": round(100 * (cpu_s(pid) - cpu[name]) / elapsed, 1)
+        **{f"{name}_cpu_pct_of_core": round(100 * (tree_cpu_s(pid) - cpu[name]) / elapsed, 1)
            for name, pid in pids.items()},
         "clients_cpu_pct_of_core": round(100 * batch.cpu_s / elapsed, 1),
         "connect_s": round(connect_s, 2),
@@ -96,7 +96,8 @@ def _measure(args: argparse.Namespace, tmp: Path) -> list[dict[str, Any]]:
     log = tmp / "mur-up.log"
     env = clean_env({
         "MUR_STATE_DIR": str(tmp / "up-state"), "MUR_GRACE_MS": str(args.grace_ms),
-        "MUR_LOG_LEVEL": "WARNING", **open_access_env(max(args.clients)),
+        "MUR_LOG_LEVEL": "WARNING", "MUR_API_WORKERS": str(args.api_workers),
+        **open_access_env(max(args.clients)),
     })
     argv = ["up", "--source", "sim", "--symbols", ",".join(symbols(args.symbols)),
             "--intervals", args.interval, "--api-port", str(port)]
@@ -123,7 +124,8 @@ def _report(args: argparse.Namespace, steps: list[dict[str, Any]]) -> dict[str, 
     return {
         "config": {"steps": args.clients, "symbols": args.symbols, "interval": args.interval,
                    "grace_ms": args.grace_ms, "warmup_s": args.warmup, "seconds": args.seconds,
-                   "client_procs": args.client_procs, "source": "sim"},
+                   "client_procs": args.client_procs, "api_workers": args.api_workers,
+                   "source": "sim"},
         "steps": steps,
         "ratios": {
             f"p99_{n1}_over_{n0}": round(last["p99_ms"] / first["p99_ms"], 2),
@@ -162,6 +164,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seconds", type=float, help="seconds measured per step (default 20)")
     parser.add_argument("--client-procs", type=int, default=1,
                         help="processes the SSE clients are spread over")
+    parser.add_argument("--api-workers", type=int, default=1,
+                        help="MUR_API_WORKERS (default 1)")
     parser.add_argument("--timeout", type=float, default=90.0,
                         help="limit for each waiting step, in seconds")
     args = parse_stage(parser, argv, "sse_latency", clients=([1, 50], [1, 1000]),

@@ -23,6 +23,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pydantic import ValidationError
+
 from makeusrich.core.embedded import (
     EmbeddedService,
     free_port,
@@ -75,7 +77,12 @@ def _settings(args: argparse.Namespace) -> Settings:
             overrides[field] = value
     if hasattr(args, "speed"):  # absent unless given: None means "max"
         overrides["replay_speed"] = args.speed
-    return Settings(**overrides)
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:  # one line per bad setting, not a traceback
+        problems = "; ".join(f"MUR_{str(error['loc'][0]).upper()}: {error['msg']}"
+                             for error in exc.errors() if error["loc"])
+        raise ConfigError(f"invalid settings: {problems or exc}") from None
 
 
 # ---- child processes -------------------------------------------------------------------

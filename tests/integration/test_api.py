@@ -336,6 +336,45 @@ async def test_prediction_endpoints(client: httpx.AsyncClient, store: RedisStore
     assert all(set(row) == PREDICTION_FIELDS for row in body)
 
 
+async def _latest_open_times(client: httpx.AsyncClient) -> list[tuple[str, int]]:
+    body = (await client.get("/v1/predictions/latest")).json()
+    return [(row["symbol"], row["candle_open_time"]) for row in body]
+
+
+async def test_latest_predictions_are_current_once_their_event_is_sent(
+    api: RunningApi, client: httpx.AsyncClient, store: RedisStore
+) -> None:
+    await store.write_many([make_prediction(0)])
+    assert await _latest_open_times(client) == [("BTCUSDT", make_prediction(0).candle_open_time)]
+    async with sse(client, api, params={"events": "prediction"}) as events:
+        for i in range(1, 4):
+            newer = [make_prediction(i), make_prediction(i, symbol="SOLUSDT")]
+            await store.write_many(newer)
+            await events.next(2)
+            # A client that saw the event and then polls gets at least that prediction.
+            assert await _latest_open_times(client) == [
+                ("BTCUSDT", newer[0].candle_open_time), ("SOLUSDT", newer[1].candle_open_time)]
+
+
+async def test_latest_predictions_after_the_subscription_was_lost(
+    api: RunningApi, client: httpx.AsyncClient, store: RedisStore, redis_server: EmbeddedService
+) -> None:
+    await store.write_many([make_prediction(0)])
+    assert await _latest_open_times(client) == [("BTCUSDT", make_prediction(0).candle_open_time)]
+    admin = aioredis.Redis.from_url(redis_server.url)
+    try:
+        async with sse(client, api, params={"events": "prediction"}) as events:
+            await admin.client_kill_filter(_type="pubsub")
+            # Written while the API cannot hear it: caught up when it resubscribes.
+            for i in (1, 2):
+                await store.write_many([make_prediction(i)])
+                await events.next(1)
+                assert await _latest_open_times(client) == [
+                    ("BTCUSDT", make_prediction(i).candle_open_time)]
+    finally:
+        await admin.aclose()
+
+
 # --------------------------------------------------------------------------- stream
 
 

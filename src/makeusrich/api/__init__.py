@@ -6,6 +6,7 @@ import socket
 import uvicorn
 from fastapi import FastAPI
 
+from makeusrich.api._workers import ChildSetup, reuse_port_socket, supervise
 from makeusrich.api.app import create_app
 from makeusrich.core.settings import Settings
 
@@ -29,11 +30,28 @@ class _Server(uvicorn.Server):
 
 
 def serve(settings: Settings) -> None:
-    """Run the API with uvicorn (one worker) on ``settings.api_host:api_port``; blocks.
+    """Run the API with uvicorn on ``settings.api_host:api_port``; blocks.
+
+    ``settings.api_workers`` > 1 runs that many processes sharing the port (see
+    :mod:`makeusrich.api._workers`); this process then only supervises them.
 
     On Ctrl-C/SIGTERM open SSE streams end at once and the server stops;
     uvicorn then re-raises the signal (``KeyboardInterrupt`` for Ctrl-C) for the caller.
     """
+    if settings.api_workers == 1:
+        _run(settings, reuse_port=False)
+    else:
+        supervise(settings, _serve_child)
+
+
+def _serve_child(settings: Settings, setup: ChildSetup) -> None:
+    """One of the ``api_workers`` processes, spawned by :func:`supervise`."""
+    setup.apply()
+    _run(settings, reuse_port=True)
+
+
+def _run(settings: Settings, *, reuse_port: bool) -> None:
+    """Serve in this process, on a socket of its own (``reuse_port``: shared with others)."""
     config = uvicorn.Config(
         create_app(settings),
         host=settings.api_host,
@@ -47,7 +65,7 @@ def serve(settings: Settings) -> None:
         proxy_headers=True,
         forwarded_allow_ips=list(settings.forwarded_allow_ips),
     )
-    sock = listen_socket(config, settings)
+    sock = listen_socket(config, settings, reuse_port=reuse_port)
     # Everything loaded so far lives as long as the process: out of the collector's way.
     # Otherwise each full collection walks those ~400k objects, stalling every SSE client
     # for ~190 ms (measured at 1,000 clients).
@@ -59,8 +77,11 @@ def serve(settings: Settings) -> None:
     _Server(config).run(sockets=[sock])
 
 
-def listen_socket(config: uvicorn.Config, settings: Settings) -> socket.socket:
-    """``config``'s listening socket, for ``uvicorn.Server.run(sockets=[...])``.
+def listen_socket(
+    config: uvicorn.Config, settings: Settings, *, reuse_port: bool = False
+) -> socket.socket:
+    """``config``'s listening socket, for ``uvicorn.Server.run(sockets=[...])``; with
+    ``reuse_port``, one of several processes' on the same port (SO_REUSEPORT).
 
     A client that stops reading (or vanishes) fills the kernel's send buffer, then the
     transport's, and the response's next send waits for room that never comes: its stream
@@ -71,7 +92,7 @@ def listen_socket(config: uvicorn.Config, settings: Settings) -> socket.socket:
     stream ends and everything it held is released. Elsewhere the SSE send timeout (the
     same setting) still ends the stream.
     """
-    sock = config.bind_socket()
+    sock = reuse_port_socket(config.host, config.port) if reuse_port else config.bind_socket()
     if hasattr(socket, "TCP_USER_TIMEOUT"):
         timeout_ms = int(settings.api_send_timeout_s * 1000)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, timeout_ms)

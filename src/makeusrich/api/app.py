@@ -98,5 +98,6 @@ def create_app(settings: Settings) -> FastAPI:
     for module in (candles, predictions, models, monitoring, stream, backtests):
         app.include_router(module.router, prefix="/v1")
     dashboard.install(app)  # GET / and /static
-    harden(app, settings)  # last: outermost, so it wraps every response
+    harden(app, settings)  # it wraps every response
+    stream.install(app)  # outermost: it hands the live stream the server's send
     return app

@@ -13,6 +13,7 @@ from fastapi.exceptions import RequestValidationError
 
 from makeusrich.api.broadcast import Broadcaster
 from makeusrich.api.jobs import JobManager, is_job_id
+from makeusrich.api.latest import LatestPredictions
 from makeusrich.api.models import ErrorOut, ValidationErrorOut
 from makeusrich.core.intervals import SUPPORTED_INTERVALS
 from makeusrich.core.settings import Settings
@@ -24,6 +25,7 @@ __all__ = [
     "IntervalDep",
     "JobIdDep",
     "JobsDep",
+    "LatestDep",
     "LimitDep",
     "OptionalIntervalDep",
     "SettingsDep",
@@ -40,42 +42,50 @@ __all__ = [
 
 DEFAULT_LIMIT: Final = 500
 
+# Every dependency is ``async def``, even when it awaits nothing: FastAPI runs a plain
+# function in its thread pool, a thread hand-off per dependency and request.
 
-def _settings(request: Request) -> Settings:
+
+async def _settings(request: Request) -> Settings:
     return cast(Settings, request.app.state.settings)
 
 
-def _store(request: Request) -> RedisStore:
+async def _store(request: Request) -> RedisStore:
     return cast(RedisStore, request.app.state.store)
 
 
-def _broadcaster(request: Request) -> Broadcaster:
+async def _broadcaster(request: Request) -> Broadcaster:
     return cast(Broadcaster, request.app.state.broadcaster)
 
 
-def _jobs(request: Request) -> JobManager:
+async def _jobs(request: Request) -> JobManager:
     return cast(JobManager, request.app.state.jobs)
+
+
+async def _latest(request: Request) -> LatestPredictions:
+    return cast(Broadcaster, request.app.state.broadcaster).latest
 
 
 SettingsDep = Annotated[Settings, Depends(_settings)]
 StoreDep = Annotated[RedisStore, Depends(_store)]
 BroadcasterDep = Annotated[Broadcaster, Depends(_broadcaster)]
 JobsDep = Annotated[JobManager, Depends(_jobs)]
+LatestDep = Annotated[LatestPredictions, Depends(_latest)]
 
 
-async def all_symbols(settings: Settings, store: RedisStore) -> list[str]:
+async def all_symbols(settings: Settings, latest: LatestPredictions) -> list[str]:
     """Configured symbols first, then any other symbol the worker has written."""
     configured = list(settings.symbols)
-    extra = [symbol for symbol in await store.known_symbols() if symbol not in configured]
+    extra = [symbol for symbol in await latest.known_symbols() if symbol not in configured]
     return configured + extra
 
 
-async def check_symbol(raw: str, settings: Settings, store: RedisStore) -> str:
+async def check_symbol(raw: str, settings: Settings, latest: LatestPredictions) -> str:
     """Upper-cased symbol, or 404 naming the known ones."""
     symbol = raw.strip().upper()
     if symbol in settings.symbols:
         return symbol  # no Redis round trip for the common case
-    known = await all_symbols(settings, store)
+    known = await all_symbols(settings, latest)
     if symbol not in known:
         raise HTTPException(404, f"unknown symbol '{symbol}'; known: {', '.join(known)}")
     return symbol
@@ -114,14 +124,14 @@ async def _symbol_path(
         str, Path(description="trading pair, case-insensitive", examples=["BTCUSDT"])
     ],
     settings: SettingsDep,
-    store: StoreDep,
+    latest: LatestDep,
 ) -> str:
-    return await check_symbol(symbol, settings, store)
+    return await check_symbol(symbol, settings, latest)
 
 
 async def _symbols_query(
     settings: SettingsDep,
-    store: StoreDep,
+    latest: LatestDep,
     symbols: Annotated[
         str | None,
         Query(description="comma-separated symbols, case-insensitive; default: all known",
@@ -131,10 +141,10 @@ async def _symbols_query(
     if symbols is None or not symbols.strip():
         return None
     wanted = dict.fromkeys(part.strip() for part in symbols.split(",") if part.strip())
-    return tuple([await check_symbol(part, settings, store) for part in wanted])
+    return tuple([await check_symbol(part, settings, latest) for part in wanted])
 
 
-def _interval_query(
+async def _interval_query(
     settings: SettingsDep,
     interval: Annotated[
         str | None,
@@ -145,7 +155,7 @@ def _interval_query(
     return settings.intervals[0] if interval is None else check_interval(interval, settings)
 
 
-def _optional_interval_query(
+async def _optional_interval_query(
     settings: SettingsDep,
     interval: Annotated[
         str | None, Query(description="only events of this interval; default: all")
@@ -154,7 +164,7 @@ def _optional_interval_query(
     return None if interval is None else check_interval(interval, settings)
 
 
-def _limit_query(
+async def _limit_query(
     request: Request,
     settings: SettingsDep,
     limit: Annotated[
@@ -188,7 +198,7 @@ class TimeRange:
     end_ms: int | None
 
 
-def _time_range_query(
+async def _time_range_query(
     start: Annotated[
         int | None, Query(ge=0, description="first open_time to include, epoch ms")
     ] = None,
@@ -201,7 +211,7 @@ def _time_range_query(
     return TimeRange(start, end)
 
 
-def _job_id_path(
+async def _job_id_path(
     job_id: Annotated[str, Path(description="backtest id, as returned by POST /v1/backtests")],
 ) -> str:
     # Ids become Redis keys and a directory name: anything but uuid4 hex is simply unknown.
@@ -219,7 +229,7 @@ TimeRangeDep = Annotated[TimeRange, Depends(_time_range_query)]
 JobIdDep = Annotated[str, Depends(_job_id_path)]
 
 
-def _last_event_id(
+async def _last_event_id(
     header: Annotated[
         str | None, Header(alias="Last-Event-ID", description="resume after this event id")
     ] = None,

@@ -88,6 +88,9 @@ class Settings(BaseSettings):
     # API.
     api_host: str = "127.0.0.1"
     api_port: int = 8000
+    api_workers: int = Field(
+        default=1, ge=1, le=64, description="API processes sharing the port (SO_REUSEPORT, "
+        "Linux); each holds its own Redis subscription and SSE clients")
     sse_heartbeat_s: float = 15.0
     sse_client_queue_max: int = 2_000
     api_send_timeout_s: float = Field(

@@ -22,7 +22,7 @@ __all__ = ["router"]
 _ID_RE: Final = re.compile(r"^[A-Za-z0-9_-]{8}$")
 
 
-def _admin(request: Request, metrics: ApiMetricsDep) -> Identity:
+async def _admin(request: Request, metrics: ApiMetricsDep) -> Identity:
     identity = request_identity(request)
     if identity is None or identity.anonymous:
         metrics.access_refused.labels("401", "missing").inc()
@@ -97,12 +97,12 @@ class UsageOut(BaseModel):
     classes: list[ClassUsageOut]
 
 
-def _store(request: Request) -> KeyStore:
+async def _store(request: Request) -> KeyStore:
     store = cast(RedisStore, request.app.state.store)
     return KeyStore(store.client, store.keys)
 
 
-def _limiter(request: Request) -> Limiter:
+async def _limiter(request: Request) -> Limiter:
     store = cast(RedisStore, request.app.state.store)
     return Limiter(store.client, store.keys)
 
@@ -111,7 +111,7 @@ KeyStoreDep = Annotated[KeyStore, Depends(_store)]
 LimiterDep = Annotated[Limiter, Depends(_limiter)]
 
 
-def _key_id(key_id: Annotated[str, Path(description="the key's public id")]) -> str:
+async def _key_id(key_id: Annotated[str, Path(description="the key's public id")]) -> str:
     if _ID_RE.match(key_id) is None:
         raise HTTPException(404, f"unknown key id '{key_id[:40]}'")
     return key_id

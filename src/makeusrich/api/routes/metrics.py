@@ -27,7 +27,11 @@ def api_metrics(request: Request) -> ApiMetrics:
     return cast(ApiMetrics, request.app.state.metrics)
 
 
-ApiMetricsDep = Annotated[ApiMetrics, Depends(api_metrics)]
+async def _api_metrics(request: Request) -> ApiMetrics:
+    return api_metrics(request)  # async: a plain function would run in the thread pool
+
+
+ApiMetricsDep = Annotated[ApiMetrics, Depends(_api_metrics)]
 
 
 @router.get("/metrics", include_in_schema=False)

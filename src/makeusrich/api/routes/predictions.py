@@ -2,10 +2,11 @@
 
 from typing import Any, Final
 
-from fastapi import APIRouter, HTTPException
+from fastapi import APIRouter, HTTPException, Response
 
 from makeusrich.api.deps import (
     IntervalDep,
+    LatestDep,
     LimitDep,
     SettingsDep,
     StoreDep,
@@ -15,6 +16,7 @@ from makeusrich.api.deps import (
     all_symbols,
     unprocessable,
 )
+from makeusrich.api.latest import json_array
 from makeusrich.api.models import ErrorOut, PredictionOut
 
 __all__ = ["router"]
@@ -32,15 +34,16 @@ async def latest_predictions(
     symbols: SymbolsDep,
     interval: IntervalDep,
     settings: SettingsDep,
-    store: StoreDep,
-) -> list[PredictionOut]:
+    latest: LatestDep,
+) -> Response:
     """The newest prediction of each symbol (all known symbols by default).
 
     Symbols without a prediction yet are left out.
     """
-    wanted = list(symbols) if symbols is not None else await all_symbols(settings, store)
-    latest = await store.latest_predictions(wanted, interval)
-    return [PredictionOut.from_record(latest[symbol]) for symbol in wanted if symbol in latest]
+    wanted = list(symbols) if symbols is not None else await all_symbols(settings, latest)
+    # Already-encoded JSON (see api/latest.py): returning a Response skips re-validation.
+    return Response(json_array(await latest.get(wanted, interval)),
+                    media_type="application/json")
 
 
 @router.get(
@@ -53,13 +56,13 @@ async def latest_predictions(
     },
 )
 async def latest_prediction(
-    symbol: SymbolDep, interval: IntervalDep, store: StoreDep
-) -> PredictionOut:
+    symbol: SymbolDep, interval: IntervalDep, latest: LatestDep
+) -> Response:
     """The newest prediction for one symbol."""
-    prediction = await store.latest_prediction(symbol, interval)
-    if prediction is None:
+    found = await latest.get([symbol], interval)
+    if not found:
         raise HTTPException(404, f"no prediction yet for {symbol} {interval}")
-    return PredictionOut.from_record(prediction)
+    return Response(found[0], media_type="application/json")
 
 
 @router.get(

@@ -9,10 +9,10 @@ once.
 The response is :class:`_LiveEvents`, not sse-starlette's ``EventSourceResponse`` (which
 the backtest progress stream still uses): that one runs four tasks per connection and an
 anyio cancel scope around every send, and measured at 1,000 clients (``bench.sse_latency``)
-its path cost ~55 us a send, enough to hold the event loop for ~60 ms a burst. Here the
-request's own task writes, one more task waits for the disconnect, heartbeats come from
-the broadcaster's single timer, and the kernel drops a client that stopped reading
-(``TCP_USER_TIMEOUT``, see :func:`makeusrich.api.listen_socket`). Frames are still
+its path cost ~55 us a send, enough to hold the event loop for ~60 ms a burst. Here one
+task writes (with the server's own send, past the middlewares), one more waits for the
+disconnect, heartbeats come from the broadcaster's single timer, and the kernel drops a
+client that stopped reading (``TCP_USER_TIMEOUT``, see :func:`makeusrich.api.listen_socket`). Frames are still
 sse-starlette's ``ServerSentEvent`` encoding.
 """
 
@@ -21,11 +21,11 @@ import logging
 from collections import Counter
 from typing import Annotated, Final
 
-from fastapi import APIRouter, Depends, HTTPException, Query
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query
 from redis.exceptions import RedisError
 from sse_starlette import ServerSentEvent
 from starlette.responses import Response
-from starlette.types import Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from makeusrich.api.broadcast import (
     Broadcaster,
@@ -47,7 +47,7 @@ from makeusrich.api.routes.metrics import ApiMetricsDep
 from makeusrich.core.metrics import ApiMetrics
 from makeusrich.core.store import RedisStore, parse_stream_id
 
-__all__ = ["EVENT_TYPES", "router"]
+__all__ = ["EVENT_TYPES", "install", "router"]
 
 log = logging.getLogger(__name__)
 
@@ -56,9 +56,31 @@ router = APIRouter(tags=["stream"])
 EVENT_TYPES: Final = ("candle", "prediction", "alert", "drift")
 _BACKLOG_PAGE: Final = 500
 _HEARTBEAT: Final = ServerSentEvent(comment="ping").encode()
+_SERVER_SEND: Final = "mur.server_send"
 
 
-def _events_query(
+class _KeepServerSend:
+    """Puts the server's own ``send`` in the scope, for :class:`_LiveEvents`' body chunks.
+
+    The middlewares inside act on the response's start and end only, yet each would pass
+    every chunk on through a frame of its own (~1 us each, per chunk and client). The start
+    and the end of a stream still go through them all.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        scope[_SERVER_SEND] = send
+        await self.app(scope, receive, send)
+
+
+def install(app: FastAPI) -> None:
+    """Add :class:`_KeepServerSend`; call it after every other middleware (outermost)."""
+    app.add_middleware(_KeepServerSend)
+
+
+async def _events_query(
     events: Annotated[
         str | None,
         Query(description="comma-separated event types: candle, prediction, alert, drift; "
@@ -119,7 +141,8 @@ class _LiveEvents(Response):
         self._metrics.sse_clients.inc()
         # The writes run in a task of their own: waking this request's task would resume
         # every middleware's frame on the way down (~15), for each burst and client.
-        streaming = asyncio.ensure_future(self._stream(send, subscription))
+        streaming = asyncio.ensure_future(
+            self._stream(send, scope.get(_SERVER_SEND, send), subscription))
         left = asyncio.ensure_future(self._until_disconnect(receive, subscription))
         try:
             await streaming
@@ -129,19 +152,20 @@ class _LiveEvents(Response):
             self._broadcaster.unsubscribe(subscription)
             self._metrics.sse_clients.dec()
 
-    async def _stream(self, send: Send, subscription: Subscription) -> None:
+    async def _stream(self, send: Send, body_send: Send, subscription: Subscription) -> None:
+        """``body_send`` writes the chunks: the server's own send, past the middlewares."""
         await send({"type": "http.response.start", "status": self.status_code,
                     "headers": self.raw_headers})
-        resume_key = await self._backlog(send, subscription)
+        resume_key = await self._backlog(body_send, subscription)
         while (bursts := await subscription.next()) is not None:
             if not bursts:
-                await self._write(send, Chunk(_HEARTBEAT, ()))
+                await self._write(body_send, Chunk(_HEARTBEAT, ()))
                 continue
             chunk = _live_chunk(bursts, self._filter, resume_key)
             if resume_key is not None and bursts[-1].last_key > resume_key:
                 resume_key = None  # past the backlog: no more filtering one by one
             if chunk.body:
-                await self._write(send, chunk)
+                await self._write(body_send, chunk)
         # Left, dropped or shutting down: the client resumes with Last-Event-ID.
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
