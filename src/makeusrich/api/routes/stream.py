@@ -12,8 +12,9 @@ anyio cancel scope around every send, and measured at 1,000 clients (``bench.sse
 its path cost ~55 us a send, enough to hold the event loop for ~60 ms a burst. Here one
 task writes (with the server's own send, past the middlewares), one more waits for the
 disconnect, heartbeats come from the broadcaster's single timer, and the kernel drops a
-client that stopped reading (``TCP_USER_TIMEOUT``, see :func:`makeusrich.api.listen_socket`). Frames are still
-sse-starlette's ``ServerSentEvent`` encoding.
+client that stopped reading (``TCP_USER_TIMEOUT``, see
+:func:`makeusrich.api.listen_socket`). Frames are still sse-starlette's ``ServerSentEvent``
+encoding.
 """
 
 import asyncio
