@@ -1,6 +1,6 @@
 # `make run` and `make test` create .venv and install what they need on first use, every
 # package from a lock (exact versions, hash-checked; `make lock` writes them): pylock.toml
-# (PEP 751) for tests and benchmarks, requirements/run.txt for serving.
+# (PEP 751, exported from uv.lock) for tests and benchmarks, requirements/run.txt for serving.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -52,10 +52,10 @@ test: install-dev lint browser proxy
 test-fast: install-dev
 	$(BIN)/pytest -m "not slow"
 
-# The locks, resolved anew for every platform and Python >= 3.11 with hashes: pylock.toml
-# (all extras: what the tests run on) first, then requirements/train.txt (serving + torch,
-# the trainer image) and requirements/run.txt (serving; pip-installable, for the image)
-# constrained to the same versions. LOCK_UPGRADE= keeps the current pins where pyproject.toml
+# The locks, resolved anew for every platform and Python >= 3.11 with hashes: uv.lock (the
+# project's lock, all extras) first, exported as pylock.toml (what the tests run on), then
+# requirements/train.txt (serving + torch, the trainer image) and requirements/run.txt
+# (serving; pip-installable, for the image) constrained to the same versions. LOCK_UPGRADE= keeps the current pins where pyproject.toml
 # still allows them (after adding a dependency); the default takes the newest releases.
 LOCK_UPGRADE ?= --upgrade
 compile = $(UV) pip compile -q --universal --generate-hashes --python-version 3.11 \
@@ -63,7 +63,8 @@ compile = $(UV) pip compile -q --universal --generate-hashes --python-version 3.
 
 lock: | $(UV)
 	$(call compile,$(LOCKS)/uv.txt,$(LOCKS)/uv.in)
-	$(call compile,pylock.toml,pyproject.toml $(LOCKS)/build.in --extra dev --extra train)
+	$(UV) lock -q $(LOCK_UPGRADE)
+	$(UV) export -q --frozen --format pylock.toml --all-extras --no-emit-project -o pylock.toml
 	@set -e; pins=$(LOCKS)/pylock-pins.txt; trap 'rm -f "$$pins"' EXIT; \
 	$(BIN)/python $(LOCKS)/pins.py pylock.toml > "$$pins"; \
 	$(call compile,$(LOCKS)/train.txt,pyproject.toml $(LOCKS)/build.in --extra train -c "$$pins"); \

@@ -1,4 +1,5 @@
-"""The locks (pylock.toml, requirements/) pin what pyproject.toml asks for, consistently.
+"""The locks (uv.lock, its export pylock.toml, requirements/) pin what pyproject.toml asks for,
+consistently.
 
 `make run`, `make test` and the Dockerfile install only from these files, so a dependency
 added to pyproject.toml without `make lock` would go missing at install time, and a range
@@ -70,3 +71,14 @@ def test_serving_lock_has_no_torch_and_the_train_lock_has_it() -> None:
     torch = Requirement(next(spec for spec in EXTRAS["train"] if spec.startswith("torch")))
     assert torch.specifier.contains(read_lock("train")["torch"].version)
 
+
+
+def test_pylock_is_the_export_of_uv_lock() -> None:
+    """`make lock` resolves uv.lock (the project's lock) and exports pylock.toml from it:
+    the two hold the same versions."""
+    project = canonicalize_name(PROJECT["name"])
+    resolved = {canonicalize_name(package["name"]): package["version"]
+                for package in tomllib.loads((ROOT / "uv.lock").read_text())["package"]
+                if canonicalize_name(package["name"]) != project}
+    exported = {name: pin.version for name, pin in read_lock("dev").items()}
+    assert resolved == exported
