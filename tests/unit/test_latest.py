@@ -88,6 +88,17 @@ async def test_a_read_racing_with_a_lost_subscription_is_not_kept() -> None:
     assert _open_times(await latest.get(["BTCUSDT"], "1m")) == [PREDICTIONS[3].candle_open_time]
 
 
+async def test_a_read_racing_with_a_lost_subscription_answers_every_symbol() -> None:
+    eth = make_predictions(make_candles([50.0], symbol="ETHUSDT"), [50.0])[0]
+    store = _Store({"BTCUSDT": PREDICTIONS[0], "ETHUSDT": eth})
+    latest = _latest(store)
+    await latest.get(["BTCUSDT"], "1m")
+    # ETHUSDT is read; the subscription is lost meanwhile, which empties BTCUSDT's entry too.
+    store.during_read = latest.forget
+    assert _open_times(await latest.get(["BTCUSDT", "ETHUSDT"], "1m")) == [
+        PREDICTIONS[0].candle_open_time, eth.candle_open_time]
+
+
 async def test_without_a_live_subscription_every_request_reads_the_store() -> None:
     live = [True]
     store = _Store({"BTCUSDT": PREDICTIONS[0]})

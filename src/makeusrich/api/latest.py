@@ -65,7 +65,7 @@ class LatestPredictions:
             try:
                 self._keep(key, _encoded(prediction_decoder.decode(event.data)))
             except (msgspec.DecodeError, ValueError) as exc:
-                # Served as sent to live clients; polling reads Redis for it from now on.
+                # Sent as it is to live clients; polling reads this entry from Redis again.
                 log.warning("unreadable prediction event %s: %s", event.id, exc)
                 self._entries.pop(key, None)
 
@@ -91,20 +91,23 @@ class LatestPredictions:
     async def get(self, symbols: Sequence[str], interval: str) -> list[bytes]:
         """The newest prediction of each of ``symbols`` that has one, as JSON, in order."""
         if not self._live():
-            read = await self._store.latest_predictions(symbols, interval)
-            return [_encoded(read[symbol])[1] for symbol in symbols if symbol in read]
+            return await self._from_store(symbols, interval)
         missing = [s for s in symbols if (s, interval) not in self._entries]
         if missing:
             generation = self._generation
             read = await self._store.latest_predictions(missing, interval)
-            if generation == self._generation and self._live():
-                for symbol in missing:
-                    self._keep((symbol, interval),
-                               _encoded(read[symbol]) if symbol in read else _MISSING)
-            else:  # emptied meanwhile: answer from what was read, keep nothing
-                return [_encoded(read[s])[1] for s in symbols if s in read]
+            if generation != self._generation or not self._live():
+                # Emptied meanwhile, the other symbols' entries too: nothing here to trust.
+                return await self._from_store(symbols, interval)
+            for symbol in missing:
+                self._keep((symbol, interval),
+                           _encoded(read[symbol]) if symbol in read else _MISSING)
         entries = self._entries
         return [body for s in symbols if (body := entries[(s, interval)][1])]
+
+    async def _from_store(self, symbols: Sequence[str], interval: str) -> list[bytes]:
+        read = await self._store.latest_predictions(symbols, interval)
+        return [_encoded(read[symbol])[1] for symbol in symbols if symbol in read]
 
     def _keep(self, key: tuple[str, str], entry: tuple[int, bytes]) -> None:
         current = self._entries.get(key)
