@@ -186,7 +186,7 @@ async def test_candle_ranges_and_limits(store: RedisStore) -> None:
 
 
 async def test_predictions_history_and_latest(store: RedisStore) -> None:
-    assert await store.latest_prediction("BTCUSDT", "1m") is None
+    assert await store.latest_predictions(["BTCUSDT"], "1m") == {}
     btc = [make_prediction(T0_MS + i * MINUTE_MS) for i in range(5)]
     eth = make_prediction(T0_MS, symbol="ETHUSDT")
     for prediction in [*btc, eth]:
@@ -198,7 +198,7 @@ async def test_predictions_history_and_latest(store: RedisStore) -> None:
     assert await store.predictions("BTCUSDT", "1m", T0_MS + MINUTE_MS, T0_MS + 2 * MINUTE_MS) == (
         btc[1:3]
     )
-    assert await store.latest_prediction("BTCUSDT", "1m") == btc[-1]
+    assert await store.latest_predictions(["BTCUSDT"], "1m") == {"BTCUSDT": btc[-1]}
     assert await store.latest_predictions(["ETHUSDT", "BTCUSDT", "XRPUSDT"], "1m") == {
         "ETHUSDT": eth,
         "BTCUSDT": btc[-1],

@@ -379,10 +379,6 @@ class RedisStore:
         raw = await self._client.get(self._keys.latest("candle", symbol, interval))
         return None if raw is None else candle_decoder.decode(raw)
 
-    async def latest_prediction(self, symbol: str, interval: str) -> Prediction | None:
-        raw = await self._client.get(self._keys.latest("prediction", symbol, interval))
-        return None if raw is None else prediction_decoder.decode(raw)
-
     async def latest_predictions(
         self, symbols: Sequence[str], interval: str
     ) -> dict[str, Prediction]:
