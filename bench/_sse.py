@@ -1,11 +1,14 @@
 """Many SSE clients, held by child processes on raw asyncio sockets.
 
-The clients share the 2-core machine with what they measure, so they must be cheap: an
-:class:`asyncio.Protocol` that parses the HTTP head, the chunked body and the SSE frames
-itself spent 12-18 us of CPU per event here, against ~38 us for httpx + httpx-sse
-(``bench.load``), and thousands of connections fit in one process. Each connection holds
-``/v1/stream?QUERY`` open; for every event it records the latency ``receipt time -
-ts_ingest`` (one machine, one clock), counts events, and counts gaps in each symbol's
+The clients share the 2-core machine with what they measure, so they must be cheap: a
+socket reader that parses the HTTP head, the chunked body and the SSE frames itself spent
+12-18 us of CPU per event here, against ~38 us for httpx + httpx-sse (``bench.load``), and
+thousands of connections fit in one process. Each connection holds ``/v1/stream?QUERY``
+open; for every event it records two latencies (one machine, one clock): ``arrival -
+ts_ingest``, where arrival is the kernel's receive stamp (``SO_TIMESTAMPNS``), the
+server's delivery time; and ``read - ts_ingest``, when this process read it, which adds the
+clients' own wait for a core and their turn among a burst's thousand sockets (a remote
+client reads its one socket at once). It counts events, and gaps in each symbol's
 ``open_time`` sequence (missed events).
 
 A benchmark steers the client processes through :class:`Fleet`: grow to N connections,
@@ -16,6 +19,8 @@ every connection has received a given number of events, close.
 import argparse
 import asyncio
 import multiprocessing as mp
+import socket
+import struct
 import time
 from array import array
 from collections import Counter
@@ -33,6 +38,19 @@ __all__ = ["Batch", "Fleet", "client_steps"]
 _OPENING_AT_ONCE: Final = 50  # connections being opened concurrently, per process
 _RETRY_503_S: Final = 0.5  # the API answers 503 until its Redis subscription is up
 _POLL_S: Final = 0.05
+_READ_BYTES: Final = 65_536
+# Linux's SO_TIMESTAMPNS (Python names no constant): the kernel stamps each received
+# segment, and recvmsg hands the stamp over as ancillary data (a struct timespec).
+_SO_TIMESTAMPNS: Final = 35
+_TIMESPEC: Final = struct.Struct("qq")
+_STAMP_SPACE: Final = socket.CMSG_SPACE(_TIMESPEC.size)
+
+
+def _stamp_ms(timespec: bytes) -> float:
+    seconds: int
+    nanoseconds: int
+    seconds, nanoseconds = _TIMESPEC.unpack(timespec[:_TIMESPEC.size])
+    return seconds * 1e3 + nanoseconds / 1e6
 
 
 class _Stamp(msgspec.Struct):
@@ -48,7 +66,10 @@ _decoder: Final = msgspec.json.Decoder(_Stamp)
 class Batch:
     """What the clients saw since the previous collect."""
 
-    latency_ms: "array[float]" = field(default_factory=lambda: array("d"))  # receipt - ts_ingest
+    # arrival at the client's socket (the kernel's stamp) - ts_ingest: the server's delivery
+    latency_ms: "array[float]" = field(default_factory=lambda: array("d"))
+    # read by the client process - ts_ingest: adds the clients' own queueing
+    read_latency_ms: "array[float]" = field(default_factory=lambda: array("d"))
     counts: list[int] = field(default_factory=list)  # events, per connection
     missed: int = 0  # gaps in a symbol's open_time sequence, in events
     closed_by_server: int = 0  # streams the server ended (e.g. a client too slow)
@@ -58,6 +79,7 @@ class Batch:
 
     def merge(self, other: "Batch") -> None:
         self.latency_ms.extend(other.latency_ms)
+        self.read_latency_ms.extend(other.read_latency_ms)
         self.counts.extend(other.counts)
         self.missed += other.missed
         self.closed_by_server += other.closed_by_server
@@ -80,10 +102,13 @@ def client_steps(text: str) -> list[int]:
 # ---- in the client process -------------------------------------------------------------
 
 
-class _Connection(asyncio.Protocol):
-    def __init__(self, clients: "_Clients") -> None:
+class _Connection:
+    """One SSE connection on a raw non-blocking socket, read with ``recvmsg`` for the
+    kernel's receive time stamp."""
+
+    def __init__(self, clients: "_Clients", sock: socket.socket) -> None:
         self._clients = clients
-        self.transport: asyncio.Transport | None = None
+        self.sock = sock
         self.status: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self.open = False
         self.count = 0
@@ -95,13 +120,26 @@ class _Connection(asyncio.Protocol):
         self._skip = 0  # bytes of the CRLF after a chunk still to skip
         self._frames = bytearray()  # SSE text after the last complete event
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-        transport.write(self._clients.request)
+    def readable(self) -> None:
+        try:
+            data, ancillary, _, _ = self.sock.recvmsg(_READ_BYTES, _STAMP_SPACE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self.lost(exc)
+            return
+        if not data:
+            self.lost(None)
+            return
+        read_ms = time.time_ns() / 1e6
+        # The time the last of these bytes reached the socket: the server's delivery,
+        # whenever this process got round to reading it (the stamp is absent only if the
+        # kernel took none).
+        arrived_ms = next((_stamp_ms(value) for level, kind, value in ancillary
+                           if level == socket.SOL_SOCKET and kind == _SO_TIMESTAMPNS), read_ms)
+        self.data_received(data, arrived_ms, read_ms)
 
-    def data_received(self, data: bytes) -> None:
-        received_ms = time.time_ns() / 1e6
+    def data_received(self, data: bytes, arrived_ms: float, read_ms: float) -> None:
         if not self.status.done():
             self._head += data
             end = self._head.find(b"\r\n\r\n")
@@ -120,7 +158,7 @@ class _Connection(asyncio.Protocol):
                 line_end = frames.find(b"\n", at, end)
                 payload = frames[at + 6:end if line_end < 0 else line_end]
                 try:
-                    self._clients.record(self, _decoder.decode(payload), received_ms)
+                    self._clients.record(self, _decoder.decode(payload), arrived_ms, read_ms)
                 except msgspec.DecodeError as exc:  # ValidationError too
                     self._clients.error(f"{exc}: {bytes(payload[:200])!r}")
             start = end + 2
@@ -147,18 +185,25 @@ class _Connection(asyncio.Protocol):
                 self._left = int(raw[pos:end].split(b";", 1)[0], 16)
                 pos = end + 2
                 if not self._left:  # the last chunk: the server ended the response
-                    assert self.transport is not None
-                    self.transport.close()
+                    self.lost(None)
                     break
         del raw[:pos]
         return bytes(out)
 
-    def connection_lost(self, exc: Exception | None) -> None:
+    def lost(self, exc: Exception | None) -> None:
+        if self.sock.fileno() < 0:
+            return
         if not self.status.done():
             self.status.set_exception(ConnectionError(f"closed before a response: {exc}"))
         if self.open and not self._clients.closing:
             self._clients.closed_by_server += 1
         self.open = False
+        self.close()
+
+    def close(self) -> None:
+        if self.sock.fileno() >= 0:
+            asyncio.get_running_loop().remove_reader(self.sock.fileno())
+            self.sock.close()
 
 
 class _Clients:
@@ -177,8 +222,10 @@ class _Clients:
         if len(self._batch.errors) < 10:  # a few say what is wrong
             self._batch.errors.append(message)
 
-    def record(self, connection: _Connection, stamp: _Stamp, received_ms: float) -> None:
-        self._batch.latency_ms.append(received_ms - stamp.ts_ingest)
+    def record(self, connection: _Connection, stamp: _Stamp, arrived_ms: float,
+               read_ms: float) -> None:
+        self._batch.latency_ms.append(arrived_ms - stamp.ts_ingest)
+        self._batch.read_latency_ms.append(read_ms - stamp.ts_ingest)
         connection.count += 1
         if self._step_ms and stamp.symbol:
             last = connection.open_times.get(stamp.symbol)
@@ -190,23 +237,25 @@ class _Clients:
     async def _open_one(self, deadline: float) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            connection: _Connection | None = None
+            sock = socket.socket()
+            sock.setblocking(False)
+            sock.setsockopt(socket.SOL_SOCKET, _SO_TIMESTAMPNS, 1)  # before any byte arrives
+            connection = _Connection(self, sock)
             try:
-                _, connection = await loop.create_connection(
-                    lambda: _Connection(self), self._host, self._port)
+                await loop.sock_connect(sock, (self._host, self._port))
+                await loop.sock_sendall(sock, self.request)
+                loop.add_reader(sock.fileno(), connection.readable)
                 status = await asyncio.wait_for(connection.status,
                                                 max(0.1, deadline - loop.time()))
             except (OSError, TimeoutError) as exc:
-                if connection is not None and connection.transport is not None:
-                    connection.transport.close()
+                connection.close()
                 self.refused[type(exc).__name__] += 1
                 return
             if status == 200:
                 connection.open = True
                 self.connections.append(connection)
                 return
-            assert connection.transport is not None
-            connection.transport.close()
+            connection.close()
             if status != 503 or loop.time() > deadline:
                 self.refused[f"http_{status}"] += 1
                 return
@@ -246,8 +295,7 @@ class _Clients:
     def close(self) -> None:
         self.closing = True
         for connection in self.connections:
-            if connection.transport is not None:
-                connection.transport.close()
+            connection.close()
 
 
 async def _serve(pipe: Connection, host: str, port: int, path: str, step_ms: int) -> None:
@@ -263,7 +311,6 @@ async def _serve(pipe: Connection, host: str, port: int, path: str, step_ms: int
             reply = await clients.drain(*args)
         else:  # "close"
             clients.close()
-            await asyncio.sleep(0.1)  # let the transports close
             pipe.send(None)
             return
         pipe.send(reply)

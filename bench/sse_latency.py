@@ -4,10 +4,11 @@
 Runs the real pipeline, ``mur up --source sim`` (20 symbols, 1s candles, grace 200 ms, the
 simulator's 20 trades/s per symbol; embedded broker and redis-server), and SSE clients
 subscribed to candles (:mod:`bench._sse`: raw sockets in a process of their own, so that
-the API's CPU is measured apart from theirs). The latency of a delivered candle is its
-receipt time minus its ``ts_ingest``, stamped by the worker when it closed the candle (one
-machine, one clock). In one run the clients grow in steps (default 1, then 1,000): at each
-step they connect, ``--warmup`` s pass, then every candle received in the next
+the API's CPU is measured apart from theirs). The latency of a delivered candle is the
+kernel's receive stamp on the client's socket minus its ``ts_ingest``, stamped by the worker
+when it closed the candle (one machine, one clock); ``read_latency`` uses the time the
+client process read it instead. In one run the clients grow in steps (default 1, then
+1,000): at each step they connect, ``--warmup`` s pass, then every candle received in the next
 ``--seconds`` counts. Each step reports p50/p99/max, delivered candles/s, candles missed
 (gaps in a symbol's open times) and streams the API ended, and the CPU of the API, the
 worker and the clients. Ratios: p50 and p99 at the last step over the first.
@@ -78,6 +79,7 @@ def _step(fleet: Fleet, pids: dict[str, int], clients: int,
     return {
         "clients": clients,
         "latency": latency_summary(batch.latency_ms),
+        "read_latency": latency_summary(batch.read_latency_ms),
         "delivered_per_s": round(len(batch.latency_ms) / elapsed, 1),
         "candles_missed": batch.missed,
         "streams_ended_by_api": batch.closed_by_server,
