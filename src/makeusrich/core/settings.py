@@ -30,6 +30,15 @@ class Settings(BaseSettings):
     kafka_bootstrap: str | None = None
     redis_url: str | None = None
     kafka_port: int | None = Field(default=None, description="embedded broker port")
+    kafka_engine: Literal["tansu", "apache"] = Field(
+        default="tansu",
+        description="the broker: tansu (embedded default: no idempotent producer, no "
+                    "transactions, so at-least-once) or apache (Apache Kafka: idempotent "
+                    "ingest, exactly-once processing); `mur up` starts the one named here "
+                    "when kafka_bootstrap is unset",
+    )
+    kafka_replication_factor: int = Field(
+        default=1, ge=1, description="replicas of each topic this app creates")
     redis_port: int | None = Field(default=None, description="embedded redis-server port")
 
     # What to follow.

@@ -7,7 +7,9 @@ announcement, loads the version with :func:`load_announced`; it swaps the new mo
 when every check passed, and keeps serving the old one otherwise.
 """
 
+import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Final
@@ -41,6 +43,7 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+_TOPIC_WAIT_S: Final = 10.0
 
 _SEND_TIMEOUT_S: Final = 30.0
 
@@ -149,10 +152,7 @@ class ModelWatcher:
         )
         await consumer.start()
         try:
-            await consumer.topics()  # fetches metadata, so the partitions are known
-            partitions = consumer.partitions_for_topic(self._topic)
-            if not partitions:
-                raise StreamError(f"topic {self._topic} does not exist; run ensure_topics")
+            partitions = await self._partitions(consumer)
             tps = [TopicPartition(self._topic, partition) for partition in sorted(partitions)]
             consumer.assign(tps)
             # Resolve the end now: left to the first fetch, "latest" would be some later
@@ -164,6 +164,19 @@ class ModelWatcher:
             await consumer.stop()
             raise
         self._consumer = consumer
+
+    async def _partitions(self, consumer: AIOKafkaConsumer) -> set[int]:
+        # A topic just created reaches every broker's metadata a moment later (Apache Kafka
+        # with several brokers): ask again for a few seconds before calling it missing.
+        deadline = time.monotonic() + _TOPIC_WAIT_S
+        while True:
+            await consumer.topics()  # fetches metadata, so the partitions are known
+            partitions = consumer.partitions_for_topic(self._topic)
+            if partitions:
+                return set(partitions)
+            if time.monotonic() > deadline:
+                raise StreamError(f"topic {self._topic} does not exist; run ensure_topics")
+            await asyncio.sleep(0.2)
 
     def champion(self) -> ModelAnnouncement | None:
         """The registry's current shared champion as an announcement (None when none was

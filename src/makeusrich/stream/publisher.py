@@ -54,7 +54,8 @@ def ensure_topics(settings: Settings) -> None:
     try:
         existing = set(admin.list_topics())
         missing = [
-            NewTopic(name, num_partitions=parts, replication_factor=1)
+            NewTopic(name, num_partitions=parts,
+                     replication_factor=settings.kafka_replication_factor)
             for name, parts in wanted.items()
             if name not in existing
         ]
