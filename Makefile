@@ -10,7 +10,7 @@ ARGS   ?=
 # uv uses the Python it is given; these machines reach only package registries.
 export UV_PYTHON_DOWNLOADS := never
 
-.PHONY: run test test-fast test-latest lint bench load lock install-run install-dev clean
+.PHONY: run test test-fast test-latest lint bench load lock install-run install-dev kafka-libs clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -46,7 +46,7 @@ lint: install-dev
 	$(BIN)/ruff check src tests bench
 	$(BIN)/mypy
 
-test: install-dev lint browser proxy
+test: install-dev lint browser proxy kafka-libs
 	$(BIN)/pytest
 
 test-fast: install-dev
@@ -146,5 +146,18 @@ browser:
 proxy:
 	$(call apt_install,/usr/sbin/nginx,nginx,--no-install-recommends)
 
+# Apache Kafka's own jars (the version pinned in infra/kafka/pom.xml), resolved once by Maven
+# with checksums verified, into $(KAFKA_LIBS) (ignored by git): the test suite's 3-broker
+# tier and `mur up --kafka apache` run them with `java`. Debian's maven and JRE 17 if absent.
+KAFKA_LIBS := .kafka-libs
+
+kafka-libs: $(KAFKA_LIBS)/.resolved
+
+$(KAFKA_LIBS)/.resolved: infra/kafka/pom.xml
+	$(call apt_install,/usr/bin/mvn /usr/bin/java,maven openjdk-17-jre-headless,--no-install-recommends)
+	rm -rf $(KAFKA_LIBS)
+	mvn -q -B --strict-checksums -f infra/kafka/pom.xml -Dkafka.libs.dir=$(abspath $(KAFKA_LIBS)) package
+	touch $@
+
 clean:
-	rm -rf $(VENV) .mur .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) $(KAFKA_LIBS) .mur .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
+from makeusrich.core.apache_kafka import ApacheKafka, start_apache_kafka
 from makeusrich.core.embedded import (
     EmbeddedService,
     free_port,
@@ -45,6 +46,8 @@ if TYPE_CHECKING:
 __all__ = ["main"]
 
 log = logging.getLogger("makeusrich")
+
+_Service = EmbeddedService | ApacheKafka  # what `mur up` starts, and stops at the end
 
 # One hour of real BTCUSDT trades (Binance public data), replayed when Binance is unreachable:
 # long enough for the model's 30-candle window to fill at 1m.
@@ -69,6 +72,7 @@ def _settings(args: argparse.Namespace) -> Settings:
     for flag, field in [
         ("symbols", "symbols"), ("intervals", "intervals"), ("source", "source"),
         ("api_port", "api_port"), ("kafka_port", "kafka_port"), ("redis_port", "redis_port"),
+        ("kafka", "kafka_engine"),
         ("grace_ms", "grace_ms"), ("model_dir", "model_dir"),
         ("retrain_on_drift", "drift_retrain"),
     ]:
@@ -321,12 +325,19 @@ def _announce(
     print(f"announced {version} to the workers on {settings.kafka_bootstrap}")
 
 
-def _start_missing_services(settings: Settings, started: list[EmbeddedService]) -> Settings:
-    """Start an embedded broker and redis-server for the URLs ``settings`` leave unset
-    (appending them to ``started``, for the caller to stop); the settings with every URL."""
+def _start_missing_services(settings: Settings, started: list[_Service]) -> Settings:
+    """Start a broker (``settings.kafka_engine``: Tansu, or a one-node Apache Kafka) and a
+    redis-server for the URLs ``settings`` leave unset (appending them to ``started``, for
+    the caller to stop); the settings with every URL."""
     log_dir = settings.state_dir / "logs"
     updates: dict[str, Any] = {}
-    if not settings.kafka_bootstrap:
+    if not settings.kafka_bootstrap and settings.kafka_engine == "apache":
+        cluster = start_apache_kafka(
+            nodes=1, libs_dir=settings.kafka_libs_dir, properties=settings.kafka_properties,
+            data_dir=settings.state_dir / "apache-kafka", log_dir=log_dir)
+        started.append(cluster)
+        updates["kafka_bootstrap"] = cluster.bootstrap
+    elif not settings.kafka_bootstrap:
         kafka = start_kafka(settings.kafka_port, log_dir)
         started.append(kafka)
         updates["kafka_bootstrap"] = kafka.url
@@ -403,7 +414,7 @@ def _replay_spec(args: argparse.Namespace) -> "ReplaySpec":
 async def _with_services(
     settings: Settings, work: Callable[[Settings], Coroutine[Any, Any, None]]
 ) -> None:
-    started: list[EmbeddedService] = []
+    started: list[_Service] = []
     # A signal cancels the work, so that its cleanup (stopping the replay's worker,
     # deleting a backtest's namespaces) runs before the services stop.
     task, loop = asyncio.current_task(), asyncio.get_running_loop()
@@ -604,7 +615,7 @@ class _Supervisor:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.services: list[EmbeddedService] = []
+        self.services: list[_Service] = []
         self.children: dict[str, subprocess.Popen[bytes]] = {}
         self.stopping = False
 
@@ -726,7 +737,10 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     up = sub.add_parser("up", help="run the whole service (embedded Kafka + Redis if unset)")
     _add_common(up)
-    up.add_argument("--kafka-port", type=int)
+    up.add_argument("--kafka", choices=("tansu", "apache"),
+                    help="the broker to start when MUR_KAFKA_BOOTSTRAP is unset: tansu "
+                         "(embedded, default) or apache (needs java and `make kafka-libs`)")
+    up.add_argument("--kafka-port", type=int, help="Tansu's port (default: a free one)")
     up.add_argument("--redis-port", type=int)
     up.set_defaults(func=_cmd_up)
     for name, func, text in [

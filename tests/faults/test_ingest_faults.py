@@ -6,9 +6,6 @@ predictions built in-process from the complete trade list, and the trades topic 
 once."""
 
 import asyncio
-import os
-import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
@@ -16,6 +13,7 @@ import pytest
 import redis
 
 from kit.api import wait_for
+from kit.broker import Broker, on_both_brokers
 from kit.builders import topic_trades
 from kit.fake_binance import (
     BTCUSDT_TRADES_CSV,
@@ -29,15 +27,15 @@ from kit.fake_binance import (
 from kit.worker import (
     namespaced_settings,
     reference_outputs,
+    start_ingest,
     stored_outputs,
     topic_records,
     worker_processes,
 )
-from makeusrich.core.embedded import EmbeddedService, kill_with_parent, terminate
+from makeusrich.core.embedded import EmbeddedService, terminate
 from makeusrich.core.schemas import Trade
-from makeusrich.core.settings import Settings
 
-pytestmark = [pytest.mark.slow, pytest.mark.integration, pytest.mark.faults]
+pytestmark = [pytest.mark.slow, pytest.mark.integration, pytest.mark.faults, on_both_brokers]
 
 
 def _market() -> dict[str, list[FakeTrade]]:
@@ -66,19 +64,13 @@ def _script(market: dict[str, list[FakeTrade]]) -> Script:
     )
 
 
-def _start_ingest(settings: Settings) -> "subprocess.Popen[bytes]":
-    return subprocess.Popen([sys.executable, "-m", "makeusrich", "ingest"],
-                            env={**os.environ, **settings.as_env()},
-                            preexec_fn=kill_with_parent)
-
-
 async def test_drops_gaps_and_repeats_change_nothing_downstream(
-    kafka: EmbeddedService, redis_server: EmbeddedService, tmp_path: Path
+    kafka: Broker, redis_server: EmbeddedService, tmp_path: Path
 ) -> None:
     market = _market()
     async with FakeBinance(market, _script(market)) as fake:
         settings = namespaced_settings(
-            kafka.url, redis_server.url, tmp_path, symbols=tuple(market), source="binance",
+            kafka, redis_server.url, tmp_path, symbols=tuple(market), source="binance",
             binance_ws_url=fake.ws_url, binance_rest_url=fake.rest_url,
             reconnect_max_backoff_s=1.0,
         )
@@ -90,7 +82,7 @@ async def test_drops_gaps_and_repeats_change_nothing_downstream(
         client = redis.Redis.from_url(redis_server.url)
         with worker_processes() as start:
             start(settings)
-            ingest = _start_ingest(settings)
+            ingest = start_ingest(settings)
             try:
                 await wait_for(lambda: stored_outputs(client, settings) == reference,
                                timeout_s=120)

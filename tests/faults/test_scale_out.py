@@ -13,6 +13,7 @@ import msgspec
 import pytest
 import redis
 
+from kit.broker import Broker, on_both_brokers
 from kit.builders import random_trades
 from kit.worker import (
     Outputs,
@@ -34,7 +35,7 @@ from makeusrich.core.schemas import EndOfStream, Trade
 from makeusrich.core.settings import Settings
 from makeusrich.stream.publisher import TradePublisher
 
-pytestmark = [pytest.mark.slow, pytest.mark.integration, pytest.mark.faults]
+pytestmark = [pytest.mark.slow, pytest.mark.integration, pytest.mark.faults, on_both_brokers]
 
 # Keyed by symbol, these four land on the four partitions of the trades topic (asserted).
 SYMBOLS = ("XRPUSDT", "ETHUSDT", "BTCUSDT", "BNBUSDT")
@@ -88,14 +89,14 @@ def _deduplicated(settings: Settings, topic: str, open_time: str) -> dict[Any, l
 
 
 def test_workers_join_and_die_while_trades_flow(
-    kafka: EmbeddedService, redis_server: EmbeddedService, redis_client: redis.Redis,
+    kafka: Broker, redis_server: EmbeddedService, redis_client: redis.Redis,
     tmp_path: Path,
 ) -> None:
     def settings_of(instance: str) -> Settings:
         return group.model_copy(update={"worker_instance": instance,
                                         "state_dir": tmp_path / instance})
 
-    group = namespaced_settings(kafka.url, redis_server.url, tmp_path, symbols=SYMBOLS)
+    group = namespaced_settings(kafka, redis_server.url, tmp_path, symbols=SYMBOLS)
     a, b, c = (settings_of(name) for name in "abc")
     trades = random_trades(8_000, seed=5, symbols=SYMBOLS, mean_gap_ms=225)  # 30 minutes
     last = {t.symbol: t.ts_event for t in trades}

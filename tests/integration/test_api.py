@@ -19,6 +19,7 @@ import redis.asyncio as aioredis
 from httpx_sse import ServerSentEvent, aconnect_sse
 
 from kit.api import EventReader, RunningApi, serve_in_thread, settings_factory, wait_for
+from kit.broker import Broker
 from makeusrich.api import create_app
 from makeusrich.api.broadcast import Broadcaster, EventFilter
 from makeusrich.api.routes.stream import EVENT_TYPES
@@ -144,7 +145,7 @@ async def test_readyz_reports_unreachable_kafka(
 
 
 async def test_readyz_with_real_kafka(
-    start_api: Callable[..., RunningApi], store: RedisStore, kafka: EmbeddedService
+    start_api: Callable[..., RunningApi], store: RedisStore, kafka: Broker
 ) -> None:
     await store.client.hset(store.keys.model, "version", "v1")
     api = start_api(kafka_bootstrap=kafka.url)

@@ -1,6 +1,7 @@
 """The candle archiver against the real broker, and the archive's Parquet parts."""
 
 import asyncio
+import re
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 from kafka import KafkaProducer
 
-from makeusrich.core.embedded import EmbeddedService
+from kit.broker import Broker, on_both_brokers
 from makeusrich.core.errors import TrainingError
 from makeusrich.core.schemas import Candle, encode
 from makeusrich.core.settings import Settings
@@ -18,7 +19,7 @@ from makeusrich.stream.publisher import ensure_topics
 from makeusrich.trainer.archive import read_part, run_archiver, write_candles
 from makeusrich.trainer.data import load_series
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, on_both_brokers]
 
 MINUTE = 60_000
 NOV_20_2350 = 1_763_682_600_000  # 2025-11-20 23:50 UTC: ten minutes before a date boundary
@@ -40,13 +41,13 @@ def _minutes(symbol: str, first: int, count: int) -> list[Candle]:
 
 
 @pytest.fixture
-def settings(kafka: EmbeddedService, tmp_path: Path, request: pytest.FixtureRequest) -> Settings:
-    name = request.node.name
+def settings(kafka: Broker, tmp_path: Path, request: pytest.FixtureRequest) -> Settings:
+    name = re.sub(r"[^A-Za-z0-9._-]", "-", request.node.name)  # legal as a topic name
     # Short group timeouts: Tansu delays a group's join by the rebalance timeout, and (its
     # first generation being 0, which aiokafka takes for "never joined") a stopped archiver
     # never leaves its group, so a restarted one waits for the old member's session to end.
     settings = Settings(
-        kafka_bootstrap=kafka.url, topic_prefix=f"{name}-", worker_id=name,
+        **kafka.settings, topic_prefix=f"{name}-", worker_id=name,
         state_dir=tmp_path, archive_dir=tmp_path / "archive", broker_session_timeout_s=2.0,
         broker_rebalance_timeout_s=1.0,
     )

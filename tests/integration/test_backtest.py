@@ -11,6 +11,7 @@ import msgspec
 import pyarrow.parquet as pq
 import pytest
 
+from kit.broker import Broker
 from kit.registry import add_version, bundled_version_dir
 from makeusrich.backtest import Costs
 from makeusrich.backtest.run import run_backtest
@@ -26,7 +27,7 @@ REPORT_FILES = {"metrics.json", "predictions.parquet", "price_forecast.png", "eq
 
 
 @pytest.fixture
-def settings(kafka: EmbeddedService, redis_server: EmbeddedService, tmp_path: Path,
+def settings(kafka: Broker, redis_server: EmbeddedService, tmp_path: Path,
              request: pytest.FixtureRequest) -> Settings:
     name = request.node.name.replace("[", "-").replace("]", "")
     return Settings(kafka_bootstrap=kafka.url, redis_url=redis_server.url,

@@ -24,6 +24,7 @@ from httpx_sse import ServerSentEvent, aconnect_sse
 
 import makeusrich
 from kit.api import RunningApi, serve_in_thread, settings_factory
+from kit.broker import Broker
 from makeusrich.api.jobs import JOB_TTL_S, REPORT_FILES, STALE_AFTER_MS, JobManager
 from makeusrich.core.embedded import EmbeddedService
 from makeusrich.core.schemas import now_ms
@@ -505,7 +506,7 @@ async def test_openapi_documents_backtests(client: httpx.AsyncClient) -> None:
 
 @pytest.fixture
 def kafka_settings(
-    make_settings: Callable[..., Settings], kafka: EmbeddedService
+    make_settings: Callable[..., Settings], kafka: Broker
 ) -> Callable[..., Settings]:
     topic_prefix = f"bt-{uuid.uuid4().hex[:8]}-"
 

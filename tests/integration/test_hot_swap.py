@@ -8,6 +8,7 @@ import msgspec
 import pytest
 import redis
 
+from kit.broker import Broker
 from kit.klines import assert_same_as_binance, binance_klines
 from kit.registry import add_version, corrupt_model
 from kit.worker import history, wait_until, worker_processes, worker_stats
@@ -37,7 +38,7 @@ def registry(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def settings(kafka: EmbeddedService, redis_server: EmbeddedService, tmp_path: Path,
+def settings(kafka: Broker, redis_server: EmbeddedService, tmp_path: Path,
              registry: Path, request: pytest.FixtureRequest) -> Settings:
     name = request.node.name
     settings = Settings(

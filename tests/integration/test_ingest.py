@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from kafka import KafkaConsumer, TopicPartition
 
+from kit.broker import Broker, on_both_brokers
 from kit.builders import topic_trades
 from kit.fake_binance import (
     BTCUSDT_TRADES_CSV,
@@ -21,7 +22,7 @@ from kit.fake_binance import (
     generate_trades,
     load_trades_csv,
 )
-from makeusrich.core.embedded import EmbeddedService, free_port
+from makeusrich.core.embedded import free_port
 from makeusrich.core.errors import IngestError
 from makeusrich.core.schemas import Trade, TradeBatch
 from makeusrich.core.settings import Settings
@@ -29,7 +30,7 @@ from makeusrich.stream.ingest import BinanceIngestor, probe_binance, run_live
 from makeusrich.stream.publisher import TradePublisher, TradeSink, ensure_topics
 from makeusrich.stream.record import record
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, on_both_brokers]
 
 SYMBOLS = ("BTCUSDT", "ETHUSDT")
 
@@ -160,7 +161,7 @@ def _poll_into(
 
 
 async def test_every_trade_reaches_kafka_once_through_drops_gaps_and_duplicates(
-    kafka: EmbeddedService,
+    kafka: Broker,
 ) -> None:
     market = _market()
     btc, eth = market["BTCUSDT"], market["ETHUSDT"]
@@ -173,7 +174,7 @@ async def test_every_trade_reaches_kafka_once_through_drops_gaps_and_duplicates(
     total = len(btc) + len(eth)
     async with FakeBinance(market, script) as fake:
         settings = _settings(
-            fake, kafka_bootstrap=kafka.url, topic_prefix=f"t-ingest-{uuid.uuid4().hex[:8]}-"
+            fake, **kafka.settings, topic_prefix=f"t-ingest-{uuid.uuid4().hex[:8]}-"
         )
         ensure_topics(settings)
         publisher = TradePublisher(settings)

@@ -17,6 +17,7 @@ from kafka import KafkaProducer
 from msgspec.structs import replace
 
 from kit.api import RunningApi, serve_in_thread, settings_factory
+from kit.broker import Broker
 from kit.klines import TRADES_SLICE
 from kit.metrics import Samples, parse, series
 from kit.metrics import sample as get
@@ -156,7 +157,7 @@ async def test_api_counts_redis_errors(make_settings: Callable[..., Settings]) -
 
 
 @pytest.fixture
-def worker_settings(kafka: EmbeddedService, redis_server: EmbeddedService, tmp_path: Path,
+def worker_settings(kafka: Broker, redis_server: EmbeddedService, tmp_path: Path,
                     request: pytest.FixtureRequest) -> Settings:
     name = request.node.name
     settings = Settings(

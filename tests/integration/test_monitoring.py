@@ -11,6 +11,7 @@ import pytest
 from httpx_sse import connect_sse
 
 from kit.api import serve_in_thread
+from kit.broker import Broker
 from kit.builders import bootstrap_candles, kline_candles, scale_volatility
 from kit.worker import worker_over
 from makeusrich.cli import BUNDLED_SAMPLE
@@ -26,7 +27,7 @@ DAY = Path(__file__).parent.parent / "data" / "BTCUSDT-1m-2025-11-20.csv"
 
 
 @pytest.fixture
-def settings(kafka: EmbeddedService, redis_server: EmbeddedService, tmp_path: Path,
+def settings(kafka: Broker, redis_server: EmbeddedService, tmp_path: Path,
              request: pytest.FixtureRequest) -> Settings:
     name = request.node.name
     return Settings(kafka_bootstrap=kafka.url, redis_url=redis_server.url,

@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 
+from kit.broker import Broker
 from kit.builders import random_trades, topic_trades
 from kit.worker import topic_records
-from makeusrich.core.embedded import EmbeddedService
 from makeusrich.core.schemas import EndOfStream, Trade, TradeBatch, trade_decoder
 from makeusrich.core.settings import Settings
 from makeusrich.stream.publisher import TradePublisher, ensure_topics
@@ -16,7 +16,7 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
-def settings(kafka: EmbeddedService, tmp_path: Path, request: pytest.FixtureRequest) -> Settings:
+def settings(kafka: Broker, tmp_path: Path, request: pytest.FixtureRequest) -> Settings:
     name = request.node.name
     settings = Settings(kafka_bootstrap=kafka.url, topic_prefix=f"{name}-", state_dir=tmp_path,
                         symbols=("BTCUSDT", "ETHUSDT"), trades_batch_max=100,

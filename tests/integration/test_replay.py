@@ -14,6 +14,7 @@ import pytest
 import redis
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
+from kit.broker import Broker, on_both_brokers
 from kit.worker import history, worker_over
 from makeusrich.cli import BUNDLED_SAMPLE
 from makeusrich.core.embedded import EmbeddedService
@@ -31,7 +32,7 @@ from makeusrich.stream.replay import (
 from makeusrich.stream.sources import read_trades
 from makeusrich.trainer.archive import write_candles
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, on_both_brokers]
 
 MINUTE_MS = 60_000
 START_MS = 1554076800000  # 2019-04-01T00:00Z, the bundled sample's first minute
@@ -73,12 +74,12 @@ def _end_offsets(settings: Settings) -> dict[TopicPartition, int]:
 
 
 @pytest.fixture(scope="module")
-def live(kafka: EmbeddedService, redis_server: EmbeddedService,
+def live(kafka: Broker, redis_server: EmbeddedService,
          tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
     """The live path over the bundled hour of trades: ingest publishes them, `mur worker`
     folds them in; its candles and predictions stay in Redis for the module's tests."""
     settings = Settings(
-        kafka_bootstrap=kafka.url, redis_url=redis_server.url, topic_prefix="replay-live-",
+        **kafka.settings, redis_url=redis_server.url, topic_prefix="replay-live-",
         redis_prefix="replay-live", worker_id="replay-live",
         state_dir=tmp_path_factory.mktemp("replay-live"), symbols=("BTCUSDT",),
         intervals=("1m",),

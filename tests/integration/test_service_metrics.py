@@ -14,6 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
+from kit.broker import Broker
 from kit.fake_binance import (
     BTCUSDT_TRADES_CSV,
     Drop,
@@ -45,7 +46,7 @@ def _scrape_when_up(port: int | None, process: "subprocess.Popen[bytes]") -> Sam
 
 
 async def test_ingest_metrics_count_what_the_live_source_did(
-    kafka: EmbeddedService, redis_server: EmbeddedService
+    kafka: Broker, redis_server: EmbeddedService
 ) -> None:
     btc = load_trades_csv(BTCUSDT_TRADES_CSV, "BTCUSDT", 400)
     eth = generate_trades("ETHUSDT", 300, first_id=5_000, start_ms=btc[0].time_ms,

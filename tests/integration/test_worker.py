@@ -10,6 +10,7 @@ import pytest
 import redis
 from kafka import KafkaConsumer, KafkaProducer
 
+from kit.broker import Broker, on_both_brokers
 from kit.klines import TRADES_SLICE, assert_same_as_binance, binance_klines
 from kit.worker import history, wait_until, worker_processes, worker_stats
 from makeusrich.core.embedded import EmbeddedService
@@ -18,15 +19,15 @@ from makeusrich.core.settings import Settings
 from makeusrich.stream.publisher import TradePublisher, ensure_topics
 from makeusrich.stream.sources import read_trades
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, on_both_brokers]
 
 
 @pytest.fixture
-def settings(kafka: EmbeddedService, redis_server: EmbeddedService, tmp_path: Path,
+def settings(kafka: Broker, redis_server: EmbeddedService, tmp_path: Path,
              request: pytest.FixtureRequest) -> Settings:
     name = request.node.name.replace("[", "-").replace("]", "")
     settings = Settings(
-        kafka_bootstrap=kafka.url, redis_url=redis_server.url, topic_prefix=f"{name}-",
+        **kafka.settings, redis_url=redis_server.url, topic_prefix=f"{name}-",
         redis_prefix=name, worker_id=name, state_dir=tmp_path, symbols=("BTCUSDT",),
         intervals=("1m",), log_level="INFO",
     )

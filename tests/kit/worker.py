@@ -17,6 +17,7 @@ import msgspec
 import redis
 from kafka import KafkaConsumer
 
+from kit.broker import Broker
 from kit.metrics import total
 from makeusrich.core.embedded import kill_with_parent, terminate
 from makeusrich.core.schemas import EndOfStream, Trade
@@ -34,15 +35,15 @@ _OPEN_TIME = {"candle": "open_time", "prediction": "candle_open_time"}
 Outputs = dict[tuple[str, str, str], list[dict[str, Any]]]
 
 
-def namespaced_settings(kafka_at: str, redis_at: str, state_dir: Path,
+def namespaced_settings(kafka: Broker, redis_at: str, state_dir: Path,
                         **overrides: Any) -> Settings:
-    """Settings for a worker on the broker ``kafka_at`` and Redis URL ``redis_at`` in a
+    """Settings for a worker on the broker ``kafka`` and Redis URL ``redis_at`` in a
     namespace of its own (topics, Redis keys, consumer group; ``state_dir`` should be
     fresh), its topics created; ``overrides`` win. Killed workers leave the group after a
     shorter session than the default, so that restarts join sooner."""
     name = f"w-{uuid.uuid4().hex[:10]}"
     values: dict[str, Any] = {
-        "kafka_bootstrap": kafka_at, "redis_url": redis_at,
+        **kafka.settings, "redis_url": redis_at,
         "topic_prefix": f"{name}-", "redis_prefix": name, "worker_id": name,
         "state_dir": state_dir, "symbols": ("BTCUSDT",), "intervals": ("1m",),
         # Not auto: `mur worker` would add the bundled sample's symbol to the accepted ones.
@@ -93,6 +94,13 @@ def group_stats(client: redis.Redis, settings: Settings) -> dict[str, int]:
 def start_worker(settings: Settings) -> "subprocess.Popen[bytes]":
     """`mur worker` on ``settings``, as a child that dies with the test process."""
     return subprocess.Popen([sys.executable, "-m", "makeusrich", "worker"],
+                            env={**os.environ, **settings.as_env()},
+                            preexec_fn=kill_with_parent)
+
+
+def start_ingest(settings: Settings) -> "subprocess.Popen[bytes]":
+    """`mur ingest` on ``settings``, as a child that dies with the test process."""
+    return subprocess.Popen([sys.executable, "-m", "makeusrich", "ingest"],
                             env={**os.environ, **settings.as_env()},
                             preexec_fn=kill_with_parent)
 
@@ -201,15 +209,30 @@ def expected_events(outputs: Outputs) -> Counter[tuple[str, str, str, int]]:
                    for record in records)
 
 
-def topic_records(settings: Settings, topic: str) -> list[Any]:
+def topic_records(settings: Settings, topic: str,
+                  isolation_level: str = "read_uncommitted") -> list[Any]:
     """Every record of ``topic`` (all partitions; kafka-python ConsumerRecords with
-    ``partition``, ``key``, ``value``), read until the topic stays quiet for 5 s."""
+    ``partition``, ``key``, ``value``), read until the topic stays quiet for 5 s;
+    ``read_committed``: those of committed transactions only (and non-transactional ones)."""
     consumer = KafkaConsumer(topic, bootstrap_servers=settings.kafka_bootstrap,
-                             auto_offset_reset="earliest", consumer_timeout_ms=5_000)
+                             auto_offset_reset="earliest", consumer_timeout_ms=5_000,
+                             isolation_level=isolation_level)
     try:
         return list(consumer)
     finally:
         consumer.close()
+
+
+def topic_counts(settings: Settings) -> Counter[tuple[str, str, str, int]]:
+    """How often each candle and prediction is on the ``candles`` and ``predictions``
+    topics as a ``read_committed`` consumer sees them, keyed like :func:`event_counts`."""
+    counts: Counter[tuple[str, str, str, int]] = Counter()
+    for kind, topic in (("candle", settings.topics.candles),
+                        ("prediction", settings.topics.predictions)):
+        for record in topic_records(settings, topic, "read_committed"):
+            value = msgspec.json.decode(record.value)
+            counts[kind, value["symbol"], value["interval"], value[_OPEN_TIME[kind]]] += 1
+    return counts
 
 
 def worker_metric(settings: Settings, name: str, **labels: str) -> float:

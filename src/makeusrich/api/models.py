@@ -128,12 +128,18 @@ class HealthOut(BaseModel):
 
 class CheckOut(BaseModel):
     ok: bool
+    degraded: bool = Field(default=False, description="works, with less redundancy than "
+                           "configured (e.g. a Kafka broker down): detail says what")
     detail: str
 
 
 class ReadyOut(BaseModel):
-    status: Literal["ok", "unavailable"]
+    status: Literal["ok", "degraded", "unavailable"] = Field(
+        description="unavailable (503) when a check failed; degraded (200) when one "
+                    "works with less redundancy")
     failed: list[str] = Field(description="names of the checks that failed")
+    degraded: list[str] = Field(default_factory=list,
+                                description="names of the checks that are degraded")
     checks: dict[str, CheckOut]
     model_version: str | None = None
 

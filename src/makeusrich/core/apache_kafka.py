@@ -149,9 +149,10 @@ class ApacheKafka:
 
 
 def _node_properties(shared: str, node_id: int, port: int, controller_port: int,
-                     voters: str, data: Path, nodes: int) -> str:
+                     voters: str, data: Path, nodes: int, overrides: dict[str, str]) -> str:
     replicas = min(3, nodes)
     in_sync = min(2, replicas)
+    extra = "".join(f"{key}={value}\n" for key, value in overrides.items())
     return shared + "\n# Set by makeusrich.core.apache_kafka for this node and cluster size\n" + (
         f"node.id={node_id}\n"
         f"listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller_port}\n"
@@ -162,12 +163,14 @@ def _node_properties(shared: str, node_id: int, port: int, controller_port: int,
         f"min.insync.replicas={in_sync}\n"
         f"offsets.topic.replication.factor={replicas}\n"
         f"transaction.state.log.replication.factor={replicas}\n"
-        f"transaction.state.log.min.isr={in_sync}\n")
+        f"transaction.state.log.min.isr={in_sync}\n") + extra
 
 
 def start_apache_kafka(*, nodes: int, libs_dir: Path, properties: Path, data_dir: Path,
-                       log_dir: Path, wait: bool = True) -> ApacheKafka:
-    """Format and start ``nodes`` combined broker/controller nodes on free loopback ports.
+                       log_dir: Path, overrides: dict[str, str] | None = None,
+                       wait: bool = True) -> ApacheKafka:
+    """Format and start ``nodes`` combined broker/controller nodes on free loopback ports;
+    ``overrides`` are added to every node's properties (last wins).
 
     Raises :class:`EmbeddedServiceError` if Java or the jars are missing, or a node does not
     come up."""
@@ -193,7 +196,7 @@ def start_apache_kafka(*, nodes: int, libs_dir: Path, properties: Path, data_dir
         node_data = data_dir / f"node-{node_id}"
         config = data_dir / f"node-{node_id}.properties"
         config.write_text(_node_properties(shared, node_id, port, controller, voters,
-                                           node_data.resolve(), nodes))
+                                           node_data.resolve(), nodes, overrides or {}))
         formatted = subprocess.run(
             [*jvm, "kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(config)],
             capture_output=True, text=True, check=False)

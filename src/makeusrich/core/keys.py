@@ -139,3 +139,8 @@ class Topics:
     @property
     def model_control(self) -> str:
         return f"{self.prefix}model-control"
+
+    @property
+    def all(self) -> tuple[str, ...]:
+        return (self.trades, self.candles, self.predictions, self.dead_letter,
+                self.model_control)

@@ -39,6 +39,14 @@ class Settings(BaseSettings):
     )
     kafka_replication_factor: int = Field(
         default=1, ge=1, description="replicas of each topic this app creates")
+    kafka_libs_dir: Path = Field(
+        default=Path(".kafka-libs"),
+        description="Apache Kafka's jars (`make kafka-libs`), for `mur up` with kafka_engine "
+                    "apache")
+    kafka_properties: Path = Field(
+        default=Path("infra/kafka/server.properties"),
+        description="the broker settings `mur up` starts Apache Kafka from (the file the "
+                    "compose stack mounts)")
     redis_port: int | None = Field(default=None, description="embedded redis-server port")
 
     # What to follow.
@@ -68,7 +76,10 @@ class Settings(BaseSettings):
 
     # Storage.
     redis_prefix: str = "mur"
-    topic_prefix: str = ""
+    topic_prefix: str = Field(
+        default="", pattern=r"^[A-Za-z0-9._-]*$",
+        description="prepended to every topic name; Kafka allows ASCII letters, digits, "
+                    "'.', '_' and '-' only")
     trades_partitions: int = 4
     history_maxlen: int = 200_000
     events_maxlen: int = 100_000

@@ -8,8 +8,9 @@ full speed: batches by size) or its first trade has waited ``Settings.trades_lin
 the event loop the trades are sent from; without one, batches wait for the size or
 ``flush()``. An end-of-stream marker first publishes its symbol's batch, so it stays last.
 
-Tansu has no idempotent producer, so delivery is at-least-once; the worker drops
-re-delivered trades by trade id, inside batches too.
+On Apache Kafka the producer is idempotent: a retry after a broker fault never doubles a
+trade on the topic. Tansu has no idempotent producer, so there delivery is at-least-once;
+the worker drops re-delivered trades by trade id, inside batches too.
 """
 
 import asyncio
@@ -132,14 +133,20 @@ class TradePublisher:
         assert settings.kafka_bootstrap, "kafka_bootstrap must be resolved first"
         self._topic = settings.topics.trades
         self._dead_letter_topic = settings.topics.dead_letter
+        # Apache Kafka: the idempotent producer, retrying until delivery_timeout_ms (its
+        # default, 2 min) through leader elections without doubling or reordering a trade.
+        # Tansu has none: a bounded number of retries, one request in flight for order.
+        delivery: dict[str, object] = (
+            {"enable_idempotence": True} if settings.kafka_engine == "apache" else
+            {"enable_idempotence": False, "retries": 10,
+             "max_in_flight_requests_per_connection": 1})
         self._producer = KafkaProducer(
             bootstrap_servers=settings.kafka_bootstrap,
             acks="all",
             linger_ms=5,
             batch_size=256 * 1024,
-            retries=10,
-            max_in_flight_requests_per_connection=1,  # keep per-symbol order across retries
             client_id="mur-ingest",
+            **delivery,
         )
         self._batch_max = settings.trades_batch_max
         self._linger_s = settings.trades_linger_ms / 1000

@@ -1,11 +1,11 @@
 """``/healthz`` (process is up) and ``/readyz`` (Redis, model record and Kafka answer)."""
 
 import asyncio
-from typing import Final
+from typing import Any, Final
 
-from aiokafka.client import AIOKafkaClient
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
+from kafka import KafkaAdminClient
 
 from makeusrich.api.deps import SettingsDep, StoreDep
 from makeusrich.api.models import CheckOut, HealthOut, ReadyOut
@@ -17,6 +17,9 @@ router = APIRouter(tags=["health"])
 
 _REDIS_TIMEOUT_S: Final = 2.0
 _KAFKA_TIMEOUT_S: Final = 3.0
+# Writes need this many in-sync replicas (infra/kafka/server.properties' min.insync.replicas,
+# capped by a topic's replicas): fewer, and producing with acks=all fails.
+_MIN_IN_SYNC: Final = 2
 
 
 @router.get("/healthz", response_model=HealthOut)
@@ -53,27 +56,56 @@ async def _check_model(store: RedisStore) -> tuple[CheckOut, str | None]:
     return CheckOut(ok=True, detail=f"worker serves model {version}"), version
 
 
-async def _check_kafka(bootstrap: str) -> CheckOut:
-    client = AIOKafkaClient(
-        bootstrap_servers=bootstrap,
-        client_id="mur-api-readyz",
-        request_timeout_ms=int(_KAFKA_TIMEOUT_S * 1000),
-    )
+def _describe_topics(bootstrap: str, topics: tuple[str, ...]) -> tuple[list[int], list[Any]]:
+    """(ids of the live brokers, the topics' metadata); blocking."""
+    timeout_ms = int(_KAFKA_TIMEOUT_S * 1000)
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id="mur-api-readyz",
+                             request_timeout_ms=timeout_ms, bootstrap_timeout_ms=timeout_ms)
     try:
-        async with asyncio.timeout(_KAFKA_TIMEOUT_S):
-            await client.bootstrap()  # connects and fetches cluster metadata
-        brokers = len(client.cluster.brokers())
+        brokers = sorted(int(b["broker_id"]) for b in admin.describe_cluster()["brokers"])
+        return brokers, admin.describe_topics(list(topics))
+    finally:
+        admin.close()
+
+
+def _partitions_check(brokers: list[int], described: list[Any]) -> CheckOut:
+    offline: list[str] = []  # no leader, or too few in-sync replicas to accept writes
+    under: list[str] = []  # writable, with fewer replicas in sync than configured
+    for topic in described:
+        if topic["error_code"] != 0:
+            continue  # not created yet (the worker and ingestor create them)
+        for part in topic["partitions"]:
+            name = f"{topic['name']}[{part['partition_index']}]"
+            replicas, isr = part["replica_nodes"], part["isr_nodes"]
+            if part["leader_id"] < 0 or len(isr) < min(_MIN_IN_SYNC, len(replicas)):
+                offline.append(f"{name} (in sync: {isr or 'none'} of {replicas})")
+            elif len(isr) < len(replicas):
+                under.append(f"{name} (in sync: {isr} of {replicas})")
+    where = f"{len(brokers)} broker(s) {brokers}"
+    if offline:
+        return CheckOut(ok=False, detail=f"kafka partitions cannot take writes: "
+                        f"{', '.join(offline)}; {where}")
+    if under:
+        return CheckOut(ok=True, degraded=True, detail=f"kafka under-replicated (a broker is "
+                        f"down or catching up): {', '.join(under)}; {where}")
+    return CheckOut(ok=True, detail=f"kafka metadata from {where}; this app's partitions in sync")
+
+
+async def _check_kafka(bootstrap: str, topics: tuple[str, ...]) -> CheckOut:
+    try:
+        async with asyncio.timeout(_KAFKA_TIMEOUT_S * 2):
+            brokers, described = await asyncio.to_thread(_describe_topics, bootstrap, topics)
     except Exception as exc:
         return CheckOut(ok=False, detail=f"kafka unreachable at {bootstrap}: {_describe(exc)}")
-    finally:
-        await client.close()
-    return CheckOut(ok=True, detail=f"kafka metadata from {brokers} broker(s) at {bootstrap}")
+    return _partitions_check(brokers, described)
 
 
 @router.get("/readyz", response_model=ReadyOut, responses={503: {"model": ReadyOut}})
 async def readyz(settings: SettingsDep, store: StoreDep) -> JSONResponse:
-    """200 when Redis answers, the worker has published its model record and Kafka
-    answers a metadata request (when configured); else 503 naming the failed checks."""
+    """200 when Redis answers, the worker has published its model record and every
+    partition of this app's Kafka topics has a leader and enough in-sync replicas to take
+    writes (when Kafka is configured); else 503 naming the failed checks. 200 with status
+    "degraded" when a partition has fewer replicas in sync than configured."""
     checks: dict[str, CheckOut] = {}
     version: str | None = None
     checks["redis"] = await _check_redis(store)
@@ -82,13 +114,15 @@ async def readyz(settings: SettingsDep, store: StoreDep) -> JSONResponse:
     else:
         checks["model"] = CheckOut(ok=False, detail="not checked: redis unreachable")
     if settings.kafka_bootstrap:
-        checks["kafka"] = await _check_kafka(settings.kafka_bootstrap)
+        checks["kafka"] = await _check_kafka(settings.kafka_bootstrap, settings.topics.all)
     else:
         checks["kafka"] = CheckOut(ok=True, detail="not configured; not checked")
     failed = [name for name, check in checks.items() if not check.ok]
+    degraded = [name for name, check in checks.items() if check.degraded]
     body = ReadyOut(
-        status="unavailable" if failed else "ok",
+        status="unavailable" if failed else "degraded" if degraded else "ok",
         failed=failed,
+        degraded=degraded,
         checks=checks,
         model_version=version,
     )
