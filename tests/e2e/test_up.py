@@ -1,4 +1,5 @@
-"""`mur up` as a user runs it: embedded broker and Redis, a real replay, real HTTP and SSE."""
+"""`mur up` as a user runs it: embedded broker and Redis, a real replay, real HTTP and SSE;
+once on Tansu and once on Apache Kafka (`mur up --kafka apache`)."""
 
 import json
 import os
@@ -45,8 +46,13 @@ def _pids_with_env(marker: str) -> list[int]:
     return pids
 
 
-@pytest.fixture(scope="module")
-def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module",
+                params=["tansu", pytest.param("apache", marks=pytest.mark.apache)])
+def running(tmp_path_factory: pytest.TempPathFactory,
+            request: pytest.FixtureRequest) -> Iterator[Running]:
     state_dir = tmp_path_factory.mktemp("mur-up")
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("MUR_")}
@@ -54,16 +60,18 @@ def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
     # The test polls the API every half second while it waits: lift the anonymous
     # limits (per client IP) of `mur up`'s dev mode; the limits are tested in test_access.py.
     env.update(MUR_ANONYMOUS_RPM="1000000", MUR_ANONYMOUS_DAILY="100000000",
-               MUR_ANONYMOUS_SSE="1000")
+               MUR_ANONYMOUS_SSE="1000",
+               MUR_KAFKA_LIBS_DIR=str(ROOT / ".kafka-libs"),  # `make kafka-libs`
+               MUR_KAFKA_PROPERTIES=str(ROOT / "infra" / "kafka" / "server.properties"))
     process = subprocess.Popen(
         [sys.executable, "-m", "makeusrich", "up", "--source", f"replay:{BUNDLED_SAMPLE}",
          "--speed", "max", "--symbols", "BTCUSDT", "--intervals", "1m,5m",
-         "--api-port", str(port)],
+         "--api-port", str(port), "--kafka", request.param],
         env=env, stdin=subprocess.DEVNULL,
     )
     try:
         base = f"http://127.0.0.1:{port}"
-        wait_http(f"{base}/healthz", process, 60)
+        wait_http(f"{base}/healthz", process, 120)
         yield Running(base, process, state_dir)
     finally:
         if process.poll() is None:
@@ -141,6 +149,9 @@ def test_sse_one_prediction_per_closed_candle_and_resume(running: Running) -> No
 def test_latest_prediction_and_errors(running: Running) -> None:
     _wait_candles(running.base_url, "1m", MINUTES)
     base = running.base_url
+    ready = httpx.get(f"{base}/readyz", timeout=20)
+    assert ready.status_code == 200 and ready.json()["status"] == "ok", ready.text
+    assert "partitions in sync" in ready.json()["checks"]["kafka"]["detail"]
     latest = httpx.get(f"{base}/v1/predictions/BTCUSDT/latest", params={"interval": "1m"})
     assert latest.status_code == 200
     assert latest.json()["candle_open_time"] == binance_klines()[-1]["open_time"]

@@ -193,14 +193,34 @@ def test_dependencies_exist_and_have_healthchecks() -> None:
         assert SERVICES[name]["healthcheck"]["test"], f"{name} has an empty healthcheck"
 
 
-def test_kafka_is_a_single_kraft_node() -> None:
-    env = _environment(SERVICES["kafka"])
-    assert set(env["KAFKA_PROCESS_ROLES"].split(",")) == {"broker", "controller"}
-    node_id = env["KAFKA_NODE_ID"]
-    voters = env["KAFKA_CONTROLLER_QUORUM_VOTERS"].split(",")
-    assert voters == [f"{node_id}@kafka:9093"]
-    assert env["KAFKA_CONTROLLER_LISTENER_NAMES"] in env["KAFKA_LISTENERS"]
-    assert env["KAFKA_OFFSETS_TOPIC_REPLICATION_FACTOR"] == "1"
+def _kafka_config() -> dict[str, str]:
+    """The compose broker's settings as the apache/kafka image merges them: the mounted
+    properties file (its file input), then the KAFKA_* variables (a.b_c -> KAFKA_A_B__C)."""
+    mounts = _mounts(SERVICES["kafka"])
+    source, read_only = mounts["/mnt/shared/config/server.properties"]
+    assert read_only
+    config = {}
+    for line in (ROOT / source).read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            key, value = line.split("=", 1)
+            config[key.strip()] = value.strip()
+    for name, value in _environment(SERVICES["kafka"]).items():
+        if name.startswith("KAFKA_"):
+            config[name[6:].lower().replace("__", "-").replace("_", ".")] = value
+    return config
+
+
+def test_kafka_is_a_single_kraft_node_from_the_shared_properties() -> None:
+    config = _kafka_config()
+    assert _mounts(SERVICES["kafka"])["/mnt/shared/config/server.properties"][0] == \
+        "./infra/kafka/server.properties"  # the file the Apache Kafka test tier runs with
+    assert set(config["process.roles"].split(",")) == {"broker", "controller"}
+    assert config["controller.quorum.voters"] == f"{config['node.id']}@kafka:9093"
+    assert config["controller.listener.names"] in config["listeners"]
+    for key in ("default.replication.factor", "min.insync.replicas",
+                "offsets.topic.replication.factor", "transaction.state.log.replication.factor",
+                "transaction.state.log.min.isr"):
+        assert config[key] == "1", key  # one node
     assert "kafka-broker-api-versions" in " ".join(SERVICES["kafka"]["healthcheck"]["test"])
 
 
@@ -239,7 +259,7 @@ def test_workers_are_replicas_of_one_consumer_group(monkeypatch: pytest.MonkeyPa
     # Whichever service creates the trades topic first, each replica gets a partition.
     for name in OURS:
         assert _settings(SERVICES[name], monkeypatch).trades_partitions >= replicas, name
-    assert int(_environment(SERVICES["kafka"])["KAFKA_NUM_PARTITIONS"]) >= replicas
+    assert int(_kafka_config()["num.partitions"]) >= replicas
 
 
 # nginx configuration: (directive, arguments, block or None)

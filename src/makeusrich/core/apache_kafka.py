@@ -71,12 +71,12 @@ class KafkaNode:
 
     def pause(self) -> None:
         """SIGSTOP: the process stays, its sockets stop answering (a network pause)."""
-        if self.process is not None:
-            os.kill(self.process.pid, signal.SIGSTOP)
+        if self.running:
+            os.kill(self.process.pid, signal.SIGSTOP)  # type: ignore[union-attr]
 
     def resume(self) -> None:
-        if self.process is not None:
-            os.kill(self.process.pid, signal.SIGCONT)
+        if self.running:
+            os.kill(self.process.pid, signal.SIGCONT)  # type: ignore[union-attr]
 
     def stop(self, timeout_s: float = 30.0) -> None:
         """SIGTERM: a controlled shutdown (leadership moves first)."""

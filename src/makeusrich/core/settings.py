@@ -37,6 +37,12 @@ class Settings(BaseSettings):
                     "ingest, exactly-once processing); `mur up` starts the one named here "
                     "when kafka_bootstrap is unset",
     )
+    processing_guarantee: Literal["at_least_once", "exactly_once"] = Field(
+        default="at_least_once",
+        description="the worker's: exactly_once (Apache Kafka only: Faust's transactions; "
+                    "read_committed consumers of candles/predictions see each record once) "
+                    "suits a fixed set of workers: a worker joining a running group stalled "
+                    "under it (README, Running on Apache Kafka)")
     kafka_replication_factor: int = Field(
         default=1, ge=1, description="replicas of each topic this app creates")
     kafka_libs_dir: Path = Field(
@@ -166,6 +172,13 @@ class Settings(BaseSettings):
         if isinstance(data, dict) and not data.get("archive_dir"):
             return {**data, "archive_dir": Path(data.get("state_dir") or ".mur") / "archive"}
         return data
+
+    @model_validator(mode="after")
+    def _transactions_need_apache(self) -> "Settings":
+        if self.processing_guarantee == "exactly_once" and self.kafka_engine != "apache":
+            raise ValueError("processing_guarantee exactly_once needs kafka_engine apache "
+                             "(Tansu has no transactions)")
+        return self
 
     @field_validator("symbols", mode="before")
     @classmethod

@@ -9,10 +9,12 @@ resumes mid-candle. Candles are built by our own event-time code, not Faust's wi
 tables: those close windows on the wall clock and never fire close callbacks for windows
 restored from the changelog.
 
-Delivery is at-least-once (Tansu has no transactions); duplicates are harmless because the
-builders drop trade ids they have seen and Redis refuses a candle id it already holds. The
-``candles``, ``predictions`` and ``trades-dlq`` topics can therefore hold a record more than
-once (after a restart or a rebalance): their consumers key on (symbol, interval, open_time).
+Delivery is at-least-once by default; duplicates are harmless because the builders drop
+trade ids they have seen and Redis refuses a candle id it already holds. The ``candles``,
+``predictions`` and ``trades-dlq`` topics can therefore hold a record more than once (after
+a restart or a rebalance): their consumers key on (symbol, interval, open_time). On Apache
+Kafka, ``Settings.processing_guarantee = "exactly_once"`` runs Faust's transactions (see
+:mod:`makeusrich.stream._transactions`): read_committed consumers see each record once.
 
 Scale-out: workers with the same ``Settings.worker_id`` (the consumer group) share the
 ``trades`` partitions, as evenly as they divide (so up to ``Settings.trades_partitions``
@@ -269,7 +271,7 @@ def create_app(settings: Settings, forecaster: Forecaster | None = None,
     name = f"{settings.worker_id}:{instance}" if instance else settings.worker_id
     # Apache Kafka has transactions: outputs, table snapshots and offsets commit together
     # (stream._transactions), only where snapshot_folded says (see below).
-    exactly_once = settings.kafka_engine == "apache"
+    exactly_once = settings.processing_guarantee == "exactly_once"
     commits: dict[str, Any] = ({"broker_commit_interval": _NEVER_S, "broker_commit_every": _NEVER}
                                if exactly_once else {})
     app = faust.App(

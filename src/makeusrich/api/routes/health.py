@@ -62,7 +62,8 @@ def _describe_topics(bootstrap: str, topics: tuple[str, ...]) -> tuple[list[int]
     admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id="mur-api-readyz",
                              request_timeout_ms=timeout_ms, bootstrap_timeout_ms=timeout_ms)
     try:
-        brokers = sorted(int(b["broker_id"]) for b in admin.describe_cluster()["brokers"])
+        brokers = sorted(int(b["broker_id"]) for b in admin.describe_cluster()["brokers"]
+                         if not b.get("is_fenced"))  # a fenced broker is registered, not live
         return brokers, admin.describe_topics(list(topics))
     finally:
         admin.close()
