@@ -1,9 +1,10 @@
 """Apache Kafka brokers failing under the live path: `mur ingest` (a paced replay of real
 trades) -> the session's 3-node cluster (replication factor 3, min.insync.replicas 2) ->
-`mur worker` (exactly-once) -> Redis, with an API watching. One broker is killed (kill -9)
+`mur worker` -> Redis, with an API watching. One broker is killed (kill -9)
 and restarted, one is paused (SIGSTOP, a network pause) and resumed, then all three are
-restarted in turn. Nothing is lost or doubled: the trades topic holds each trade once, Redis
-and the read_committed candles and predictions topics what an undisturbed run makes; the
+restarted in turn. Nothing is lost or doubled: the trades topic holds each trade once
+(idempotent producer), Redis what an undisturbed run makes, the candles and predictions
+topics each of its records (at least once: the worker's default guarantee); the
 ingestor and the worker ride it out on their own; /readyz says which partitions lost a
 replica while a broker is away."""
 
@@ -103,8 +104,7 @@ def test_broker_killed_paused_and_rolled_lose_and_double_nothing(
     redis_client: redis.Redis, tmp_path: Path,
 ) -> None:
     settings = namespaced_settings(kafka, redis_server.url, tmp_path, intervals=("1m", "5m"),
-                                   source=f"replay:{TRADES_SLICE}", replay_speed=SPEED,
-                                   processing_guarantee="exactly_once")
+                                   source=f"replay:{TRADES_SLICE}", replay_speed=SPEED)
     reference = reference_outputs(settings, [*TRADES, END])
     with worker_processes() as start, serve_in_thread(settings) as api:
         worker = start(settings)
@@ -151,4 +151,5 @@ def test_broker_killed_paused_and_rolled_lose_and_double_nothing(
     trades = Counter((m.symbol, m.trade_id) for m in published if isinstance(m, Trade))
     assert trades == Counter((t.symbol, t.trade_id) for t in TRADES)  # each once
     assert stored_outputs(redis_client, settings) == reference
-    assert topic_counts(settings) == expected_events(reference)
+    # At-least-once (the default): every candle and prediction on the topics, maybe twice.
+    assert set(topic_counts(settings)) == set(expected_events(reference))

@@ -40,9 +40,9 @@ class Settings(BaseSettings):
     processing_guarantee: Literal["at_least_once", "exactly_once"] = Field(
         default="at_least_once",
         description="the worker's: exactly_once (Apache Kafka only: Faust's transactions; "
-                    "read_committed consumers of candles/predictions see each record once) "
-                    "suits a fixed set of workers: a worker joining a running group stalled "
-                    "under it (README, Running on Apache Kafka)")
+                    "read_committed consumers of candles/predictions see each record once "
+                    "across worker kills); not yet dependable with workers joining or broker "
+                    "faults (README, Running on Apache Kafka)")
     kafka_replication_factor: int = Field(
         default=1, ge=1, description="replicas of each topic this app creates")
     kafka_libs_dir: Path = Field(
