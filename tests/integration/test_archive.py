@@ -1,7 +1,6 @@
 """The candle archiver against the real broker, and the archive's Parquet parts."""
 
 import asyncio
-import re
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -10,7 +9,7 @@ import numpy as np
 import pytest
 from kafka import KafkaProducer
 
-from kit.broker import Broker, on_both_brokers
+from kit.broker import Broker, on_both_brokers, topic_safe
 from makeusrich.core.errors import TrainingError
 from makeusrich.core.schemas import Candle, encode
 from makeusrich.core.settings import Settings
@@ -42,7 +41,7 @@ def _minutes(symbol: str, first: int, count: int) -> list[Candle]:
 
 @pytest.fixture
 def settings(kafka: Broker, tmp_path: Path, request: pytest.FixtureRequest) -> Settings:
-    name = re.sub(r"[^A-Za-z0-9._-]", "-", request.node.name)  # legal as a topic name
+    name = topic_safe(request.node.name)
     # Short group timeouts: Tansu delays a group's join by the rebalance timeout, and (its
     # first generation being 0, which aiokafka takes for "never joined") a stopped archiver
     # never leaves its group, so a restarted one waits for the old member's session to end.

@@ -11,7 +11,7 @@ import msgspec
 import pyarrow.parquet as pq
 import pytest
 
-from kit.broker import Broker
+from kit.broker import Broker, topic_safe
 from kit.registry import add_version, bundled_version_dir
 from makeusrich.backtest import Costs
 from makeusrich.backtest.run import run_backtest
@@ -29,7 +29,7 @@ REPORT_FILES = {"metrics.json", "predictions.parquet", "price_forecast.png", "eq
 @pytest.fixture
 def settings(kafka: Broker, redis_server: EmbeddedService, tmp_path: Path,
              request: pytest.FixtureRequest) -> Settings:
-    name = request.node.name.replace("[", "-").replace("]", "")
+    name = topic_safe(request.node.name)
     return Settings(kafka_bootstrap=kafka.url, redis_url=redis_server.url,
                     topic_prefix=f"{name}-", redis_prefix=name, worker_id=name,
                     state_dir=tmp_path / "state", symbols=("BTCUSDT",), intervals=("1m",))

@@ -8,7 +8,7 @@ import msgspec
 import pytest
 import redis
 
-from kit.broker import Broker
+from kit.broker import Broker, topic_safe
 from kit.klines import assert_same_as_binance, binance_klines
 from kit.registry import add_version, corrupt_model
 from kit.worker import history, wait_until, worker_processes, worker_stats
@@ -40,7 +40,7 @@ def registry(tmp_path: Path) -> Path:
 @pytest.fixture
 def settings(kafka: Broker, redis_server: EmbeddedService, tmp_path: Path,
              registry: Path, request: pytest.FixtureRequest) -> Settings:
-    name = request.node.name
+    name = topic_safe(request.node.name)
     settings = Settings(
         kafka_bootstrap=kafka.url, redis_url=redis_server.url, topic_prefix=f"{name}-",
         redis_prefix=name, worker_id=name, state_dir=tmp_path / "state",

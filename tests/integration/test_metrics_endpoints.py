@@ -17,7 +17,7 @@ from kafka import KafkaProducer
 from msgspec.structs import replace
 
 from kit.api import RunningApi, serve_in_thread, settings_factory
-from kit.broker import Broker
+from kit.broker import Broker, topic_safe
 from kit.klines import TRADES_SLICE
 from kit.metrics import Samples, parse, series
 from kit.metrics import sample as get
@@ -159,7 +159,7 @@ async def test_api_counts_redis_errors(make_settings: Callable[..., Settings]) -
 @pytest.fixture
 def worker_settings(kafka: Broker, redis_server: EmbeddedService, tmp_path: Path,
                     request: pytest.FixtureRequest) -> Settings:
-    name = request.node.name
+    name = topic_safe(request.node.name)
     settings = Settings(
         _env_file=None, kafka_bootstrap=kafka.url, redis_url=redis_server.url,
         topic_prefix=f"{name}-", redis_prefix=name, worker_id=name, state_dir=tmp_path,

@@ -11,7 +11,7 @@ import pytest
 from httpx_sse import connect_sse
 
 from kit.api import serve_in_thread
-from kit.broker import Broker
+from kit.broker import Broker, topic_safe
 from kit.builders import bootstrap_candles, kline_candles, scale_volatility
 from kit.worker import worker_over
 from makeusrich.cli import BUNDLED_SAMPLE
@@ -29,7 +29,7 @@ DAY = Path(__file__).parent.parent / "data" / "BTCUSDT-1m-2025-11-20.csv"
 @pytest.fixture
 def settings(kafka: Broker, redis_server: EmbeddedService, tmp_path: Path,
              request: pytest.FixtureRequest) -> Settings:
-    name = request.node.name
+    name = topic_safe(request.node.name)
     return Settings(kafka_bootstrap=kafka.url, redis_url=redis_server.url,
                     topic_prefix=f"{name}-", redis_prefix=name, worker_id=name,
                     state_dir=tmp_path, symbols=("BTCUSDT",), intervals=("1m",),

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from kit.broker import Broker
+from kit.broker import Broker, topic_safe
 from kit.builders import random_trades, topic_trades
 from kit.worker import topic_records
 from makeusrich.core.schemas import EndOfStream, Trade, TradeBatch, trade_decoder
@@ -17,7 +17,7 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture
 def settings(kafka: Broker, tmp_path: Path, request: pytest.FixtureRequest) -> Settings:
-    name = request.node.name
+    name = topic_safe(request.node.name)
     settings = Settings(kafka_bootstrap=kafka.url, topic_prefix=f"{name}-", state_dir=tmp_path,
                         symbols=("BTCUSDT", "ETHUSDT"), trades_batch_max=100,
                         trades_linger_ms=20)

@@ -10,7 +10,7 @@ import pytest
 import redis
 from kafka import KafkaConsumer, KafkaProducer
 
-from kit.broker import Broker, on_both_brokers
+from kit.broker import Broker, on_both_brokers, topic_safe
 from kit.klines import TRADES_SLICE, assert_same_as_binance, binance_klines
 from kit.worker import history, wait_until, worker_processes, worker_stats
 from makeusrich.core.embedded import EmbeddedService
@@ -25,7 +25,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow, on_both_brokers]
 @pytest.fixture
 def settings(kafka: Broker, redis_server: EmbeddedService, tmp_path: Path,
              request: pytest.FixtureRequest) -> Settings:
-    name = request.node.name.replace("[", "-").replace("]", "")
+    name = topic_safe(request.node.name)
     settings = Settings(
         **kafka.settings, redis_url=redis_server.url, topic_prefix=f"{name}-",
         redis_prefix=name, worker_id=name, state_dir=tmp_path, symbols=("BTCUSDT",),

@@ -2,6 +2,7 @@
 
 Modules that must hold on both take ``on_both_brokers`` as a mark; the others get Tansu."""
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -9,7 +10,7 @@ import pytest
 
 from makeusrich.core.apache_kafka import ApacheKafka
 
-__all__ = ["Broker", "on_both_brokers"]
+__all__ = ["Broker", "on_both_brokers", "topic_safe"]
 
 
 @dataclass(frozen=True)
@@ -29,3 +30,9 @@ class Broker:
 #: Runs the tests it marks that use the ``kafka`` fixture once on Tansu and once on Apache
 #: Kafka (those marked ``apache``); see tests/conftest.py's ``pytest_generate_tests``.
 on_both_brokers = pytest.mark.both_brokers
+
+
+def topic_safe(name: str) -> str:
+    """``name`` (e.g. a parametrized test's) with what Kafka refuses in topic names ('[',
+    ' ', quotes...) replaced by '-'."""
+    return re.sub(r"[^A-Za-z0-9._-]", "-", name)
