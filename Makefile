@@ -149,14 +149,19 @@ proxy:
 # Apache Kafka's own jars (the version pinned in infra/kafka/pom.xml), resolved once by Maven
 # with checksums verified, into $(KAFKA_LIBS) (ignored by git): the test suite's 3-broker
 # tier and `mur up --kafka apache` run them with `java`. Debian's maven and JRE 17 if absent.
+# The lock: infra/kafka/kafka-libs.sha256 lists every jar (transitive ones too) by sha256; a
+# jar set that differs fails here. After changing the pom: (cd .kafka-libs && sha256sum
+# *.jar) > infra/kafka/kafka-libs.sha256.
 KAFKA_LIBS := .kafka-libs
 
 kafka-libs: $(KAFKA_LIBS)/.resolved
 
-$(KAFKA_LIBS)/.resolved: infra/kafka/pom.xml
+$(KAFKA_LIBS)/.resolved: infra/kafka/pom.xml infra/kafka/kafka-libs.sha256
 	$(call apt_install,/usr/bin/mvn /usr/bin/java,maven openjdk-17-jre-headless,--no-install-recommends)
 	rm -rf $(KAFKA_LIBS)
 	mvn -q -B --strict-checksums -f infra/kafka/pom.xml -Dkafka.libs.dir=$(abspath $(KAFKA_LIBS)) package
+	cd $(KAFKA_LIBS) && sha256sum --quiet --strict -c $(abspath infra/kafka/kafka-libs.sha256) \
+		&& [ "$$(ls *.jar | wc -l)" = "$$(wc -l < $(abspath infra/kafka/kafka-libs.sha256))" ]
 	touch $@
 
 clean:
