@@ -607,6 +607,7 @@ def create_app(settings: Settings, forecaster: Forecaster | None = None,
                 del partition_of[symbol]
                 pending.pop(symbol, None)
 
+    @app.timer(_STRANDED_AFTER_S)
     async def read_back_stranded() -> None:
         # Seen with Tansu: Faust seeks the partitions to their committed offsets once its
         # fetcher has started, and messages fetched before the seek are never delivered.
@@ -644,8 +645,6 @@ def create_app(settings: Settings, forecaster: Forecaster | None = None,
         for missed_offset, raw in missed:
             await handle(raw, partition, missed_offset)
         delivered[partition] = max(delivered.get(partition, -1), end - 1)
-
-    app.timer(_STRANDED_AFTER_S)(read_back_stranded)
 
     @app.agent(trades_topic)
     async def process(stream: faust.StreamT[bytes]) -> None:
