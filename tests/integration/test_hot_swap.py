@@ -8,7 +8,7 @@ import msgspec
 import pytest
 import redis
 
-from kit.broker import Broker, topic_safe
+from kit.broker import Broker, on_both_brokers, topic_safe
 from kit.klines import assert_same_as_binance, binance_klines
 from kit.registry import add_version, corrupt_model
 from kit.worker import history, wait_until, worker_processes, worker_stats
@@ -21,7 +21,7 @@ from makeusrich.stream.control import announce_model
 from makeusrich.stream.publisher import TradePublisher, ensure_topics
 from makeusrich.stream.sources import read_trades
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, on_both_brokers]
 
 A, B, C = "lstm-hot-a", "lstm-hot-b", "lstm-hot-c"
 

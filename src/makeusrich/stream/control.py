@@ -143,41 +143,34 @@ class ModelWatcher:
         self._consumer: AIOKafkaConsumer | None = None
 
     async def start(self) -> None:
-        # A topic just created reaches every broker's metadata a moment later (Apache Kafka
-        # with several brokers), and a consumer knows the partitions of its bootstrap
-        # metadata only: start afresh for a few seconds before calling the topic missing.
-        deadline = time.monotonic() + _TOPIC_WAIT_S
-        while True:
-            consumer = AIOKafkaConsumer(
-                bootstrap_servers=self._settings.kafka_bootstrap,
-                group_id=None,
-                enable_auto_commit=False,
-                auto_offset_reset="latest",
-                client_id=f"{self._settings.worker_id}-model-watcher",
-            )
-            await consumer.start()
-            try:
-                partitions = consumer.partitions_for_topic(self._topic)
-                if partitions:
-                    await self._assign_at_end(consumer, partitions)
-                    break
-            except BaseException:
-                await consumer.stop()
-                raise
+        # Subscribed without a group, the consumer asks the broker for the topic and takes
+        # every partition it has. (A consumer's first metadata names no topic on Apache
+        # Kafka, so partitions_for_topic() before that is None.)
+        consumer = AIOKafkaConsumer(
+            self._topic,
+            bootstrap_servers=self._settings.kafka_bootstrap,
+            group_id=None,
+            enable_auto_commit=False,
+            auto_offset_reset="latest",
+            client_id=f"{self._settings.worker_id}-model-watcher",
+        )
+        await consumer.start()
+        try:
+            deadline = time.monotonic() + _TOPIC_WAIT_S
+            while not consumer.assignment():
+                if time.monotonic() > deadline:
+                    raise StreamError(f"topic {self._topic} does not exist; run ensure_topics")
+                await asyncio.sleep(0.1)
+            # Resolve the end now: left to the first fetch, "latest" would be some later
+            # moment, and an announcement made in between would be missed.
+            tps = sorted(consumer.assignment())
+            await consumer.seek_to_end(*tps)
+            for tp in tps:
+                await consumer.position(tp)
+        except BaseException:
             await consumer.stop()
-            if time.monotonic() > deadline:
-                raise StreamError(f"topic {self._topic} does not exist; run ensure_topics")
-            await asyncio.sleep(0.2)
+            raise
         self._consumer = consumer
-
-    async def _assign_at_end(self, consumer: AIOKafkaConsumer, partitions: set[int]) -> None:
-        tps = [TopicPartition(self._topic, partition) for partition in sorted(partitions)]
-        consumer.assign(tps)
-        # Resolve the end now: left to the first fetch, "latest" would be some later
-        # moment, and an announcement made in between would be missed.
-        await consumer.seek_to_end(*tps)
-        for tp in tps:
-            await consumer.position(tp)
 
     def champion(self) -> ModelAnnouncement | None:
         """The registry's current shared champion as an announcement (None when none was
