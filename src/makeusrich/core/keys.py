@@ -19,7 +19,8 @@ Redis (``{p}`` is ``Settings.redis_prefix``, ``mur`` by default):
   its drift status, replaced by the worker as each candle closes.
 - ``{p}:model`` — hash describing the model the worker serves (version, loaded_at).
 - ``{p}:worker:{worker_id}`` — hash of the worker's counters (trades, candles, predictions,
-  dead_letters, late, duplicates, model_rejections, end_of_streams, drift_events), refreshed
+  dead_letters, late, duplicates, model_rejections, end_of_streams, drift_events,
+  read_backs) and ``partitions``, the number of trades partitions it holds now; refreshed
   every second. ``worker_id`` is the Faust app id and consumer group. Several workers of one
   group (scale-out) each set ``MUR_WORKER_INSTANCE`` and publish to their own
   ``{p}:worker:{worker_id}:{instance}`` instead; a group's totals are the sum over its

@@ -137,6 +137,7 @@ class WorkerStats:
         self.end_of_streams = 0
         self.drift_events = 0
         self.read_backs = 0  # spans of trades Faust skipped, read back from the topic
+        self.partitions = 0  # trades partitions this instance holds now (not a counter)
 
     def as_dict(self) -> dict[FieldT, EncodableT]:
         """The counters as the Redis hash's fields."""
@@ -449,6 +450,7 @@ def create_app(settings: Settings, forecaster: Forecaster | None = None,
     async def publish_stats() -> None:
         # Skipped while Redis is down: the next beat publishes the then current counters.
         stats.duplicates = pipeline.duplicates
+        stats.partitions = sum(tp.topic == topics.trades for tp in app.consumer.assignment())
         await redis.once("stats", lambda: store.client.hset(
             stats_key, mapping=stats.as_dict()))
 
