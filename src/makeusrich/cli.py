@@ -499,18 +499,17 @@ def _cmd_backtest(args: argparse.Namespace) -> None:
 
 
 def _backtest_summary(result: "BacktestResult") -> str:
-    lines = [f"{'model':<40}{'forecasts':>10}{'MAE':>12}{'skill':>9}{'cover80':>9}"
-             f"{'return':>9}{'sharpe':>8}{'maxDD':>8}{'hold':>9}"]
+    lines = [f"{'model':<40}{'forecasts':>10}{'pinball bp':>11}{'pb skill':>9}{'MAE':>12}"
+             f"{'cover80':>9}{'return':>9}{'sharpe':>8}{'maxDD':>8}{'hold':>9}"]
     for label, model in result.models.items():
-        own = model.metrics["model"]
-        skill = "n/a" if own.skill is None else f"{own.skill:+.4f}"
         for series in model.series:
-            strategy, hold = series.strategy, series.buy_and_hold
+            own, strategy, hold = series.metrics["model"], series.strategy, series.buy_and_hold
+            skill = "n/a" if own.pinball_skill is None else f"{own.pinball_skill:+.4f}"
             sharpe = "n/a" if strategy.sharpe is None else f"{strategy.sharpe:.2f}"
             lines.append(
                 f"{label[:28] + ' ' + series.symbol + ' ' + series.interval:<40}"
-                f"{series.forecasts:>10}{series.metrics['model'].mae:>12.6g}{skill:>9}"
-                f"{series.metrics['model'].coverage_80:>9.1%}{strategy.total_return:>9.2%}"
+                f"{series.forecasts:>10}{own.pinball_bp:>11.4f}{skill:>9}{own.mae:>12.6g}"
+                f"{own.coverage_80:>9.1%}{strategy.total_return:>9.2%}"
                 f"{sharpe:>8}{strategy.max_drawdown:>8.2%}{hold.total_return:>9.2%}"
             )
     costs = result.costs

@@ -33,8 +33,9 @@ def test_a_worse_challenger_is_refused_and_a_better_one_promoted(registry: Regis
     registry.promote(good, "test")
     refused = decide_promotion(registry, bad, [DAY])
     assert not refused.promote
-    assert refused.challenger_mae is not None and refused.champion_mae is not None
-    assert refused.challenger_mae > refused.champion_mae
+    assert refused.challenger_pinball_bp is not None
+    assert refused.champion_pinball_bp is not None
+    assert refused.challenger_pinball_bp > refused.champion_pinball_bp
 
     registry.promote(bad, "test", force=True)
     accepted = decide_promotion(registry, good, [DAY])

@@ -83,10 +83,10 @@ def test_first_run_is_promoted_and_the_second_decided_by_the_rule(
     assert second.last_open_time == first.last_open_time + (1440 - FIRST_CANDLES) * MINUTE
 
     assert first.promoted and first.decision == "no champion yet"
-    assert first.champion is None and first.mae is None
+    assert first.champion is None and first.pinball_bp is None
     assert second.champion == first.version
-    assert second.mae is not None and second.champion_mae is not None
-    assert second.promoted == (second.mae < second.champion_mae)
+    assert second.pinball_bp is not None and second.champion_pinball_bp is not None
+    assert second.promoted == (second.pinball_bp < second.champion_pinball_bp)
     assert ("promoted" if second.promoted else "kept unserved") in second.render()
 
     # A losing version stays in the registry too. (Both may share a second: compare sets.)
@@ -139,7 +139,7 @@ def test_manifest_holds_the_evaluation_on_the_validation_span(
     assert report.overall.forecasts == data.validation_windows
     assert [(s.symbol, s.interval) for s in report.symbols] == [("BTCUSDT", "1m")]
     for scores in (report.overall, *report.symbols):
-        assert set(scores.metrics) == {MODEL, "persistence", "drift", "ema"}
+        assert set(scores.metrics) == {MODEL, "persistence", "ewma_vol", "drift", "ema"}
         for m in scores.metrics.values():
             assert 0 < m.mae <= m.rmse
             assert m.skill is not None and m.directional_accuracy is not None

@@ -113,7 +113,10 @@ def test_html_embeds_the_figures_and_the_metrics(report: _Written) -> None:
             assert f"Forecasts, {title}:" in page
             for name, metrics in series.metrics.items():
                 shown = label if name == MODEL else name
-                assert f"<td>{shown}</td><td>{metrics.mae:.6g}</td><td>{metrics.rmse:.6g}" in page
+                assert (f"<td>{shown}</td><td>{metrics.pinball_bp:.4f}</td>"
+                        f"<td>{metrics.pinball_skill:+.4f}</td>"
+                        f"<td>{metrics.interval_score_bp:.2f}</td><td>{metrics.mae:.6g}</td>"
+                        f"<td>{metrics.rmse:.6g}") in page
                 assert f"<td>{metrics.coverage_80:.1%}</td>" in page
             shown_strategies = (
                 ("directional", series.strategy),

@@ -26,12 +26,16 @@ from makeusrich.trainer.evaluate import (
     MODEL,
     DriftForecaster,
     EmaForecaster,
+    EwmaVolatilityForecaster,
     Report,
     baseline_forecasters,
     evaluate,
     evaluate_paths,
     feature_windows,
     fit_train_normalisation,
+    forecast_metrics,
+    interval_score,
+    pinball,
     resolve_forecaster,
     walk_forward_splits,
 )
@@ -234,6 +238,29 @@ def test_ema_is_a_normalised_exponential_average_of_the_window() -> None:
     assert forecast.upper == pytest.approx(expected * math.exp(Z80 * sigma), rel=1e-12)
 
 
+def test_ewma_volatility_band_weighs_recent_moves_more() -> None:
+    closes = [999.0, 100.0, 101.0, 99.0, 99.5]
+    returns = np.diff(np.log(closes[1:]))
+    decay = 0.9
+    weights = decay ** np.array([2.0, 1.0, 0.0])
+    sigma = math.sqrt(float(np.dot(weights, returns**2) / weights.sum()))
+
+    forecast = EwmaVolatilityForecaster(window=3, decay=decay).predict(_candles(closes))
+
+    assert forecast is not None
+    assert forecast.predicted_close == 99.5  # no move
+    assert forecast.upper == pytest.approx(99.5 * math.exp(Z80 * sigma), rel=1e-12)
+    assert forecast.lower == pytest.approx(99.5 * math.exp(-Z80 * sigma), rel=1e-12)
+    # The same moves, the big one last: a wider band than with it first.
+    calm_then_big = EwmaVolatilityForecaster(window=3).predict(_candles([100.0, 100.1, 100.0,
+                                                                           102.0]))
+    big_then_calm = EwmaVolatilityForecaster(window=3).predict(_candles([100.0, 102.0, 102.1,
+                                                                           102.0]))
+    assert calm_then_big is not None and big_then_calm is not None
+    assert (calm_then_big.upper / calm_then_big.predicted_close
+            > big_then_calm.upper / big_then_calm.predicted_close)
+
+
 def test_baselines_batch_mixed_lengths_like_single_predictions() -> None:
     closes = [100.0 + math.sin(i) for i in range(40)]
     histories = [_candles(closes[:n]) for n in (40, 0, 2, 3, 12, 31, 5)]
@@ -315,6 +342,53 @@ def test_directional_accuracy_leaves_out_unmoved_closes() -> None:
     flat = evaluate(_Scripted(_series([100.0] * 40), "up"), _series([100.0] * 40)).overall
     assert flat.metrics[MODEL].directional_accuracy is None
     assert flat.metrics[MODEL].skill is None  # persistence is exact: skill is undefined
+
+
+def test_pinball_and_interval_score_by_hand() -> None:
+    last = np.array([100.0, 100.0, 200.0])
+    actual = np.array([101.0, 97.0, 200.0])
+    band = np.array([[99.0, 100.0, 102.0],   # inside: 1 above the median
+                     [98.0, 100.0, 102.0],   # 1 below the lower quantile
+                     [200.0, 200.0, 200.0]])  # a zero-width band on the close
+    # Pinball per quantile q: q x (y - f) above, (1 - q) x (f - y) below; in bp of last.
+    first = (0.1 * 2 + 0.5 * 1 + 0.1 * 1) / 3 * 100
+    second = (0.9 * 1 + 0.5 * 3 + 0.1 * 5) / 3 * 100
+    assert pinball(band, last, actual) == pytest.approx([first, second, 0.0])
+    # Interval score of the 80% interval: width + 2 / 0.2 x the miss.
+    assert interval_score(band, last, actual) == pytest.approx([300.0, 400.0 + 1000.0, 0.0])
+
+    m = forecast_metrics(band, last, actual, mae_base=1.0, pinball_base_bp=2 * first)
+    assert m.pinball_bp == pytest.approx((first + second) / 3)
+    assert m.pinball_skill == pytest.approx(1 - (first + second) / 3 / (2 * first))
+    assert m.interval_score_bp == pytest.approx(1700.0 / 3)
+    assert forecast_metrics(band, last, actual, 1.0, None).pinball_skill is None
+
+
+def test_pinball_prefers_the_true_quantiles() -> None:
+    # Proper: on normal moves, the normal quantiles beat a band too wide or too narrow.
+    rng = np.random.default_rng(4)
+    last = np.full(200_000, 100.0)
+    actual = last * np.exp(rng.normal(0.0, 1e-3, len(last)))
+
+    def loss(scale: float) -> float:
+        z = Z80 * 1e-3 * scale
+        band = last[:, None] * np.exp(np.array([-z, 0.0, z]))
+        return float(pinball(band, last, actual).mean())
+
+    assert loss(1.0) < loss(0.7) and loss(1.0) < loss(1.4)
+
+
+def test_persistence_sets_the_pinball_skill_of_every_forecaster() -> None:
+    rng = np.random.default_rng(5)
+    series = _series(100 * np.exp(np.cumsum(rng.normal(0, 1e-3, 300))))
+
+    metrics = evaluate(_Scripted(series, "oracle"), series).overall.metrics
+
+    assert metrics["persistence"].pinball_skill == 0.0
+    assert metrics[MODEL].pinball_bp == 0.0 and metrics[MODEL].pinball_skill == 1.0
+    assert metrics[MODEL].interval_score_bp == 0.0
+    for name, m in metrics.items():
+        assert m.pinball_bp >= 0 and m.interval_score_bp >= m.interval_width_bp, name
 
 
 def test_huge_interval_covers_everything() -> None:
@@ -433,7 +507,7 @@ def test_report_serialises_and_renders() -> None:
     text = report.render()
     assert "model scripted: 9 forecasts" in text
     assert "n/a" in text
-    for name in (MODEL, "persistence", "drift", "ema"):
+    for name in (MODEL, "persistence", "ewma_vol", "drift", "ema"):
         assert name in text
     assert "overall" not in text  # one symbol: its table is the overall one
 

@@ -36,7 +36,7 @@ def _expected(candles: Sequence[Candle], predictions: Sequence[Prediction]) -> d
     last = np.array([p.last_close for p in predictions])
     actual = np.array([c.close for c in candles[1 : len(predictions) + 1]])
     base = float(np.mean(np.abs(last - actual)))
-    m = forecast_metrics(band, last, actual, base)
+    m = forecast_metrics(band, last, actual, base, None)
     return {
         "mae": m.mae,
         "mae_persistence": base,

@@ -294,6 +294,9 @@ def _forecast_rows(label: str, metrics: Mapping[str, Metrics]) -> list[list[str]
     return [
         [
             label if name == MODEL else name,
+            _num(m.pinball_bp, ".4f"),
+            _num(m.pinball_skill, "+.4f"),
+            _num(m.interval_score_bp, ".2f"),
             _num(m.mae, ".6g"),
             _num(m.rmse, ".6g"),
             _num(m.skill, "+.4f"),
@@ -305,7 +308,8 @@ def _forecast_rows(label: str, metrics: Mapping[str, Metrics]) -> list[list[str]
     ]
 
 
-_FORECAST_HEADER = ["forecaster", "MAE", "RMSE", "skill", "direction", "coverage 80%", "width bp"]
+_FORECAST_HEADER = ["forecaster", "pinball bp", "pinball skill", "interval score bp", "MAE",
+                    "RMSE", "skill", "direction", "coverage 80%", "width bp"]
 _STRATEGY_HEADER = [
     "series",
     "strategy",

@@ -27,7 +27,7 @@ from makeusrich.core.errors import ConfigError
 from makeusrich.core.intervals import interval_ms
 from makeusrich.core.schemas import Candle, Prediction
 from makeusrich.inference.features import FloatArray
-from makeusrich.trainer.evaluate import MODEL, Metrics, baseline_forecasters, forecast_metrics
+from makeusrich.trainer.evaluate import MODEL, Metrics, baseline_forecasters, score_forecasters
 
 __all__ = [
     "NAIVE",
@@ -431,13 +431,6 @@ def _strategy_metrics(trades: _Trades, interval: str) -> StrategyMetrics:
     )
 
 
-def _forecast_metrics(
-    last: FloatArray, actual: FloatArray, bands: Mapping[str, FloatArray]
-) -> dict[str, Metrics]:
-    mae_base = float(np.mean(np.abs(last - actual)))
-    return {name: forecast_metrics(b, last, actual, mae_base) for name, b in bands.items()}
-
-
 def _series_backtest(s: _Series) -> SeriesBacktest:
     return SeriesBacktest(
         symbol=s.symbol,
@@ -447,7 +440,7 @@ def _series_backtest(s: _Series) -> SeriesBacktest:
         unscored=s.unscored,
         first_target_open_time=int(s.target_time[0]),
         last_target_open_time=int(s.target_time[-1]),
-        metrics=_forecast_metrics(s.last, s.actual, s.bands),
+        metrics=score_forecasters(s.bands, s.last, s.actual),
         strategy=_strategy_metrics(s.strategy, s.interval),
         buy_and_hold=_strategy_metrics(s.buy_and_hold, s.interval),
     )
@@ -464,10 +457,10 @@ def _model_backtest(model: _Model) -> ModelBacktest:
         unscored=model.unscored,
         first_target_open_time=min(s.first_target_open_time for s in series),
         last_target_open_time=max(s.last_target_open_time for s in series),
-        metrics=_forecast_metrics(
+        metrics=score_forecasters(
+            pooled,
             np.concatenate([s.last for s in parts]),
             np.concatenate([s.actual for s in parts]),
-            pooled,
         ),
         mean_total_return=float(np.mean([s.strategy.total_return for s in series])),
         mean_buy_and_hold_return=float(np.mean([s.buy_and_hold.total_return for s in series])),

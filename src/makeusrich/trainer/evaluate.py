@@ -1,8 +1,10 @@
 """Honest evaluation of forecasters: time-ordered splits, baselines and scored forecasts.
 
-:func:`evaluate` replays candle series through a forecaster and three baselines (persistence,
-drift, EMA), forecasting every next close only from the candles up to it, and scores them on
-identical candles. A span can be selected so that models are compared on candles none of
+:func:`evaluate` replays candle series through a forecaster and the baselines (persistence,
+EWMA volatility, drift, EMA), forecasting every next close only from the candles up to it,
+and scores them on identical candles. The main score is proper: the mean pinball loss over
+the three served quantiles (10%, 50%, 90%), next to the 80% interval's score, coverage and
+width, and MAE. A span can be selected so that models are compared on candles none of
 them trained on; the report says when the span overlaps a model's training data.
 :func:`walk_forward_splits` gives leak-free train/test index splits of time-ordered samples.
 
@@ -10,7 +12,7 @@ Only numpy and onnxruntime are needed, never torch.
 """
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -32,6 +34,8 @@ from makeusrich.inference.features import (
     log_returns,
 )
 from makeusrich.inference.model import (
+    QUANTILES,
+    Z80,
     Forecast,
     Forecaster,
     Manifest,
@@ -47,6 +51,7 @@ __all__ = [
     "MODEL",
     "DriftForecaster",
     "EmaForecaster",
+    "EwmaVolatilityForecaster",
     "Metrics",
     "Report",
     "Scores",
@@ -58,7 +63,10 @@ __all__ = [
     "feature_windows",
     "fit_train_normalisation",
     "forecast_metrics",
+    "interval_score",
+    "pinball",
     "resolve_forecaster",
+    "score_forecasters",
     "walk_forward_splits",
 ]
 
@@ -71,6 +79,10 @@ _CHUNK = 4096  # histories per predict_batch call; bounds memory on long spans
 _BP = 1e4
 # Two returns are the fewest that say anything about their spread.
 _MIN_CANDLES = 3
+#: A band's columns (lower, predicted, upper) are these quantiles of the next close.
+_LEVELS = np.asarray(QUANTILES)
+#: The band (lower, upper) is the central 1 - _ALPHA interval.
+_ALPHA = 1.0 - (QUANTILES[-1] - QUANTILES[0])
 
 
 # --- walk-forward splits ----------------------------------------------------------------
@@ -206,6 +218,24 @@ class DriftForecaster(_CloseBaseline):
         return centre
 
 
+class EwmaVolatilityForecaster(_CloseBaseline):
+    """Persistence with an EWMA volatility band (RiskMetrics): no move, ± Z80 sigma, where
+    sigma² is the exponentially weighted mean (``decay`` per candle, weights normalised over
+    the window) of the squared log returns, so recent moves widen the band sooner."""
+
+    version = "ewma_vol"
+
+    def __init__(self, window: int = 30, decay: float = 0.94) -> None:
+        super().__init__(window)
+        self.decay = decay
+
+    def log_quantiles(self, closes: FloatArray) -> FloatArray:
+        returns = _returns(closes)
+        weights = self.decay ** np.arange(returns.shape[1] - 1, -1, -1, dtype=np.float64)
+        sigma = np.sqrt(returns**2 @ (weights / weights.sum()))
+        return np.stack([-Z80 * sigma, np.zeros_like(sigma), Z80 * sigma], axis=-1)
+
+
 class EmaForecaster(_CloseBaseline):
     """EMA: next close = exponential moving average of the window's closes, with smoothing
     2 / (window + 1) and weights normalised over the window (no seed value)."""
@@ -225,6 +255,7 @@ def baseline_forecasters(window: int = 30) -> dict[str, Forecaster]:
     forecaster that skill is measured against."""
     return {
         "persistence": _Persistence(window),
+        "ewma_vol": EwmaVolatilityForecaster(window),
         "drift": DriftForecaster(window),
         "ema": EmaForecaster(window),
     }
@@ -236,6 +267,11 @@ def baseline_forecasters(window: int = 30) -> dict[str, Forecaster]:
 class Metrics(msgspec.Struct, frozen=True):
     """Scores of one forecaster's next-close forecasts.
 
+    ``pinball_bp``, the main score (proper: only the true quantiles minimise it): the mean
+    pinball loss over the 10%, 50% and 90% quantiles (lower, predicted, upper), in basis
+    points of the last close; ``pinball_skill`` = 1 - pinball_bp / persistence's (None
+    without persistence, or when it is exact). ``interval_score_bp``: the 80% interval's
+    score (its width, plus 2/0.2 times how far a close falls outside it), in basis points.
     ``mae``/``rmse`` are in quote currency. ``skill`` = 1 - mae / mae of persistence (None
     when persistence is exact). ``directional_accuracy``: share of candles whose close moved
     where the forecast's move (predicted - last close) has the realised move's sign; a
@@ -250,6 +286,9 @@ class Metrics(msgspec.Struct, frozen=True):
     directional_accuracy: float | None
     coverage_80: float
     interval_width_bp: float
+    pinball_bp: float
+    pinball_skill: float | None
+    interval_score_bp: float
 
 
 class Scores(msgspec.Struct, frozen=True, kw_only=True):
@@ -318,19 +357,23 @@ def _percent(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.1%}"
 
 
+def _signed(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:+.4f}"
+
+
 def _render_scores(title: str, scores: Scores) -> list[str]:
     lines = [
         f"{title}: {scores.forecasts} forecasts, targets {_utc(scores.first_target_open_time)}"
         f" .. {_utc(scores.last_target_open_time)} UTC",
-        f"  {'forecaster':<12}{'MAE':>12}{'RMSE':>12}{'skill':>9}{'direction':>11}"
-        f"{'cover80':>9}{'width bp':>10}",
+        f"  {'forecaster':<12}{'pinball bp':>11}{'pb skill':>9}{'IS80 bp':>9}{'cover80':>9}"
+        f"{'width bp':>10}{'MAE':>12}{'skill':>9}{'direction':>11}",
     ]
     for name, m in scores.metrics.items():
-        skill = "n/a" if m.skill is None else f"{m.skill:+.4f}"
         lines.append(
-            f"  {name:<12}{m.mae:>12.6g}{m.rmse:>12.6g}{skill:>9}"
-            f"{_percent(m.directional_accuracy):>11}{_percent(m.coverage_80):>9}"
-            f"{m.interval_width_bp:>10.2f}"
+            f"  {name:<12}{m.pinball_bp:>11.4f}{_signed(m.pinball_skill):>9}"
+            f"{m.interval_score_bp:>9.2f}{_percent(m.coverage_80):>9}"
+            f"{m.interval_width_bp:>10.2f}{m.mae:>12.6g}{_signed(m.skill):>9}"
+            f"{_percent(m.directional_accuracy):>11}"
         )
     return lines
 
@@ -417,11 +460,30 @@ def _score_series(
     )
 
 
+def pinball(band: FloatArray, last: FloatArray, actual: FloatArray) -> FloatArray:
+    """Per forecast: the mean pinball loss of ``band``'s three quantiles (lower, predicted,
+    upper per row) of closes ``actual``, in basis points of the last closes ``last``."""
+    error = (actual[:, None] - band) / last[:, None] * _BP
+    loss: FloatArray = np.maximum(_LEVELS * error, (_LEVELS - 1.0) * error).mean(axis=1)
+    return loss
+
+
+def interval_score(band: FloatArray, last: FloatArray, actual: FloatArray) -> FloatArray:
+    """Per forecast: the interval score of the central interval [lower, upper] of ``band``
+    (Gneiting & Raftery: width + 2/alpha x the miss), in basis points of ``last``."""
+    lower, upper = band[:, 0], band[:, 2]
+    miss = np.maximum(lower - actual, 0.0) + np.maximum(actual - upper, 0.0)
+    score: FloatArray = (upper - lower + 2.0 / _ALPHA * miss) / last * _BP
+    return score
+
+
 def forecast_metrics(
-    band: FloatArray, last: FloatArray, actual: FloatArray, mae_base: float
+    band: FloatArray, last: FloatArray, actual: FloatArray, mae_base: float,
+    pinball_base_bp: float | None,
 ) -> Metrics:
     """:class:`Metrics` of forecasts ``band`` (lower, predicted, upper per row) of closes
-    ``actual`` made at closes ``last``; skill is measured against ``mae_base``."""
+    ``actual`` made at closes ``last``; skills are measured against ``mae_base`` and
+    ``pinball_base_bp`` (None: no pinball skill)."""
     lower, predicted, upper = band[:, 0], band[:, 1], band[:, 2]
     error = predicted - actual
     mae = float(np.mean(np.abs(error)))
@@ -429,6 +491,7 @@ def forecast_metrics(
     called = np.sign(predicted - last)
     moved = realised != 0
     hits = np.where(called == 0, 0.5, (called == realised).astype(np.float64))[moved]
+    loss = float(np.mean(pinball(band, last, actual)))
     return Metrics(
         mae=mae,
         rmse=float(np.sqrt(np.mean(error**2))),
@@ -436,7 +499,23 @@ def forecast_metrics(
         directional_accuracy=float(hits.mean()) if len(hits) else None,
         coverage_80=float(np.mean((actual >= lower) & (actual <= upper))),
         interval_width_bp=float(np.mean((upper - lower) / last) * _BP),
+        pinball_bp=loss,
+        pinball_skill=(1.0 - loss / pinball_base_bp
+                       if pinball_base_bp is not None and pinball_base_bp > 0 else None),
+        interval_score_bp=float(np.mean(interval_score(band, last, actual))),
     )
+
+
+def score_forecasters(
+    bands: Mapping[str, FloatArray], last: FloatArray, actual: FloatArray
+) -> dict[str, Metrics]:
+    """:func:`forecast_metrics` of each forecaster's ``bands``, skills measured against
+    persistence (its pinball from ``bands["persistence"]``, when there)."""
+    mae_base = float(np.mean(np.abs(last - actual)))
+    naive = bands.get("persistence")
+    pinball_base = None if naive is None else float(np.mean(pinball(naive, last, actual)))
+    return {name: forecast_metrics(b, last, actual, mae_base, pinball_base)
+            for name, b in bands.items()}
 
 
 def _scores(parts: Sequence[_Scored]) -> dict[str, Any]:
@@ -444,12 +523,11 @@ def _scores(parts: Sequence[_Scored]) -> dict[str, Any]:
     last = np.concatenate([p.last for p in parts])
     actual = np.concatenate([p.actual for p in parts])
     bands = {name: np.concatenate([p.bands[name] for p in parts]) for name in parts[0].bands}
-    mae_base = float(np.mean(np.abs(last - actual)))
     return {
         "forecasts": len(target_time),
         "first_target_open_time": int(target_time.min()),
         "last_target_open_time": int(target_time.max()),
-        "metrics": {name: forecast_metrics(b, last, actual, mae_base) for name, b in bands.items()},
+        "metrics": score_forecasters(bands, last, actual),
     }
 
 

@@ -1,5 +1,7 @@
-"""The promotion rule: a challenger becomes champion only if it beats the current champion
-on the same recent hold-out span; otherwise it stays in the registry, unserved."""
+"""The promotion rule: a challenger becomes champion only if its forecasts score a lower
+mean pinball loss (:func:`makeusrich.trainer.evaluate.pinball`, a proper score of the served
+quantiles) than the current champion's on the same recent hold-out span; otherwise it stays
+in the registry, unserved."""
 
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,8 +23,8 @@ HOLDOUT_FRACTION = 0.15  # the most recent share of the candles, as in training'
 class Decision:
     promote: bool
     reason: str
-    challenger_mae: float | None = None
-    champion_mae: float | None = None
+    challenger_pinball_bp: float | None = None
+    champion_pinball_bp: float | None = None
 
 
 def decide_promotion(
@@ -49,13 +51,13 @@ def decide_promotion(
     start = max(start, trained.validation_first_target_open_time)
     scores = {
         version: evaluate(OnnxForecaster(registry.root / version), series,
-                          start_open_time=start).overall.metrics[MODEL].mae
+                          start_open_time=start).overall.metrics[MODEL].pinball_bp
         for version in (challenger, champion)
     }
     ours, theirs = scores[challenger], scores[champion]
     span = f"hold-out from open_time {start} ({len(series)} series)"
     if ours < theirs:
-        return Decision(True, f"MAE {ours:.4f} < champion {champion}'s {theirs:.4f} on {span}",
-                        ours, theirs)
-    return Decision(False, f"MAE {ours:.4f} >= champion {champion}'s {theirs:.4f} on {span}",
-                    ours, theirs)
+        return Decision(True, f"pinball {ours:.4f} bp < champion {champion}'s {theirs:.4f} bp "
+                        f"on {span}", ours, theirs)
+    return Decision(False, f"pinball {ours:.4f} bp >= champion {champion}'s {theirs:.4f} bp "
+                    f"on {span}", ours, theirs)

@@ -65,9 +65,9 @@ def parse_duration(text: str) -> float:
 class RunSummary:
     """One scheduled run; ``started_at`` and the open times in UTC epoch ms.
 
-    ``version`` and the data fields are None when training failed. ``mae`` and
-    ``champion_mae`` are the promotion rule's hold-out MAEs of the new version and of
-    ``champion`` (the champion it was compared with), None when there was none;
+    ``version`` and the data fields are None when training failed. ``pinball_bp`` and
+    ``champion_pinball_bp`` are the promotion rule's hold-out pinball losses of the new
+    version and of ``champion`` (the champion it was compared with), None when there was none;
     ``validation_mae`` is the manifest's. ``decision``: the rule's reason. ``error``: why
     the run failed (None when it did not).
     """
@@ -85,8 +85,8 @@ class RunSummary:
     candles: int | None = None
     validation_mae: float | None = None
     champion: str | None = None
-    mae: float | None = None
-    champion_mae: float | None = None
+    pinball_bp: float | None = None
+    champion_pinball_bp: float | None = None
     promoted: bool = False
     announced: bool = False
     decision: str | None = None
@@ -107,9 +107,9 @@ class RunSummary:
                 f"  data      {','.join(self.symbols)} {self.interval}, "
                 f"{_utc(self.first_open_time)} .. {_utc(self.last_open_time)} UTC, "
                 f"{self.candles} candles",
-                f"  MAE       {_number(self.mae)} on the hold-out vs "
-                f"{_number(self.champion_mae)} of champion {self.champion or '(none)'}; "
-                f"{_number(self.validation_mae)} on its validation span",
+                f"  pinball   {_number(self.pinball_bp)} bp on the hold-out vs "
+                f"{_number(self.champion_pinball_bp)} of champion {self.champion or '(none)'}",
+                f"  MAE       {_number(self.validation_mae)} on its validation span",
             ]
         if self.decision is not None:
             outcome = "kept unserved"
@@ -148,7 +148,8 @@ def _run_once(
     summary.validation_mae = manifest.metrics.get("mae")
     summary.champion = registry.champion()
     decision = decide_promotion(registry, manifest.version, data)
-    summary.mae, summary.champion_mae = decision.challenger_mae, decision.champion_mae
+    summary.pinball_bp = decision.challenger_pinball_bp
+    summary.champion_pinball_bp = decision.champion_pinball_bp
     summary.decision = decision.reason
     if not decision.promote:
         return
