@@ -58,11 +58,14 @@ def test_the_api_serves_live_quality_and_drift_status(settings: Settings,
     assert quality[lstm]["scored"] + quality["naive"]["scored"] == 59
     assert quality[lstm]["scored"] == 29  # the LSTM serves from candle 31
     assert quality[lstm]["mae"] > 0 and 0 <= quality[lstm]["coverage_80"] <= 1
+    assert quality[lstm]["pinball_bp"] > 0 and quality["naive"]["pinball_bp"] > 0
     assert monitoring["drift"]["state"] == "warming_up"
     assert unknown.status_code == 404
     # The worker exports the serving model's quality as metrics.
     assert f'mur_quality_mae{{interval="1m",symbol="BTCUSDT"}} {quality[lstm]["mae"]}' \
         in worker_done
+    pinball = quality[lstm]["pinball_bp"]
+    assert f'mur_quality_pinball_bp{{interval="1m",symbol="BTCUSDT"}} {pinball}' in worker_done
     assert 'mur_drift_active{interval="1m",symbol="BTCUSDT"} 0.0' in worker_done
 
 

@@ -19,6 +19,8 @@ from makeusrich.inference import (
     Normalisation,
     bundled_models_dir,
     compute_features,
+    interval_score,
+    pinball,
     read_manifest,
 )
 from makeusrich.trainer.data import CandleSeries
@@ -34,8 +36,6 @@ from makeusrich.trainer.evaluate import (
     feature_windows,
     fit_train_normalisation,
     forecast_metrics,
-    interval_score,
-    pinball,
     resolve_forecaster,
     walk_forward_splits,
 )
@@ -344,38 +344,16 @@ def test_directional_accuracy_leaves_out_unmoved_closes() -> None:
     assert flat.metrics[MODEL].skill is None  # persistence is exact: skill is undefined
 
 
-def test_pinball_and_interval_score_by_hand() -> None:
+def test_forecast_metrics_pool_the_pinball_and_interval_scores() -> None:
     last = np.array([100.0, 100.0, 200.0])
     actual = np.array([101.0, 97.0, 200.0])
-    band = np.array([[99.0, 100.0, 102.0],   # inside: 1 above the median
-                     [98.0, 100.0, 102.0],   # 1 below the lower quantile
-                     [200.0, 200.0, 200.0]])  # a zero-width band on the close
-    # Pinball per quantile q: q x (y - f) above, (1 - q) x (f - y) below; in bp of last.
-    first = (0.1 * 2 + 0.5 * 1 + 0.1 * 1) / 3 * 100
-    second = (0.9 * 1 + 0.5 * 3 + 0.1 * 5) / 3 * 100
-    assert pinball(band, last, actual) == pytest.approx([first, second, 0.0])
-    # Interval score of the 80% interval: width + 2 / 0.2 x the miss.
-    assert interval_score(band, last, actual) == pytest.approx([300.0, 400.0 + 1000.0, 0.0])
-
+    band = np.array([[99.0, 100.0, 102.0], [98.0, 100.0, 102.0], [200.0, 200.0, 200.0]])
+    first, second = pinball(band, last, actual)[:2]
     m = forecast_metrics(band, last, actual, mae_base=1.0, pinball_base_bp=2 * first)
     assert m.pinball_bp == pytest.approx((first + second) / 3)
     assert m.pinball_skill == pytest.approx(1 - (first + second) / 3 / (2 * first))
-    assert m.interval_score_bp == pytest.approx(1700.0 / 3)
+    assert m.interval_score_bp == pytest.approx(float(interval_score(band, last, actual).mean()))
     assert forecast_metrics(band, last, actual, 1.0, None).pinball_skill is None
-
-
-def test_pinball_prefers_the_true_quantiles() -> None:
-    # Proper: on normal moves, the normal quantiles beat a band too wide or too narrow.
-    rng = np.random.default_rng(4)
-    last = np.full(200_000, 100.0)
-    actual = last * np.exp(rng.normal(0.0, 1e-3, len(last)))
-
-    def loss(scale: float) -> float:
-        z = Z80 * 1e-3 * scale
-        band = last[:, None] * np.exp(np.array([-z, 0.0, z]))
-        return float(pinball(band, last, actual).mean())
-
-    assert loss(1.0) < loss(0.7) and loss(1.0) < loss(1.4)
 
 
 def test_persistence_sets_the_pinball_skill_of_every_forecaster() -> None:

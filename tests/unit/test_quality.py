@@ -38,6 +38,7 @@ def _expected(candles: Sequence[Candle], predictions: Sequence[Prediction]) -> d
     base = float(np.mean(np.abs(last - actual)))
     m = forecast_metrics(band, last, actual, base, None)
     return {
+        "pinball_bp": m.pinball_bp,
         "mae": m.mae,
         "mae_persistence": base,
         "skill": m.skill,
@@ -49,6 +50,7 @@ def _expected(candles: Sequence[Candle], predictions: Sequence[Prediction]) -> d
 def _actual(snapshot: QualitySnapshot | None) -> dict[str, object]:
     assert snapshot is not None
     return {
+        "pinball_bp": snapshot.pinball_bp,
         "mae": snapshot.mae,
         "mae_persistence": snapshot.mae_persistence,
         "skill": snapshot.skill,
@@ -196,3 +198,23 @@ def test_restoring_into_a_smaller_window_keeps_the_newest_scores() -> None:
     last = _score_all(fresh, candles, predictions)[-1]
     (snapshot,) = restored.snapshot("BTCUSDT", "1m")
     assert snapshot == last
+
+
+def test_a_state_saved_without_pinball_scores_it_from_new_predictions_only() -> None:
+    candles, predictions = _noisy_case(60, seed=8)
+    original = LiveQuality(window=100)
+    _score_all(original, candles[:31], predictions[:30])
+    state = original.to_state()
+    for series in state["series"]:  # as saved before pinball was kept
+        series["scores"] = [score[:4] for score in series["scores"]]
+
+    restored = LiveQuality.from_state(state)
+    (before,) = restored.snapshot("BTCUSDT", "1m")
+    assert before.pinball_bp is None
+    assert before.mae == original.snapshot("BTCUSDT", "1m")[0].mae
+    later = _score_all(restored, candles[30:], predictions[30:])[-1]
+    fresh = LiveQuality(window=100)
+    only_new = _score_all(fresh, candles[30:], predictions[30:])[-1]
+    assert later is not None and only_new is not None
+    assert later.pinball_bp == only_new.pinball_bp
+    assert later.scored == 59 and later.window == 59

@@ -340,9 +340,10 @@ class BacktestOut(BaseModel):
 
 class QualityOut(BaseModel):
     """Rolling scores of one model version's live forecasts, as their target candles
-    closed (the last ``window`` of ``scored``). ``skill`` = 1 - mae / mae_persistence;
-    ``error_ratio`` = mae / mae_persistence; ``updated_at``: close time of the last scored
-    candle (epoch ms)."""
+    closed (the last ``window`` of ``scored``). ``pinball_bp``, the main score: mean pinball
+    loss of the 10%/50%/90% quantiles in basis points of the last close (lower is better;
+    null until one is scored). ``skill`` = 1 - mae / mae_persistence; ``error_ratio`` =
+    mae / mae_persistence; ``updated_at``: close time of the last scored candle (epoch ms)."""
 
     model_version: str
     window: int
@@ -354,6 +355,7 @@ class QualityOut(BaseModel):
     coverage_80: float
     error_ratio: float | None
     updated_at: int
+    pinball_bp: float | None = None
 
 
 class DriftOut(BaseModel):

@@ -268,6 +268,10 @@ class WorkerMetrics:
         self.quality_hit_rate = Gauge(
             "mur_quality_hit_rate", "Rolling share of predictions with the right direction "
             "(0-1)", series, registry=registry)
+        self.quality_pinball = Gauge(
+            "mur_quality_pinball_bp", "Rolling mean pinball loss of the served model's "
+            "10%/50%/90% quantiles, in basis points of the last close (lower is better)",
+            series, registry=registry)
         self.quality_coverage_80 = Gauge(
             "mur_quality_coverage_80", "Rolling share of closes inside the 10%-90% interval "
             "(0-1; 0.8 when calibrated)", series, registry=registry)
@@ -350,6 +354,8 @@ class WorkerMetrics:
             self.quality_coverage_80.labels(*labels).set(quality.coverage_80)
             if quality.hit_rate is not None:
                 self.quality_hit_rate.labels(*labels).set(quality.hit_rate)
+            if quality.pinball_bp is not None:
+                self.quality_pinball.labels(*labels).set(quality.pinball_bp)
         for feature, value in drift.psi.items():
             self.drift_psi.labels(*labels, feature).set(value)
         if drift.error_ratio_drift is not None:

@@ -40,6 +40,7 @@ from makeusrich.inference.registry import (
     VersionDetails,
     VersionInfo,
 )
+from makeusrich.inference.scoring import interval_score, pinball
 
 __all__ = [
     "CHAMPION_FILE",
@@ -70,9 +71,11 @@ __all__ = [
     "candles_to_array",
     "check_parity",
     "compute_features",
+    "interval_score",
     "load_forecaster",
     "log_returns",
     "naive_log_quantiles",
+    "pinball",
     "prepare_windows",
     "read_manifest",
     "sha256_of",

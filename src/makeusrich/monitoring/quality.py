@@ -12,8 +12,10 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import msgspec
+import numpy as np
 
 from makeusrich.core.schemas import Candle, Prediction
+from makeusrich.inference.scoring import pinball
 
 __all__ = ["LiveQuality", "QualitySnapshot"]
 
@@ -28,8 +30,11 @@ class QualitySnapshot(msgspec.Struct, frozen=True, kw_only=True):
     mae_persistence and ``error_ratio`` = mae / mae_persistence (None when persistence was
     exact on every candle). ``hit_rate``: share of moved closes whose direction the forecast
     called (a forecast of no move counts half, unmoved closes are left out; None when none
-    moved). ``coverage_80``: share of closes inside [lower, upper]. ``updated_at``: close
-    time (UTC epoch ms) of the last scored candle.
+    moved). ``coverage_80``: share of closes inside [lower, upper]. ``pinball_bp``: mean
+    pinball loss of the three quantiles in basis points of the last close
+    (:func:`makeusrich.inference.pinball`, the main score; None while the window holds only
+    scores restored from a state saved before it was kept). ``updated_at``: close time (UTC
+    epoch ms) of the last scored candle.
     """
 
     symbol: str
@@ -44,6 +49,7 @@ class QualitySnapshot(msgspec.Struct, frozen=True, kw_only=True):
     coverage_80: float
     error_ratio: float | None
     updated_at: int
+    pinball_bp: float | None = None
 
 
 class _Score(NamedTuple):
@@ -51,6 +57,7 @@ class _Score(NamedTuple):
     persistence_error: float  # |last_close - close|
     hit: float | None  # 1, 0.5 or 0; None when the close did not move
     inside: bool  # lower <= close <= upper
+    pinball_bp: float | None  # None: restored from a state saved without it
 
 
 @dataclass
@@ -104,6 +111,9 @@ class _Series:
         # No close moved = persistence was exact. Counted, not read off the running sum,
         # which may hold rounding residue instead of a clean zero.
         ratio = mae / mae_persistence if self.moves and mae_persistence > 0 else None
+        # Summed afresh, not kept running: pinball losses are not exact binary fractions
+        # like the errors of prices on ticks, and a restored window must read the same.
+        losses = [s.pinball_bp for s in self.scores if s.pinball_bp is not None]
         return QualitySnapshot(
             symbol=key[0],
             interval=key[1],
@@ -117,6 +127,7 @@ class _Series:
             coverage_80=self.inside / n,
             error_ratio=ratio,
             updated_at=self.updated_at,
+            pinball_bp=math.fsum(losses) / len(losses) if losses else None,
         )
 
 
@@ -139,11 +150,13 @@ def _score(prediction: Prediction, close: float) -> _Score | None:
         hit = 0.5  # no move called: a coin flip, as forecast_metrics counts it
     else:
         hit = 1.0 if called == realised else 0.0
+    band = np.array([[prediction.lower, prediction.predicted_close, prediction.upper]])
     return _Score(
         error=abs(prediction.predicted_close - close),
         persistence_error=abs(last - close),
         hit=hit,
         inside=prediction.lower <= close <= prediction.upper,
+        pinball_bp=float(pinball(band, np.array([last]), np.array([close]))[0]),
     )
 
 
@@ -220,9 +233,10 @@ class LiveQuality:
                     "scored": series.scored,
                     "updated_at": series.updated_at,
                     "last_target_open_time": series.last_target_open_time,
-                    # error, persistence error, hit (None: no move), inside (0/1)
+                    # error, persistence error, hit (None: no move), inside (0/1), pinball
                     "scores": [
-                        [s.error, s.persistence_error, s.hit, int(s.inside)] for s in series.scores
+                        [s.error, s.persistence_error, s.hit, int(s.inside), s.pinball_bp]
+                        for s in series.scores
                     ],
                 }
                 for key, series in ordered
@@ -239,9 +253,11 @@ class LiveQuality:
             kept = item["scores"][-quality.window :]
             if not kept:
                 continue
+            # States saved before pinball was kept have four values per score.
             series.scores.extend(
-                _Score(float(e), float(p), None if h is None else float(h), bool(i))
-                for e, p, h, i in kept
+                _Score(float(e), float(p), None if h is None else float(h), bool(i),
+                       None if not rest or rest[0] is None else float(rest[0]))
+                for e, p, h, i, *rest in kept
             )
             series.resum()
             series.scored = int(item["scored"])

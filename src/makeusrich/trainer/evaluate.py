@@ -34,7 +34,6 @@ from makeusrich.inference.features import (
     log_returns,
 )
 from makeusrich.inference.model import (
-    QUANTILES,
     Z80,
     Forecast,
     Forecaster,
@@ -45,6 +44,7 @@ from makeusrich.inference.model import (
     load_forecaster,
     naive_log_quantiles,
 )
+from makeusrich.inference.scoring import interval_score, pinball
 from makeusrich.trainer.data import CandleSeries, load_series
 
 __all__ = [
@@ -63,8 +63,6 @@ __all__ = [
     "feature_windows",
     "fit_train_normalisation",
     "forecast_metrics",
-    "interval_score",
-    "pinball",
     "resolve_forecaster",
     "score_forecasters",
     "walk_forward_splits",
@@ -79,10 +77,6 @@ _CHUNK = 4096  # histories per predict_batch call; bounds memory on long spans
 _BP = 1e4
 # Two returns are the fewest that say anything about their spread.
 _MIN_CANDLES = 3
-#: A band's columns (lower, predicted, upper) are these quantiles of the next close.
-_LEVELS = np.asarray(QUANTILES)
-#: The band (lower, upper) is the central 1 - _ALPHA interval.
-_ALPHA = 1.0 - (QUANTILES[-1] - QUANTILES[0])
 
 
 # --- walk-forward splits ----------------------------------------------------------------
@@ -458,23 +452,6 @@ def _score_series(
         actual=series.ohlcv[t + 1, _CLOSE],
         bands={name: b[answered] for name, b in bands.items()},
     )
-
-
-def pinball(band: FloatArray, last: FloatArray, actual: FloatArray) -> FloatArray:
-    """Per forecast: the mean pinball loss of ``band``'s three quantiles (lower, predicted,
-    upper per row) of closes ``actual``, in basis points of the last closes ``last``."""
-    error = (actual[:, None] - band) / last[:, None] * _BP
-    loss: FloatArray = np.maximum(_LEVELS * error, (_LEVELS - 1.0) * error).mean(axis=1)
-    return loss
-
-
-def interval_score(band: FloatArray, last: FloatArray, actual: FloatArray) -> FloatArray:
-    """Per forecast: the interval score of the central interval [lower, upper] of ``band``
-    (Gneiting & Raftery: width + 2/alpha x the miss), in basis points of ``last``."""
-    lower, upper = band[:, 0], band[:, 2]
-    miss = np.maximum(lower - actual, 0.0) + np.maximum(actual - upper, 0.0)
-    score: FloatArray = (upper - lower + 2.0 / _ALPHA * miss) / last * _BP
-    return score
 
 
 def forecast_metrics(
