@@ -59,6 +59,8 @@ def test_the_api_serves_live_quality_and_drift_status(settings: Settings,
     assert quality[lstm]["scored"] == 29  # the LSTM serves from candle 31
     assert quality[lstm]["mae"] > 0 and 0 <= quality[lstm]["coverage_80"] <= 1
     assert quality[lstm]["pinball_bp"] > 0 and quality["naive"]["pinball_bp"] > 0
+    (day,) = quality[lstm]["days"]  # one UTC day of targets
+    assert day["scored"] == 29 and day["coverage_80"] == quality[lstm]["coverage_80"]
     assert monitoring["drift"]["state"] == "warming_up"
     assert unknown.status_code == 404
     # The worker exports the serving model's quality as metrics.

@@ -9,6 +9,7 @@ import pytest
 
 from kit.builders import make_candles, make_predictions, random_closes
 from makeusrich.core.schemas import Candle, Prediction
+from makeusrich.inference import pinball
 from makeusrich.monitoring.quality import LiveQuality, QualitySnapshot
 from makeusrich.trainer.evaluate import forecast_metrics
 
@@ -218,3 +219,35 @@ def test_a_state_saved_without_pinball_scores_it_from_new_predictions_only() -> 
     assert later is not None and only_new is not None
     assert later.pinball_bp == only_new.pinball_bp
     assert later.scored == 59 and later.window == 59
+
+
+def test_scores_are_kept_per_utc_day_for_the_last_eight_days() -> None:
+    rng = random.Random(9)
+    hours = 24 * 10 + 1  # ten days of hourly candles from the epoch, and one more
+    closes = [round(c * 2) / 2 for c in random_closes(hours, seed=9, start=1000.0,
+                                                      sigma=0.003)]
+    candles = make_candles(closes, interval="1h", start_ms=0)
+    predicted = [c + rng.gauss(0, 1.0) for c in closes]
+    band = [(p - rng.uniform(0, 4), p + rng.uniform(0, 4)) for p in predicted]
+    predictions = make_predictions(candles, predicted, band=band)
+    quality = LiveQuality(window=48)
+
+    snapshot = _score_all(quality, candles, predictions)[-1]
+
+    assert snapshot is not None
+    # Targets run from hour 1 to hour 240 (day 11's first): the last eight days are kept.
+    assert [d.day for d in snapshot.days] == [f"1970-01-{d:02d}" for d in range(11, 3, -1)]
+    assert snapshot.days[0].scored == 1 and snapshot.days[1].scored == 24
+    for day in snapshot.days:
+        first = (int(day.day[-2:]) - 1) * 24
+        pairs = [(p, c) for p, c in zip(predictions, candles[1:], strict=False)
+                 if first <= c.open_time // 3_600_000 < first + 24]
+        band_rows = np.array([(p.lower, p.predicted_close, p.upper) for p, _ in pairs])
+        last = np.array([p.last_close for p, _ in pairs])
+        actual = np.array([c.close for _, c in pairs])
+        assert day.scored == len(pairs)
+        assert day.coverage_80 == pytest.approx(
+            np.mean((actual >= band_rows[:, 0]) & (actual <= band_rows[:, 2])))
+        assert day.pinball_bp == pytest.approx(pinball(band_rows, last, actual).mean())
+    restored = LiveQuality.from_state(json.loads(json.dumps(quality.to_state())))
+    assert restored.snapshot("BTCUSDT", "1h") == [snapshot]

@@ -338,12 +338,24 @@ class BacktestOut(BaseModel):
     links: BacktestLinksOut
 
 
+class DayQualityOut(BaseModel):
+    """One UTC day's scored targets (``day``: YYYY-MM-DD): how many, the share of closes
+    inside the 80% interval (0.8 when calibrated) and the mean pinball loss in basis points
+    (null when unknown)."""
+
+    day: str
+    scored: int
+    coverage_80: float
+    pinball_bp: float | None
+
+
 class QualityOut(BaseModel):
     """Rolling scores of one model version's live forecasts, as their target candles
     closed (the last ``window`` of ``scored``). ``pinball_bp``, the main score: mean pinball
     loss of the 10%/50%/90% quantiles in basis points of the last close (lower is better;
     null until one is scored). ``skill`` = 1 - mae / mae_persistence; ``error_ratio`` =
-    mae / mae_persistence; ``updated_at``: close time of the last scored candle (epoch ms)."""
+    mae / mae_persistence; ``updated_at``: close time of the last scored candle (epoch ms).
+    ``days``: coverage and pinball per UTC day of the targets, newest first, the last 8 days."""
 
     model_version: str
     window: int
@@ -356,6 +368,7 @@ class QualityOut(BaseModel):
     error_ratio: float | None
     updated_at: int
     pinball_bp: float | None = None
+    days: list[DayQualityOut] = []
 
 
 class DriftOut(BaseModel):

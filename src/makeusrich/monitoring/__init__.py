@@ -11,7 +11,7 @@ from makeusrich.monitoring.monitor import (
     latest_per_series,
     store_observations,
 )
-from makeusrich.monitoring.quality import LiveQuality, QualitySnapshot
+from makeusrich.monitoring.quality import DayQuality, LiveQuality, QualitySnapshot
 from makeusrich.monitoring.reference import (
     REFERENCE_FILE,
     FeatureReference,
@@ -24,6 +24,7 @@ from makeusrich.monitoring.reference import (
 
 __all__ = [
     "REFERENCE_FILE",
+    "DayQuality",
     "DriftEvent",
     "DriftMonitor",
     "DriftStatus",

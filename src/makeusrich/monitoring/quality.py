@@ -9,6 +9,7 @@ never the wall clock, so a replay gives the same snapshots every time.
 import math
 from collections import deque
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
 import msgspec
@@ -17,9 +18,23 @@ import numpy as np
 from makeusrich.core.schemas import Candle, Prediction
 from makeusrich.inference.scoring import pinball
 
-__all__ = ["LiveQuality", "QualitySnapshot"]
+__all__ = ["DayQuality", "LiveQuality", "QualitySnapshot"]
 
 _Key = tuple[str, str, str]  # symbol, interval, model version
+_DAY_MS = 86_400_000
+#: UTC days of per-day scores kept per series: the target's day and the seven before it.
+DAYS_KEPT = 8
+
+
+class DayQuality(msgspec.Struct, frozen=True, kw_only=True):
+    """Scores of one UTC day's targets (``day``: YYYY-MM-DD): how many were scored, the
+    share of closes inside the 80% interval, and the mean pinball loss in basis points
+    (None when none of them has one, see :class:`QualitySnapshot`)."""
+
+    day: str
+    scored: int
+    coverage_80: float
+    pinball_bp: float | None
 
 
 class QualitySnapshot(msgspec.Struct, frozen=True, kw_only=True):
@@ -34,7 +49,8 @@ class QualitySnapshot(msgspec.Struct, frozen=True, kw_only=True):
     pinball loss of the three quantiles in basis points of the last close
     (:func:`makeusrich.inference.pinball`, the main score; None while the window holds only
     scores restored from a state saved before it was kept). ``updated_at``: close time (UTC
-    epoch ms) of the last scored candle.
+    epoch ms) of the last scored candle. ``days``: the same scores per UTC day of the target
+    candles, newest first, for the last :data:`DAYS_KEPT` days (not rolling: whole days).
     """
 
     symbol: str
@@ -50,6 +66,25 @@ class QualitySnapshot(msgspec.Struct, frozen=True, kw_only=True):
     error_ratio: float | None
     updated_at: int
     pinball_bp: float | None = None
+    days: list[DayQuality] = []
+
+
+@dataclass
+class _Day:
+    """Sums over the scored targets of one UTC day."""
+
+    scored: int = 0
+    inside: int = 0
+    pinball_sum: float = 0.0
+    pinball_count: int = 0
+
+    def quality(self, day_ms: int) -> DayQuality:
+        return DayQuality(
+            day=datetime.fromtimestamp(day_ms / 1000, UTC).strftime("%Y-%m-%d"),
+            scored=self.scored,
+            coverage_80=self.inside / self.scored,
+            pinball_bp=self.pinball_sum / self.pinball_count if self.pinball_count else None,
+        )
 
 
 class _Score(NamedTuple):
@@ -70,6 +105,7 @@ class _Series:
     updated_at: int = 0
     last_target_open_time: int = -(2**63)
     order: int = 0  # when it was last updated, among all series
+    days: dict[int, _Day] = field(default_factory=dict)  # UTC day start (ms) -> its sums
     error_sum: float = 0.0
     persistence_sum: float = 0.0
     hit_sum: float = 0.0
@@ -87,6 +123,17 @@ class _Series:
             self.evictions += 1
             if self.evictions >= self.window:
                 self.resum()
+
+    def count_day(self, target_open_time: int, score: _Score) -> None:
+        start = target_open_time - target_open_time % _DAY_MS
+        day = self.days.setdefault(start, _Day())
+        day.scored += 1
+        day.inside += score.inside
+        if score.pinball_bp is not None:
+            day.pinball_sum += score.pinball_bp
+            day.pinball_count += 1
+        for old in [d for d in self.days if d <= start - DAYS_KEPT * _DAY_MS]:
+            del self.days[old]
 
     def _count(self, score: _Score, sign: int) -> None:
         self.error_sum += sign * score.error
@@ -128,6 +175,7 @@ class _Series:
             error_ratio=ratio,
             updated_at=self.updated_at,
             pinball_bp=math.fsum(losses) / len(losses) if losses else None,
+            days=[self.days[d].quality(d) for d in sorted(self.days, reverse=True)],
         )
 
 
@@ -203,6 +251,7 @@ class LiveQuality:
         if series is None:
             series = self._series[key] = _Series(self.window)
         series.add(score)
+        series.count_day(candle.open_time, score)
         series.scored += 1
         series.updated_at = candle.close_time
         series.last_target_open_time = candle.open_time
@@ -238,6 +287,9 @@ class LiveQuality:
                         [s.error, s.persistence_error, s.hit, int(s.inside), s.pinball_bp]
                         for s in series.scores
                     ],
+                    # day start (ms), scored, inside, pinball sum, pinball count
+                    "days": [[start, d.scored, d.inside, d.pinball_sum, d.pinball_count]
+                             for start, d in sorted(series.days.items())],
                 }
                 for key, series in ordered
             ],
@@ -260,6 +312,8 @@ class LiveQuality:
                 for e, p, h, i, *rest in kept
             )
             series.resum()
+            series.days = {int(start): _Day(int(n), int(inside), float(total), int(count))
+                           for start, n, inside, total, count in item.get("days", [])}
             series.scored = int(item["scored"])
             series.updated_at = int(item["updated_at"])
             series.last_target_open_time = int(item["last_target_open_time"])
