@@ -65,7 +65,8 @@ def test_two_models_in_one_report(settings: Settings, tmp_path: Path) -> None:
         model = metrics["models"][name]
         assert model["model_versions"] == [name]
         assert model["forecasts"] > 20  # the hour has 60 candles; the window takes 30
-        assert set(model["metrics"]) == {"model", "persistence", "ewma_vol", "drift", "ema"}
+        assert set(model["metrics"]) == {"model", "persistence", "ewma_vol", "drift", "ema",
+                                         "garch"}
         series = model["series"][0]
         assert series["buy_and_hold"]["candles"] == series["strategy"]["candles"]
     # A shifted return mean biases every forecast: the worse model must score worse.

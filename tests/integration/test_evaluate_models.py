@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow
 
 DAY = Path(__file__).parent.parent / "data" / "BTCUSDT-1m-2025-11-20.csv"
 DAY_START_MS = 1763596800000
-NAMES = (MODEL, "persistence", "ewma_vol", "drift", "ema")
+NAMES = (MODEL, "persistence", "ewma_vol", "drift", "ema", "garch")
 
 
 def _assert_finite(report: Report) -> None:

@@ -139,7 +139,7 @@ def test_manifest_holds_the_evaluation_on_the_validation_span(
     assert report.overall.forecasts == data.validation_windows
     assert [(s.symbol, s.interval) for s in report.symbols] == [("BTCUSDT", "1m")]
     for scores in (report.overall, *report.symbols):
-        assert set(scores.metrics) == {MODEL, "persistence", "ewma_vol", "drift", "ema"}
+        assert set(scores.metrics) == {MODEL, "persistence", "ewma_vol", "drift", "ema", "garch"}
         for m in scores.metrics.values():
             assert 0 < m.mae <= m.rmse
             assert m.skill is not None and m.directional_accuracy is not None

@@ -224,7 +224,7 @@ def test_baselines_are_scored_on_the_model_targets() -> None:
     assert series.unscored == FIRST + 1
     assert series.first_target_open_time == candles[FIRST + 1].open_time
     assert series.last_target_open_time == candles[-1].open_time
-    assert set(series.metrics) == {MODEL, "persistence", "ewma_vol", "drift", "ema"}
+    assert set(series.metrics) == {MODEL, "persistence", "ewma_vol", "drift", "ema", "garch"}
     persistence_mae = np.mean([abs(r.actual_close - r.last_close) for r in rows])
     assert series.metrics["persistence"].mae == pytest.approx(persistence_mae)
     assert series.metrics[MODEL].mae == pytest.approx(np.mean([abs(r.error) for r in rows]))

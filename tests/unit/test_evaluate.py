@@ -9,6 +9,7 @@ from pathlib import Path
 import msgspec
 import numpy as np
 import pytest
+from numpy.typing import NDArray
 
 from makeusrich.core.errors import ModelError, TrainingError
 from makeusrich.core.schemas import Candle
@@ -29,6 +30,7 @@ from makeusrich.trainer.evaluate import (
     DriftForecaster,
     EmaForecaster,
     EwmaVolatilityForecaster,
+    GarchBaseline,
     Report,
     baseline_forecasters,
     evaluate,
@@ -261,6 +263,45 @@ def test_ewma_volatility_band_weighs_recent_moves_more() -> None:
             > big_then_calm.upper / big_then_calm.predicted_close)
 
 
+def _garch_closes(n: int, seed: int, calm_until: int | None = None) -> NDArray[np.float64]:
+    """Closes whose log returns follow a GARCH(1,1) (omega 0.2, alpha 0.1, beta 0.85, in
+    bp); from ``calm_until`` on, four times as volatile."""
+    rng = np.random.default_rng(seed)
+    returns, variance = np.empty(n), 4.0
+    for i in range(n):
+        returns[i] = rng.normal(0.0, np.sqrt(variance))
+        variance = 0.2 + 0.1 * returns[i] ** 2 + 0.85 * variance
+    if calm_until is not None:
+        returns[calm_until:] *= 4
+    return np.asarray(100.0 * np.exp(np.concatenate([[0.0], np.cumsum(returns / 1e4)])))
+
+
+def test_garch_forecasts_from_the_past_only_and_refits_in_blocks() -> None:
+    closes = _garch_closes(3_000, seed=1)
+    at = np.arange(30, len(closes) - 1)
+    garch = GarchBaseline(refit_every=1_000, fit_window=2_000, min_fit=500)
+
+    quantiles = garch.log_quantiles(closes, at)
+
+    # The first block (forecasts at candles 30..1029) has fewer than 500 returns behind it.
+    assert np.isnan(quantiles[:1000]).all() and not np.isnan(quantiles[1000:]).any()
+    assert (quantiles[1000:, 0] == -quantiles[1000:, 2]).all() and (quantiles[1000:, 1] == 0).all()
+    # Changing what comes after a candle changes nothing forecast at or before it.
+    changed = closes.copy()
+    changed[1_800:] *= np.exp(np.linspace(0.0, 0.05, len(closes) - 1_800))
+    again = garch.log_quantiles(changed, at)
+    assert np.array_equal(again[: 1_800 - 30], quantiles[: 1_800 - 30], equal_nan=True)
+    assert not np.array_equal(again[1_800 - 30 :], quantiles[1_800 - 30 :], equal_nan=True)
+
+
+def test_garch_band_widens_when_volatility_jumps() -> None:
+    closes = _garch_closes(4_000, seed=2, calm_until=3_000)
+    at = np.arange(2_000, 3_300)
+    upper = GarchBaseline(refit_every=2_000, fit_window=2_000).log_quantiles(closes, at)[:, 2]
+    before, after = upper[:1000].mean(), upper[-100:].mean()  # the same fitted parameters
+    assert after > 2.5 * before
+
+
 def test_baselines_batch_mixed_lengths_like_single_predictions() -> None:
     closes = [100.0 + math.sin(i) for i in range(40)]
     histories = [_candles(closes[:n]) for n in (40, 0, 2, 3, 12, 31, 5)]
@@ -485,7 +526,7 @@ def test_report_serialises_and_renders() -> None:
     text = report.render()
     assert "model scripted: 9 forecasts" in text
     assert "n/a" in text
-    for name in (MODEL, "persistence", "ewma_vol", "drift", "ema"):
+    for name in (MODEL, "persistence", "ewma_vol", "drift", "ema", "garch"):
         assert name in text
     assert "overall" not in text  # one symbol: its table is the overall one
 

@@ -27,7 +27,14 @@ from makeusrich.core.errors import ConfigError
 from makeusrich.core.intervals import interval_ms
 from makeusrich.core.schemas import Candle, Prediction
 from makeusrich.inference.features import FloatArray
-from makeusrich.trainer.evaluate import MODEL, Metrics, baseline_forecasters, score_forecasters
+from makeusrich.trainer.evaluate import (
+    MODEL,
+    GarchBaseline,
+    Metrics,
+    baseline_forecasters,
+    garch_bands,
+    score_forecasters,
+)
 
 __all__ = [
     "NAIVE",
@@ -376,6 +383,9 @@ def _score_series(
             ],
             dtype=np.float64,
         ).reshape(len(forecasts), 3)
+    bands[GarchBaseline.version] = garch_bands(
+        np.array([c.close for c in candles]), np.array([at for _, at, _ in usable]),
+        bands["persistence"])
     # Every forecaster is scored on the same candles: drop any one of them could not answer.
     answered = np.all([np.isfinite(b).all(axis=1) for b in bands.values()], axis=0)
     if not answered.any():

@@ -1,14 +1,14 @@
 """Honest evaluation of forecasters: time-ordered splits, baselines and scored forecasts.
 
 :func:`evaluate` replays candle series through a forecaster and the baselines (persistence,
-EWMA volatility, drift, EMA), forecasting every next close only from the candles up to it,
-and scores them on identical candles. The main score is proper: the mean pinball loss over
+EWMA volatility, drift, EMA, GARCH(1,1)), forecasting every next close only from the candles
+up to it, and scores them on identical candles. The main score is proper: the mean pinball loss over
 the three served quantiles (10%, 50%, 90%), next to the 80% interval's score, coverage and
 width, and MAE. A span can be selected so that models are compared on candles none of
 them trained on; the report says when the span overlaps a model's training data.
 :func:`walk_forward_splits` gives leak-free train/test index splits of time-ordered samples.
 
-Only numpy and onnxruntime are needed, never torch.
+Only numpy, onnxruntime and (for GARCH) arch are needed, never torch.
 """
 
 import logging
@@ -52,6 +52,7 @@ __all__ = [
     "DriftForecaster",
     "EmaForecaster",
     "EwmaVolatilityForecaster",
+    "GarchBaseline",
     "Metrics",
     "Report",
     "Scores",
@@ -63,6 +64,7 @@ __all__ = [
     "feature_windows",
     "fit_train_normalisation",
     "forecast_metrics",
+    "garch_bands",
     "resolve_forecaster",
     "score_forecasters",
     "walk_forward_splits",
@@ -242,6 +244,56 @@ class EmaForecaster(_CloseBaseline):
         ema = closes @ (weights / weights.sum())
         centre: FloatArray = np.log(ema / closes[:, -1])
         return centre
+
+
+class GarchBaseline:
+    """GARCH(1,1) volatility around no move: the next log return's 10%/90% quantiles are
+    ± Z80 sigma, sigma² forecast by a zero-mean, normal GARCH(1,1) (``arch``).
+
+    It needs more history than a window, so it forecasts a whole series at once
+    (:meth:`log_quantiles`). Its parameters are refitted every ``refit_every`` forecasts on
+    up to ``fit_window`` returns before the first of them (never on what they forecast) and
+    held fixed in between; with fewer than ``min_fit`` returns, or a fit that does not
+    converge, those forecasts are NaN (:func:`evaluate` gives them persistence's band).
+    """
+
+    version = "garch"
+
+    def __init__(self, refit_every: int = 1440, fit_window: int = 10_080,
+                 min_fit: int = 500) -> None:
+        self.refit_every, self.fit_window, self.min_fit = refit_every, fit_window, min_fit
+
+    def log_quantiles(self, closes: FloatArray, at: NDArray[np.int64]) -> FloatArray:
+        """10%/50%/90% log returns ``(len(at), 3)`` of closes[t + 1] over closes[t] for each
+        (ascending) candle index t in ``at``, from the closes up to t only."""
+        from arch import arch_model  # imported here: scipy and pandas, for GARCH only
+
+        returns = np.diff(np.log(closes)) * _BP  # returns[i]: from close i to close i + 1
+        sigma = np.full(len(at), np.nan)
+        for first_row in range(0, len(at), self.refit_every):
+            rows = at[first_row : first_row + self.refit_every]
+            first, last = int(rows[0]), int(rows[-1])
+            lo = max(0, first - self.fit_window)
+            if first - lo < self.min_fit:
+                continue
+            fitted = arch_model(returns[lo:first], mean="Zero", vol="GARCH", p=1, q=1,
+                                rescale=False).fit(disp="off", show_warning=False)
+            if fitted.convergence_flag != 0:
+                continue
+            # Forecast made at candle t: the variance of returns[t], from returns[:t].
+            model = arch_model(returns[lo:last], mean="Zero", vol="GARCH", p=1, q=1,
+                               rescale=False)
+            variance = model.fix(fitted.params).forecast(
+                horizon=1, start=first - 1 - lo, reindex=False).variance.to_numpy()[:, 0]
+            sigma[first_row : first_row + len(rows)] = np.sqrt(variance[rows - first]) / _BP
+        return np.stack([-Z80 * sigma, 0.0 * sigma, Z80 * sigma], axis=-1)  # NaN rows whole
+
+
+def garch_bands(closes: FloatArray, at: NDArray[np.int64], persistence: FloatArray) -> FloatArray:
+    """:class:`GarchBaseline`'s bands (lower, predicted, upper) of closes[t + 1] for the
+    ascending candle indices ``at``; ``persistence``'s band (same rows) where it has none."""
+    band = closes[at, None] * np.exp(GarchBaseline().log_quantiles(closes, at))
+    return np.where(np.isnan(band), persistence, band)
 
 
 def baseline_forecasters(window: int = 30) -> dict[str, Forecaster]:
@@ -443,6 +495,7 @@ def _score_series(
         for name, forecaster in forecasters.items():
             raw[name].extend(forecaster.predict_batch(histories))
     bands = {name: _bands(forecasts) for name, forecasts in raw.items()}
+    bands[GarchBaseline.version] = garch_bands(series.ohlcv[:, _CLOSE], t, bands["persistence"])
     # Every forecaster is scored on the same candles: drop any one of them could not answer.
     answered = np.all([np.isfinite(b).all(axis=1) for b in bands.values()], axis=0)
     t = t[answered]
