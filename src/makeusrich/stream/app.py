@@ -426,11 +426,14 @@ def create_app(settings: Settings, forecaster: Forecaster | None = None,
 
     @app.task
     async def follow_models() -> None:
-        log.info("worker %s serving %s", name, pipeline.forecaster.version)
-        await redis.until_done("model", lambda: store.set_model(pipeline.forecaster.version))
         watcher = ModelWatcher(settings)
         await watcher.start()
         try:
+            # Said once the watcher listens: an announcement made after a client saw this
+            # worker serving is never missed.
+            log.info("worker %s serving %s", name, pipeline.forecaster.version)
+            await redis.until_done("model",
+                                   lambda: store.set_model(pipeline.forecaster.version))
             # A promotion between loading the model and pinning the control topic's end
             # was not announced to this worker: the champion read now covers it.
             try:
