@@ -161,11 +161,16 @@ def read_manifest(version_dir: Path) -> Manifest:
     return manifest
 
 
+def no_move_log_quantiles(sigma: FloatArray) -> FloatArray:
+    """10%/50%/90% next log returns around no move, ± Z80 ``sigma`` (a NaN sigma gives a
+    NaN row)."""
+    return np.stack([-Z80 * sigma, 0.0 * sigma, Z80 * sigma], axis=-1)
+
+
 def naive_log_quantiles(returns: FloatArray) -> FloatArray:
     """The naive forecaster's 10%/50%/90% next log returns from recent log returns (along
     the last axis): no move, ± Z80 standard deviations."""
-    sigma = np.std(returns, axis=-1)
-    return np.stack([-Z80 * sigma, np.zeros_like(sigma), Z80 * sigma], axis=-1)
+    return no_move_log_quantiles(np.std(returns, axis=-1))
 
 
 def _forecast(last_close: float, quantiles: FloatArray) -> Forecast:

@@ -34,7 +34,6 @@ from makeusrich.inference.features import (
     log_returns,
 )
 from makeusrich.inference.model import (
-    Z80,
     Forecast,
     Forecaster,
     Manifest,
@@ -43,6 +42,7 @@ from makeusrich.inference.model import (
     bundled_models_dir,
     load_forecaster,
     naive_log_quantiles,
+    no_move_log_quantiles,
 )
 from makeusrich.inference.scoring import interval_score, pinball
 from makeusrich.trainer.data import CandleSeries, load_series
@@ -228,8 +228,7 @@ class EwmaVolatilityForecaster(_CloseBaseline):
     def log_quantiles(self, closes: FloatArray) -> FloatArray:
         returns = _returns(closes)
         weights = self.decay ** np.arange(returns.shape[1] - 1, -1, -1, dtype=np.float64)
-        sigma = np.sqrt(returns**2 @ (weights / weights.sum()))
-        return np.stack([-Z80 * sigma, np.zeros_like(sigma), Z80 * sigma], axis=-1)
+        return no_move_log_quantiles(np.sqrt(returns**2 @ (weights / weights.sum())))
 
 
 class EmaForecaster(_CloseBaseline):
@@ -286,7 +285,7 @@ class GarchBaseline:
             variance = model.fix(fitted.params).forecast(
                 horizon=1, start=first - 1 - lo, reindex=False).variance.to_numpy()[:, 0]
             sigma[first_row : first_row + len(rows)] = np.sqrt(variance[rows - first]) / _BP
-        return np.stack([-Z80 * sigma, 0.0 * sigma, Z80 * sigma], axis=-1)  # NaN rows whole
+        return no_move_log_quantiles(sigma)
 
 
 def garch_bands(closes: FloatArray, at: NDArray[np.int64], persistence: FloatArray) -> FloatArray:
