@@ -41,8 +41,8 @@ class Settings(BaseSettings):
         default="at_least_once",
         description="the worker's: exactly_once (Apache Kafka only: Faust's transactions; "
                     "read_committed consumers of candles/predictions see each record once "
-                    "across worker kills); not yet dependable with workers joining or broker "
-                    "faults (README, Running on Apache Kafka)")
+                    "across worker kills); not yet dependable under broker faults and untested "
+                    "with workers joining (README, Running on Apache Kafka)")
     kafka_replication_factor: int = Field(
         default=1, ge=1, description="replicas of each topic this app creates")
     kafka_libs_dir: Path = Field(
