@@ -36,7 +36,7 @@ from bench._common import (
     run_stage,
     stage_parser,
 )
-from makeusrich.inference import FEATURES, OnnxForecaster, read_manifest
+from makeusrich.inference import OnnxForecaster, read_manifest
 from makeusrich.trainer import ARCHITECTURES, train
 from makeusrich.trainer.model import build_model
 
@@ -68,7 +68,7 @@ def _latency(version_dir: Path, calls: int) -> dict[str, float]:
     forecaster = OnnxForecaster(version_dir)
     model = build_model(
         manifest.architecture.kind,
-        n_features=len(FEATURES),
+        n_features=len(manifest.features),
         window=manifest.window,
         hidden=manifest.architecture.hidden,
         layers=manifest.architecture.layers,

@@ -36,6 +36,7 @@ from makeusrich.core.embedded import (
 from makeusrich.core.errors import ConfigError, IngestError, MakeUsRichError, StreamError
 from makeusrich.core.intervals import parse_intervals
 from makeusrich.core.settings import Settings
+from makeusrich.inference.features import FEATURES
 from makeusrich.trainer import ARCHITECTURES  # importing the trainer does not import torch
 
 if TYPE_CHECKING:
@@ -234,7 +235,8 @@ def _cmd_train(args: argparse.Namespace) -> None:
 
     version_dir = train(
         [Path(p) for p in args.data], Path(args.out), arch=args.arch, symbols=args.symbols,
-        window=args.window, epochs=args.epochs, layers=args.layers,
+        features=args.features, window=args.window, epochs=args.epochs, layers=args.layers,
+        horizons=args.horizons,
     )
     print(f"model written to {version_dir}")
 
@@ -249,7 +251,7 @@ def _registry(args: argparse.Namespace) -> "Registry":
 def _cmd_evaluate(args: argparse.Namespace) -> None:
     from makeusrich.trainer.evaluate import evaluate_paths
 
-    report = evaluate_paths(args.model, args.data, _registry(args).root)
+    report = evaluate_paths(args.model, args.data, _registry(args).root, holdout=args.holdout)
     print(report.to_json() if args.json else report.render())
 
 
@@ -704,6 +706,17 @@ def _symbol_list(text: str) -> tuple[str, ...]:
     return tuple(x.strip().upper() for x in text.split(",") if x.strip())
 
 
+def _name_list(text: str) -> tuple[str, ...]:
+    return tuple(x.strip() for x in text.split(",") if x.strip())
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in _name_list(text))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not a comma-separated list of integers: {text}") from exc
+
+
 def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--symbols", type=_symbol_list)
     parser.add_argument("--intervals", type=parse_intervals)
@@ -762,7 +775,12 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--out", required=True, help="registry directory for the new version")
     train.add_argument("--arch", default="lstm", choices=ARCHITECTURES)
     train.add_argument("--symbols", type=_symbol_list, help="train on these symbols only")
+    train.add_argument("--features", type=_name_list,
+                       help="comma-separated model features (default: every supported one "
+                       "that all the training candles have), of: " + ",".join(FEATURES))
     train.add_argument("--window", type=int, default=30)
+    train.add_argument("--horizons", type=_int_list, default=(1,), metavar="H,H,...",
+                       help="candles ahead to forecast, from 1, e.g. 1,5,15,60 (default 1)")
     train.add_argument("--epochs", type=int, default=10)
     train.add_argument("--layers", type=int, help="default: the architecture's own")
     train.set_defaults(func=_cmd_train)
@@ -770,6 +788,8 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--model", default="champion", help="VERSION, champion or naive")
     evaluate.add_argument("--data", nargs="+", required=True)
     evaluate.add_argument("--registry", type=Path, help="default: MUR_MODEL_DIR or bundled")
+    evaluate.add_argument("--holdout", type=float, metavar="FRACTION",
+                          help="score only the last FRACTION of the data's span, e.g. 0.15")
     evaluate.add_argument("--json", action="store_true")
     evaluate.set_defaults(func=_cmd_evaluate)
     models = sub.add_parser("models", help="the model registry: list, show, promote, rollback")

@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 import httpx
@@ -39,7 +39,7 @@ CANDLE_FIELDS = {
 }
 PREDICTION_FIELDS = {
     "symbol", "interval", "candle_open_time", "target_open_time", "last_close",
-    "predicted_close", "lower", "upper", "model_version", "made_at", "source",
+    "predicted_close", "lower", "upper", "model_version", "made_at", "source", "horizon",
 }
 
 
@@ -54,14 +54,17 @@ def make_candle(i: int = 0, symbol: str = "BTCUSDT", interval: str = "1m") -> Ca
     )
 
 
-def make_prediction(i: int = 0, symbol: str = "BTCUSDT", interval: str = "1m") -> Prediction:
+def make_prediction(
+    i: int = 0, symbol: str = "BTCUSDT", interval: str = "1m", horizon: int = 1
+) -> Prediction:
     open_time = T0_MS + i * MINUTE_MS
     return Prediction(
         symbol=symbol, interval=interval, candle_open_time=open_time,
-        target_open_time=open_time + MINUTE_MS, last_close=101.25 + i,
-        predicted_close=101.5 + i, lower=100.0 + i, upper=103.0 + i, model_version="v-test",
-        made_at=open_time + MINUTE_MS + 6, source="sim", ts_event=open_time + MINUTE_MS - 1,
-        ts_ingest=open_time + MINUTE_MS + 6,
+        target_open_time=open_time + horizon * MINUTE_MS, last_close=101.25 + i,
+        predicted_close=101.5 + i + horizon, lower=100.0 + i, upper=103.0 + i + horizon,
+        model_version="v-test", made_at=open_time + MINUTE_MS + 6, source="sim",
+        ts_event=open_time + MINUTE_MS - 1, ts_ingest=open_time + MINUTE_MS + 6,
+        horizon=horizon,
     )
 
 
@@ -87,7 +90,7 @@ async def sse(
     client: httpx.AsyncClient,
     api: RunningApi,
     *,
-    params: dict[str, str] | None = None,
+    params: Mapping[str, str | list[str]] | None = None,
     headers: dict[str, str] | None = None,
     subscribers: int = 1,
 ) -> AsyncIterator[EventReader]:
@@ -262,6 +265,20 @@ async def test_symbol_known_only_from_redis(client: httpx.AsyncClient, store: Re
             "unknown symbol 'NOPE'; known: BTCUSDT, ETHUSDT",
         ),
         ("/v1/predictions/BTCUSDT/latest", {}, 404, "no prediction yet for BTCUSDT 1m"),
+        (
+            "/v1/predictions/BTCUSDT/latest", {"horizon": 5}, 404,
+            "no prediction yet for BTCUSDT 1m horizon 5",
+        ),
+        (
+            "/v1/stream", {"horizons": "1,0"}, 422,
+            "invalid horizon '0'; use whole numbers of candles from 1 to 1440, "
+            "comma-separated or repeated, or 'all'",
+        ),
+        (
+            "/v1/stream", {"horizons": ["5", "soon"]}, 422,
+            "invalid horizon 'soon'; use whole numbers of candles from 1 to 1440, "
+            "comma-separated or repeated, or 'all'",
+        ),
         ("/v1/stream", {"symbols": "nope"}, 404, "unknown symbol 'NOPE'; known: BTCUSDT, ETHUSDT"),
         (
             "/v1/stream", {"events": "candle,trade"}, 422,
@@ -335,6 +352,60 @@ async def test_prediction_endpoints(client: httpx.AsyncClient, store: RedisStore
     body = (await client.get("/v1/predictions/btcusdt/history", params=params)).json()
     assert [row["candle_open_time"] for row in body] == [p.candle_open_time for p in btc[1:3]]
     assert all(set(row) == PREDICTION_FIELDS for row in body)
+
+
+async def test_prediction_endpoints_per_horizon(
+    client: httpx.AsyncClient, store: RedisStore
+) -> None:
+    # Horizons 1 and 5 made at the same candles, as the worker writes them.
+    h1 = [make_prediction(i) for i in range(3)]
+    h5 = [make_prediction(i, horizon=5) for i in range(3)]
+    await store.write_many([p for pair in zip(h1, h5, strict=True) for p in pair])
+
+    # Clients that name no horizon get horizon 1, as before.
+    body = (await client.get("/v1/predictions/BTCUSDT/latest")).json()
+    assert body == {name: getattr(h1[-1], name) for name in PREDICTION_FIELDS}
+    assert body["horizon"] == 1
+    body = (await client.get("/v1/predictions/BTCUSDT/history")).json()
+    assert body == [{name: getattr(p, name) for name in PREDICTION_FIELDS} for p in h1]
+    body = (await client.get("/v1/predictions/latest")).json()
+    assert [(row["symbol"], row["horizon"]) for row in body] == [("BTCUSDT", 1)]
+
+    five = {"horizon": 5}
+    body = (await client.get("/v1/predictions/BTCUSDT/latest", params=five)).json()
+    assert body == {name: getattr(h5[-1], name) for name in PREDICTION_FIELDS}
+    assert body["horizon"] == 5
+    assert body["target_open_time"] == body["candle_open_time"] + 5 * MINUTE_MS
+    body = (await client.get("/v1/predictions/BTCUSDT/history",
+                             params={**five, "start": h5[1].candle_open_time})).json()
+    assert body == [{name: getattr(p, name) for name in PREDICTION_FIELDS} for p in h5[1:]]
+    body = (await client.get("/v1/predictions/latest", params=five)).json()
+    assert [(row["symbol"], row["horizon"], row["candle_open_time"]) for row in body] == [
+        ("BTCUSDT", 5, h5[-1].candle_open_time)]
+    # A horizon nothing was written for: none, not another horizon's.
+    assert (await client.get("/v1/predictions/latest", params={"horizon": 15})).json() == []
+    assert (await client.get("/v1/predictions/BTCUSDT/history",
+                             params={"horizon": 15})).json() == []
+
+
+@pytest.mark.parametrize(
+    ("horizon", "message"),
+    [
+        (0, "Input should be greater than or equal to 1"),
+        (-5, "Input should be greater than or equal to 1"),
+        (1441, "Input should be less than or equal to 1440"),
+        ("soon", "Input should be a valid integer, unable to parse string as an integer"),
+    ],
+)
+async def test_horizon_out_of_range(
+    client: httpx.AsyncClient, horizon: object, message: str
+) -> None:
+    for path in ("/v1/predictions/latest", "/v1/predictions/BTCUSDT/latest",
+                 "/v1/predictions/BTCUSDT/history"):
+        response = await client.get(path, params={"horizon": horizon})
+        assert response.status_code == 422, response.text
+        (error,) = response.json()["detail"]
+        assert (error["loc"], error["msg"]) == (["query", "horizon"], message)
 
 
 async def _latest_open_times(client: httpx.AsyncClient) -> list[tuple[str, int]]:
@@ -494,6 +565,60 @@ async def test_stream_filters(
         assert [e.id for e in received] == [backlog[1], live[2]]
         assert all(e.event == "prediction" for e in received)
         assert all(_decode(e).symbol == "ETHUSDT" for e in received)
+        await events.assert_quiet()
+
+
+async def test_stream_sends_horizon_1_predictions_unless_asked_for_others(
+    api: RunningApi, client: httpx.AsyncClient, store: RedisStore
+) -> None:
+    async with (
+        sse(client, api) as default,
+        sse(client, api, params={"horizons": "1,5"}, subscribers=2) as some,
+        sse(client, api, params={"horizons": ["5", "15"]}, subscribers=3) as repeated,
+        sse(client, api, params={"horizons": "all", "events": "prediction"},
+            subscribers=4) as every,
+    ):
+        candle_id = await store.write_candle(make_candle(0))
+        ids = await store.write_many([make_prediction(0, horizon=h) for h in (1, 5, 15)])
+        h1_id, h5_id, h15_id = ids
+        received = await default.next(2)
+        assert [(e.id, e.event) for e in received] == [
+            (candle_id, "candle"), (h1_id, "prediction")]
+        assert _decode(received[1]) == make_prediction(0)
+        assert msgspec.json.decode(received[1].data)["horizon"] == 1
+        await default.assert_quiet()
+
+        received = await some.next(3)
+        assert [e.id for e in received] == [candle_id, h1_id, h5_id]
+        assert _decode(received[2]) == make_prediction(0, horizon=5)
+        await some.assert_quiet()
+        # Candles are not filtered by horizon.
+        assert [e.id for e in await repeated.next(3)] == [candle_id, h5_id, h15_id]
+        await repeated.assert_quiet()
+        assert [e.id for e in await every.next(3)] == ids
+        await every.assert_quiet()
+
+
+async def test_stream_resumes_with_the_horizons_asked_for(
+    api: RunningApi, client: httpx.AsyncClient, store: RedisStore
+) -> None:
+    start_id = await store.write_candle(make_candle(0))
+    assert start_id is not None
+    missed = await store.write_many(
+        [make_prediction(i, horizon=h) for i in (1, 2) for h in (1, 5, 15)])
+    headers = {"Last-Event-ID": start_id}
+    params = {"horizons": "1,5", "events": "prediction"}
+    async with sse(client, api, params=params, headers=headers) as events:
+        live = await store.write_many([make_prediction(3, horizon=h) for h in (1, 5, 15)])
+        received = await events.next(6)
+        assert [e.id for e in received] == [missed[0], missed[1], missed[3], missed[4],
+                                            live[0], live[1]]
+        assert [msgspec.json.decode(e.data)["horizon"] for e in received] == [1, 5] * 3
+        await events.assert_quiet()
+    # The default resumes with horizon 1 only, exactly as before.
+    async with sse(client, api, headers=headers) as events:
+        received = await events.next(3)
+        assert [e.id for e in received] == [missed[0], missed[3], live[0]]
         await events.assert_quiet()
 
 

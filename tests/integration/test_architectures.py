@@ -33,7 +33,7 @@ def version_dir(
     request: pytest.FixtureRequest, data_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Path:
     arch: str = request.param
-    # One epoch on every 4th window keeps the four trainings to a few seconds each.
+    # One epoch on every 4th window keeps each training to a few seconds.
     return train(
         data_dir,
         tmp_path_factory.mktemp(arch),
@@ -118,8 +118,35 @@ def test_tampered_or_missing_parity_sample_fails_the_check(
 
 
 def test_unknown_architecture_or_symbol_is_a_training_error(tmp_path: Path) -> None:
-    with pytest.raises(TrainingError, match=r"'rnn'.*lstm.*gru.*tcn.*transformer"):
+    with pytest.raises(TrainingError, match=r"'rnn'.*lstm.*gru.*tcn.*transformer.*tft"):
         train(DAY, tmp_path / "models", arch="rnn")
     with pytest.raises(TrainingError, match=r"no candles of \['ETHUSDT'\].*BTCUSDT"):
         train(DAY, tmp_path / "models", symbols=["ETHUSDT"])
     assert not (tmp_path / "models").exists()
+
+
+def test_tft_variable_selection_weights_are_a_softmax_over_features() -> None:
+    import torch
+
+    from makeusrich.trainer.model import QuantileTFT, build_model
+
+    torch.manual_seed(0)
+    model = build_model(
+        "tft",
+        n_features=4,
+        window=30,
+        hidden=16,
+        layers=None,
+        target_scales=[1e-3],
+        initial_quantiles=[-1e-3, 0, 1e-3],
+    )
+    assert isinstance(model, QuantileTFT)
+    assert model.layers == 1
+    x = 3 * torch.randn(5, 30, 4)
+    with torch.no_grad():
+        weights = model.selection_weights(x)
+        assert model.encode(x).shape == (5, 16)
+    assert weights.shape == (5, 30, 4)
+    assert (weights > 0).all()
+    assert torch.allclose(weights.sum(-1), torch.ones(5, 30), atol=1e-6)
+    assert not torch.allclose(weights[:, 0], weights[:, -1])  # chosen per step

@@ -13,7 +13,7 @@ from kit.broker import Broker, on_both_brokers, topic_safe
 from makeusrich.core.errors import TrainingError
 from makeusrich.core.schemas import Candle, encode
 from makeusrich.core.settings import Settings
-from makeusrich.inference.features import OHLCV_COLUMNS
+from makeusrich.inference.features import candles_to_array
 from makeusrich.stream.publisher import ensure_topics
 from makeusrich.trainer.archive import read_part, run_archiver, write_candles
 from makeusrich.trainer.data import load_series
@@ -96,8 +96,7 @@ def _assert_series_equal(root: Path, candles: list[Candle]) -> None:
         mine = sorted((c for c in candles if c.symbol == symbol), key=lambda c: c.open_time)
         assert series.filled == 0
         assert series.open_time.tolist() == [c.open_time for c in mine]
-        expected = [[getattr(c, name) for name in OHLCV_COLUMNS] for c in mine]
-        np.testing.assert_array_equal(series.ohlcv, expected)
+        np.testing.assert_array_equal(series.ohlcv, candles_to_array(mine))
 
 
 async def test_archiver_writes_partitions_once_and_resumes_after_its_commits(

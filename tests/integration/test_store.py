@@ -49,14 +49,16 @@ def make_candle(
 
 
 def make_prediction(
-    candle_open_time: int = T0_MS, symbol: str = "BTCUSDT", interval: str = "1m"
+    candle_open_time: int = T0_MS, symbol: str = "BTCUSDT", interval: str = "1m",
+    horizon: int = 1,
 ) -> Prediction:
     return Prediction(
         symbol=symbol, interval=interval, candle_open_time=candle_open_time,
-        target_open_time=candle_open_time + MINUTE_MS, last_close=100.0, predicted_close=101.0,
-        lower=99.0, upper=103.0, model_version="v-test", made_at=candle_open_time + MINUTE_MS,
-        source="sim", ts_event=candle_open_time + MINUTE_MS - 1,
-        ts_ingest=candle_open_time + MINUTE_MS + 6,
+        target_open_time=candle_open_time + horizon * MINUTE_MS, last_close=100.0,
+        predicted_close=101.0 + horizon, lower=99.0, upper=103.0 + horizon,
+        model_version="v-test", made_at=candle_open_time + MINUTE_MS, source="sim",
+        ts_event=candle_open_time + MINUTE_MS - 1, ts_ingest=candle_open_time + MINUTE_MS + 6,
+        horizon=horizon,
     )
 
 
@@ -208,6 +210,71 @@ async def test_predictions_history_and_latest(store: RedisStore) -> None:
     assert await store.write_candle(make_candle(T0_MS)) is not None
 
 
+async def test_predictions_of_several_horizons_from_one_candle(
+    store: RedisStore, raw: aioredis.Redis
+) -> None:
+    keys = store.keys
+    h1 = [make_prediction(T0_MS + i * MINUTE_MS) for i in range(3)]
+    h5 = [make_prediction(T0_MS + i * MINUTE_MS, horizon=5) for i in range(3)]
+    # Both horizons of each candle are stored: they do not collide on the candle's id.
+    for one, five in zip(h1, h5, strict=True):
+        assert await store.write_prediction(one) is not None
+        assert await store.write_prediction(five) is not None
+    # Still idempotent per horizon.
+    assert await store.write_prediction(h5[1]) is None
+    assert await store.write_many([h1[2], h5[2]]) == [None, None]
+
+    # Horizon 1 stays on the keys it always had; horizon 5 has its own.
+    assert await raw.xlen(keys.history("prediction", "BTCUSDT", "1m")) == 3
+    assert await raw.xlen(f"{keys.prefix}:prediction:BTCUSDT:1m:h5") == 3
+    assert await raw.exists(f"{keys.prefix}:latest:prediction:BTCUSDT:1m:h5") == 1
+
+    # Default readers see horizon 1 only, exactly as before.
+    assert await store.predictions("BTCUSDT", "1m") == h1
+    assert await store.latest_predictions(["BTCUSDT"], "1m") == {"BTCUSDT": h1[-1]}
+    assert await store.predictions("BTCUSDT", "1m", horizon=1) == h1
+    assert await store.predictions("BTCUSDT", "1m", horizon=5) == h5
+    assert await store.predictions("BTCUSDT", "1m", T0_MS + MINUTE_MS, limit=1,
+                                   horizon=5) == [h5[1]]
+    assert await store.latest_predictions(["BTCUSDT", "ETHUSDT"], "1m", 5) == {
+        "BTCUSDT": h5[-1]}
+    assert await store.predictions("BTCUSDT", "1m", horizon=15) == []
+    assert await store.latest_predictions(["BTCUSDT"], "1m", 15) == {}
+    assert await store.known_symbols() == ["BTCUSDT"]
+
+    # The events stream gets every prediction, whatever its horizon, the JSON naming it.
+    events = await store.events_after("0", 100)
+    assert [event.horizon for event in events] == [1, 5] * 3
+    assert [msgspec.json.decode(e.data, type=Prediction) for e in events] == [
+        p for pair in zip(h1, h5, strict=True) for p in pair]
+    assert msgspec.json.decode(events[1].data)["horizon"] == 5
+
+
+async def test_a_newer_horizon_does_not_refuse_an_older_candle_of_another(
+    store: RedisStore,
+) -> None:
+    # Horizons have separate streams: a horizon-5 prediction of a later candle written
+    # first does not make an earlier candle's horizon-1 prediction "older than the newest".
+    assert await store.write_prediction(make_prediction(T0_MS + MINUTE_MS, horizon=5))
+    assert await store.write_prediction(make_prediction(T0_MS)) is not None
+    assert await store.predictions("BTCUSDT", "1m") == [make_prediction(T0_MS)]
+
+
+def test_stored_events_know_a_predictions_horizon() -> None:
+    def event(kind: str, data: bytes) -> StoredEvent:
+        return StoredEvent("5-1", kind, "BTCUSDT", "1m", data)
+
+    assert event("prediction", msgspec.json.encode(make_prediction(horizon=15))).horizon == 15
+    assert event("prediction", msgspec.json.encode(make_prediction())).horizon == 1
+    # Written before predictions had a horizon, or unreadable: horizon 1, sent as before.
+    assert event("prediction", b'{"symbol":"BTCUSDT"}').horizon == 1
+    assert event("prediction", b'{"horizon":"x"}').horizon == 1
+    assert event("prediction", b"not json").horizon == 1
+    assert event("candle", b'{"horizon":5}').horizon == 0
+    payload = b"5-1\nprediction\nBTCUSDT\n1m\n" + msgspec.json.encode(make_prediction(horizon=5))
+    assert parse_event_message(payload).horizon == 5
+
+
 async def test_events_after_is_exclusive_and_ordered(store: RedisStore) -> None:
     ids = []
     for i in range(6):
@@ -327,6 +394,14 @@ def test_keys_are_the_documented_layout() -> None:
     keys = RedisKeys("p")
     assert keys.history("candle", "BTCUSDT", "1m") == "p:candle:BTCUSDT:1m"
     assert keys.latest("prediction", "BTCUSDT", "1m") == "p:latest:prediction:BTCUSDT:1m"
+    # Horizon 1 keeps the keys predictions had before horizons; the others get a suffix.
+    assert keys.history("prediction", "BTCUSDT", "1m", 1) == "p:prediction:BTCUSDT:1m"
+    assert keys.history("prediction", "BTCUSDT", "1m", 5) == "p:prediction:BTCUSDT:1m:h5"
+    assert keys.latest("prediction", "BTCUSDT", "1m", 60) == (
+        "p:latest:prediction:BTCUSDT:1m:h60")
+    for bad in (0, -1):
+        with pytest.raises(ValueError, match="positive number of candles"):
+            keys.history("prediction", "BTCUSDT", "1m", bad)
     assert (keys.events, keys.events_channel, keys.symbols) == (
         "p:events", "p:events:live", "p:symbols",
     )

@@ -207,11 +207,13 @@ def make_predictions(
     band: Sequence[tuple[float, float]] | None = None,
     model_version: str = "test-model",
     warmup: int = 0,
+    horizon: int = 1,
 ) -> list[Prediction]:
     """One prediction at the close of each candle (``predicted[i]`` made at ``candles[i]``,
-    targeting the next open time), like the pipeline's. ``band``: (lower, upper) per
-    prediction, else 0.5% either side of the predicted close. The first ``warmup`` are
-    labelled ``naive``, as the pipeline labels its warm-up."""
+    targeting the open time ``horizon`` candles on, the next one by default), like the
+    pipeline's. ``band``: (lower, upper) per prediction, else 0.5% either side of the
+    predicted close. The first ``warmup`` are labelled ``naive``, as the pipeline labels its
+    warm-up."""
     out = []
     for i, (candle, mid) in enumerate(zip(candles, predicted, strict=False)):
         lower, upper = (mid * 0.995, mid * 1.005) if band is None else band[i]
@@ -221,7 +223,7 @@ def make_predictions(
                 symbol=candle.symbol,
                 interval=candle.interval,
                 candle_open_time=candle.open_time,
-                target_open_time=candle.open_time + step,
+                target_open_time=candle.open_time + horizon * step,
                 last_close=candle.close,
                 predicted_close=mid,
                 lower=lower,
@@ -231,6 +233,7 @@ def make_predictions(
                 source=candle.source,
                 ts_event=candle.close_time,
                 ts_ingest=candle.close_time + 1,
+                horizon=horizon,
             )
         )
     return out

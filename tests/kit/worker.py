@@ -173,7 +173,9 @@ def reference_outputs(settings: Settings, messages: Iterable[Trade | EndOfStream
     in the order it consumes them): the worker's TradePipeline and model, run in-process
     without Kafka or Redis; no wall-clock fields."""
     shared, own = load_serving_models(settings)
-    pipeline = TradePipeline(settings.intervals, settings.grace_ms, shared)
+    pipeline = TradePipeline(settings.intervals, settings.grace_ms, shared,
+                             conformal_step=settings.conformal_step,
+                             large_trade_quote=settings.large_trade_quote)
     for symbol, model in own.items():
         pipeline.set_forecaster(model, symbol)
     made: list[Any] = []
@@ -191,22 +193,30 @@ def reference_outputs(settings: Settings, messages: Iterable[Trade | EndOfStream
     return outputs
 
 
-def event_counts(client: redis.Redis, settings: Settings) -> Counter[tuple[str, str, str, int]]:
-    """How often each (type, symbol, interval, open time) is on the events stream."""
-    counts: Counter[tuple[str, str, str, int]] = Counter()
+#: (type, symbol, interval, open time, horizon; 0 for a candle)
+EventKey = tuple[str, str, str, int, int]
+
+
+def _event_key(kind: str, record: dict[str, Any]) -> EventKey:
+    return (kind, record["symbol"], record["interval"], record[_OPEN_TIME[kind]],
+            record.get("horizon", 0))
+
+
+def event_counts(client: redis.Redis, settings: Settings) -> Counter[EventKey]:
+    """How often each candle and each prediction (of one horizon) is on the events
+    stream."""
+    counts: Counter[EventKey] = Counter()
     for _, fields in client.xrange(settings.redis_keys.events):
         kind = fields[b"type"].decode()
         if kind in _OPEN_TIME:
-            record = msgspec.json.decode(fields[b"d"])
-            counts[kind, record["symbol"], record["interval"], record[_OPEN_TIME[kind]]] += 1
+            counts[_event_key(kind, msgspec.json.decode(fields[b"d"]))] += 1
     return counts
 
 
-def expected_events(outputs: Outputs) -> Counter[tuple[str, str, str, int]]:
+def expected_events(outputs: Outputs) -> Counter[EventKey]:
     """Each record of ``outputs`` once, keyed like :func:`event_counts`."""
-    return Counter((kind, symbol, interval, record[_OPEN_TIME[kind]])
-                   for (kind, symbol, interval), records in outputs.items()
-                   for record in records)
+    return Counter(_event_key(kind, record)
+                   for (kind, _, _), records in outputs.items() for record in records)
 
 
 def topic_records(settings: Settings, topic: str,
@@ -223,15 +233,14 @@ def topic_records(settings: Settings, topic: str,
         consumer.close()
 
 
-def topic_counts(settings: Settings) -> Counter[tuple[str, str, str, int]]:
+def topic_counts(settings: Settings) -> Counter[EventKey]:
     """How often each candle and prediction is on the ``candles`` and ``predictions``
     topics as a ``read_committed`` consumer sees them, keyed like :func:`event_counts`."""
-    counts: Counter[tuple[str, str, str, int]] = Counter()
+    counts: Counter[EventKey] = Counter()
     for kind, topic in (("candle", settings.topics.candles),
                         ("prediction", settings.topics.predictions)):
         for record in topic_records(settings, topic, "read_committed"):
-            value = msgspec.json.decode(record.value)
-            counts[kind, value["symbol"], value["interval"], value[_OPEN_TIME[kind]]] += 1
+            counts[_event_key(kind, msgspec.json.decode(record.value))] += 1
     return counts
 
 

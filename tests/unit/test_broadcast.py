@@ -6,8 +6,17 @@ import asyncio
 from types import SimpleNamespace
 from typing import cast
 
-from makeusrich.api.broadcast import Broadcaster, Burst, EventFilter, Subscription
-from makeusrich.api.routes.stream import _live_chunk
+import pytest
+from fastapi import HTTPException
+
+from makeusrich.api.broadcast import (
+    DEFAULT_HORIZONS,
+    Broadcaster,
+    Burst,
+    EventFilter,
+    Subscription,
+)
+from makeusrich.api.routes.stream import _horizons_query, _live_chunk
 from makeusrich.core.metrics import ApiMetrics
 from makeusrich.core.store import RedisStore, StoredEvent
 
@@ -16,8 +25,10 @@ BTC_CANDLES = EventFilter(symbols=frozenset({"BTCUSDT"}), types=frozenset({"cand
                           interval=None)
 
 
-def _event(n: int, kind: str = "candle", symbol: str = "BTCUSDT") -> StoredEvent:
-    return StoredEvent(f"{1000 + n}-0", kind, symbol, "1m", b'{"n":%d}' % n)
+def _event(n: int, kind: str = "candle", symbol: str = "BTCUSDT",
+           horizon: int | None = None) -> StoredEvent:
+    data = b'{"n":%d}' % n if horizon is None else b'{"n":%d,"horizon":%d}' % (n, horizon)
+    return StoredEvent(f"{1000 + n}-0", kind, symbol, "1m", data)
 
 
 def _broadcaster(queue_max: int = 100, metrics: ApiMetrics | None = None) -> Broadcaster:
@@ -162,3 +173,63 @@ async def test_clients_without_events_in_a_burst_are_not_woken_and_not_dropped()
     bursts = await asyncio.wait_for(waiter, 1)
     assert bursts is not None
     assert _ids(_live_chunk(bursts, BTC_CANDLES, None).body) == ["1005-0"]
+
+
+def _with_horizons(horizons: frozenset[int] | None) -> EventFilter:
+    return EventFilter(symbols=None, types=frozenset({"candle", "prediction"}), interval=None,
+                       horizons=horizons)
+
+
+async def test_predictions_are_filtered_by_horizon_horizon_1_by_default() -> None:
+    assert ALL.horizons == DEFAULT_HORIZONS == frozenset({1})
+    broadcaster = _broadcaster()
+    default = broadcaster.subscribe(ALL)
+    some = broadcaster.subscribe(_with_horizons(frozenset({1, 5})))
+    every = broadcaster.subscribe(_with_horizons(None))
+    broadcaster._append([
+        _event(1), _event(2, "prediction"), _event(3, "prediction", horizon=1),
+        _event(4, "prediction", horizon=5), _event(5, "prediction", horizon=15),
+    ])
+    [burst] = await _taken(default)
+    # A prediction without a horizon in its JSON (written before horizons) is horizon 1.
+    assert _ids(burst.chunk(ALL).body) == ["1001-0", "1002-0", "1003-0"]
+    assert _ids(burst.chunk(some.filter).body) == ["1001-0", "1002-0", "1003-0", "1004-0"]
+    assert _ids(burst.chunk(every.filter).body) == [
+        "1001-0", "1002-0", "1003-0", "1004-0", "1005-0"]
+    # Clients asking the same horizons share the chunk; asking 1 is asking the default.
+    assert burst.chunk(_with_horizons(frozenset({1, 5}))) is burst.chunk(some.filter)
+    assert burst.chunk(_with_horizons(frozenset({1}))) is burst.chunk(ALL)
+    # After a resume the filter still applies.
+    assert _ids(_live_chunk([burst], some.filter, _event(2).key).body) == ["1003-0", "1004-0"]
+    assert _ids(_live_chunk([burst], ALL, _event(2).key).body) == ["1003-0"]
+
+
+async def test_a_burst_of_other_horizons_does_not_wake_a_default_client() -> None:
+    broadcaster = _broadcaster()
+    default = broadcaster.subscribe(ALL)
+    waiter = asyncio.create_task(default.next())
+    await asyncio.sleep(0)
+    broadcaster._append([_event(1, "prediction", horizon=5)])
+    await asyncio.sleep(0)
+    assert not waiter.done()
+    broadcaster._append([_event(2, "prediction", horizon=1)])
+    bursts = await asyncio.wait_for(waiter, 1)
+    assert bursts is not None
+    assert _ids(_live_chunk(bursts, ALL, None).body) == ["1002-0"]
+
+
+async def test_the_horizons_parameter() -> None:
+    assert await _horizons_query(None) == DEFAULT_HORIZONS
+    assert await _horizons_query([" ", ","]) == DEFAULT_HORIZONS
+    assert await _horizons_query(["1"]) is DEFAULT_HORIZONS
+    assert await _horizons_query(["1,5, 15", "60", "5"]) == frozenset({1, 5, 15, 60})
+    assert await _horizons_query(["5"]) == frozenset({5})
+    assert await _horizons_query(["1,ALL"]) is None
+    assert await _horizons_query(["1440"]) == frozenset({1440})
+    for bad in ("0", "-5", "1441", "five", "1.5", "\u00b2"):
+        with pytest.raises(HTTPException) as raised:
+            await _horizons_query([f"1,{bad}"])
+        assert raised.value.status_code == 422
+        assert raised.value.detail == (
+            f"invalid horizon '{bad}'; use whole numbers of candles from 1 to 1440, "
+            "comma-separated or repeated, or 'all'")

@@ -1,6 +1,7 @@
 """CandleBuilder against a straightforward reference over seeded random trades."""
 
 import itertools
+import json
 import random
 from collections import defaultdict
 
@@ -11,6 +12,9 @@ from makeusrich.core.schemas import Candle, Trade, TradeBatch
 from makeusrich.stream.candles import CandleBuilder, TradeColumns, UpdateResult
 
 MIN_MS = 60_000
+# The builders here count a trade of 100 quote units or more as large: about half the random
+# trades (price ~100, qty 0.001 .. 2), so both sides of the threshold are exercised.
+LARGE = 100.0
 
 
 def _trade(trade_id: int, ts: int, price: float, qty: float = 1.0, maker: bool = False) -> Trade:
@@ -54,24 +58,27 @@ def _reference(trades: list[Trade], interval_ms: int, grace_ms: int) -> tuple[li
         if not group:
             assert prev_close is not None
             out.append(dict(open_time=open_ms, open=prev_close, high=prev_close, low=prev_close,
-                            close=prev_close, volume=0.0, trades=0, taker_buy_volume=0.0))
+                            close=prev_close, volume=0.0, trades=0, taker_buy_volume=0.0,
+                            large_trade_quote_volume=0.0))
             continue
-        volume = taker = 0.0
+        volume = taker = large = 0.0
         for t in group:
             volume += t.qty
             if not t.is_buyer_maker:
                 taker += t.qty
+            if t.price * t.qty >= LARGE:
+                large += t.quote_qty
         out.append(dict(
             open_time=open_ms, open=group[0].price, high=max(t.price for t in group),
             low=min(t.price for t in group), close=group[-1].price, volume=volume,
-            trades=len(group), taker_buy_volume=taker,
+            trades=len(group), taker_buy_volume=taker, large_trade_quote_volume=large,
         ))
         prev_close = group[-1].price
     return out, late
 
 
 def _build(trades: list[Trade], interval: str, grace_ms: int) -> tuple[list[Candle], CandleBuilder]:
-    builder = CandleBuilder("BTCUSDT", interval, grace_ms)
+    builder = CandleBuilder("BTCUSDT", interval, grace_ms, LARGE)
     candles: list[Candle] = []
     for t in trades:
         builder.update(t)
@@ -93,7 +100,8 @@ def test_matches_reference(seed: int, interval: str, grace_ms: int, jitter_ms: i
     candles, builder = _build(trades, interval, grace_ms)
     got = [
         dict(open_time=c.open_time, open=c.open, high=c.high, low=c.low, close=c.close,
-             volume=c.volume, trades=c.trades, taker_buy_volume=c.taker_buy_volume)
+             volume=c.volume, trades=c.trades, taker_buy_volume=c.taker_buy_volume,
+             large_trade_quote_volume=c.large_trade_quote_volume)
         for c in candles
     ]
     assert got == expected
@@ -109,12 +117,32 @@ def test_invariants(seed: int) -> None:
         assert cur.open_time == prev.open_time + MIN_MS  # contiguous, no gaps
         if cur.trades == 0:
             assert cur.open == cur.high == cur.low == cur.close == prev.close
+            assert cur.large_trade_quote_volume == 0.0
     for c in candles:
         assert c.close_time == c.open_time + MIN_MS - 1
         assert c.open_time % MIN_MS == 0
         assert c.low <= min(c.open, c.close) <= max(c.open, c.close) <= c.high
         assert 0 <= c.taker_buy_volume <= c.volume + 1e-9
         assert c.quote_volume >= 0
+        # Summed in the same order as quote_volume, a part of it: never above, not even by
+        # a rounding.
+        assert c.large_trade_quote_volume is not None
+        assert 0 <= c.large_trade_quote_volume <= c.quote_volume
+    assert any(0 < c.large_trade_quote_volume < c.quote_volume for c in candles
+               if c.large_trade_quote_volume is not None)
+
+
+def test_large_trades_are_those_of_the_threshold_notional_or_more() -> None:
+    ts = 1_700_000_040_000
+    builder = CandleBuilder("BTCUSDT", "1m", 0, large_trade_quote=1_000.0)
+    for trade in (_trade(1, ts, 100.0, 9.99), _trade(2, ts, 100.0, 10.0),
+                  _trade(3, ts, 200.0, 20.0, maker=True)):
+        builder.update(trade)
+    builder.flush()
+    (c,) = builder.closed()
+    assert c.quote_volume == pytest.approx(999.0 + 1_000.0 + 4_000.0)
+    assert c.large_trade_quote_volume == 5_000.0  # the trade at exactly 1,000 counts
+    assert CandleBuilder("BTCUSDT", "1m", 0).large_trade_quote == 100_000.0  # the default
 
 
 def test_equal_timestamps_order_by_trade_id() -> None:
@@ -163,18 +191,37 @@ def test_duplicate_trade_ids_are_ignored() -> None:
 def test_snapshot_restore_resumes_mid_candle() -> None:
     trades = _random_trades(11, 1_500, 1_000)
     whole, _ = _build(trades, "1m", 2_000)
-    builder = CandleBuilder("BTCUSDT", "1m", 2_000)
+    builder = CandleBuilder("BTCUSDT", "1m", 2_000, LARGE)
     candles: list[Candle] = []
     for i, t in enumerate(trades):
         if i % 400 == 0:  # simulate a worker restart from the table snapshot
-            builder = CandleBuilder.restore("BTCUSDT", "1m", 2_000, builder.snapshot())
+            # Through JSON, as the worker's table stores it.
+            state = json.loads(json.dumps(builder.snapshot()))
+            builder = CandleBuilder.restore("BTCUSDT", "1m", 2_000, state, LARGE)
         builder.update(t)
         candles += builder.closed()
     builder.flush()
     candles += builder.closed()
-    strip = [(c.open_time, c.open, c.high, c.low, c.close, c.volume, c.trades) for c in candles]
-    assert strip == [(c.open_time, c.open, c.high, c.low, c.close, c.volume, c.trades)
-                     for c in whole]
+    assert _fields(candles) == _fields(whole)
+
+
+def test_a_snapshot_from_before_large_trades_restores_them_as_unknown() -> None:
+    base = 1_700_000_040_000 - 1_700_000_040_000 % MIN_MS
+    builder = CandleBuilder("BTCUSDT", "1m", 0, LARGE)
+    builder.update(_trade(1, base + 1_000, 100.0, 2.0))
+    state = builder.snapshot()
+    # The format before: each open candle's values without the last one.
+    state["open"] = {key: values[:-1] for key, values in state["open"].items()}
+    restored = CandleBuilder.restore("BTCUSDT", "1m", 0, state, LARGE)
+    restored.update(_trade(2, base + 2_000, 100.0, 3.0))
+    restored.update(_trade(3, base + MIN_MS + 1_000, 100.0, 3.0))
+    # Its large trades before the snapshot are not known: the candle says so.
+    (first,) = restored.closed()
+    assert (first.trades, first.quote_volume, first.large_trade_quote_volume) == (2, 500.0, None)
+    assert restored.snapshot()["open"][str(base + MIN_MS)][-1] == 300.0  # the next one knows
+    restored.flush()
+    (second,) = restored.closed()
+    assert second.large_trade_quote_volume == 300.0
 
 
 # ---- the batch path: update_batch must equal update, trade by trade, bit for bit -------------
@@ -218,7 +265,7 @@ def _fields(candles: list[Candle]) -> list[tuple[object, ...]]:
 def test_batches_equal_trade_by_trade(seed: int, interval: str, grace_ms: int,
                                       jitter_ms: int) -> None:
     trades = _with_duplicates(_random_trades(seed, 3_000, jitter_ms), seed)
-    one, many = (CandleBuilder("BTCUSDT", interval, grace_ms) for _ in range(2))
+    one, many = (CandleBuilder("BTCUSDT", interval, grace_ms, LARGE) for _ in range(2))
     expected: list[Candle] = []
     results = []
     for t in trades:
@@ -235,6 +282,7 @@ def test_batches_equal_trade_by_trade(seed: int, interval: str, grace_ms: int,
     assert late_masks == [r is UpdateResult.LATE for r in results]
     assert any(duplicate_masks) and (any(late_masks) or jitter_ms == 0)
     assert _fields(got) == _fields(expected)
+    assert any(0 < (c.large_trade_quote_volume or 0) < c.quote_volume for c in got)
     assert many.snapshot() == one.snapshot()  # open candles too, to the last bit
     for builder in (one, many):
         builder.flush()
@@ -244,11 +292,11 @@ def test_batches_equal_trade_by_trade(seed: int, interval: str, grace_ms: int,
 def test_batches_mix_with_single_trades_and_snapshots() -> None:
     trades = _random_trades(5, 2_000, 1_500)
     whole, _ = _build(trades, "1m", 2_000)
-    builder = CandleBuilder("BTCUSDT", "1m", 2_000)
+    builder = CandleBuilder("BTCUSDT", "1m", 2_000, LARGE)
     candles: list[Candle] = []
     for i, batch in enumerate(_batches(trades, 5)):
         if i % 3 == 0:  # a restart from the snapshot between two messages
-            builder = CandleBuilder.restore("BTCUSDT", "1m", 2_000, builder.snapshot())
+            builder = CandleBuilder.restore("BTCUSDT", "1m", 2_000, builder.snapshot(), LARGE)
         if i % 2:
             for t in batch:
                 builder.update(t)

@@ -27,6 +27,7 @@ from makeusrich.trainer.data import CandleSeries
 
 DAY = Path(__file__).parent.parent / "data" / "BTCUSDT-1m-2025-11-20.csv"
 MODEL_WINDOW = 30
+MODEL_FEATURES = FEATURES[:4]  # the bundled model's
 DRIFT_WINDOW = 240
 MINUTE = 60_000
 CALM, WILD = 500, 500  # candles before the jump, and of x5 volatility after it
@@ -61,7 +62,9 @@ def reference(day: list[Candle]) -> FeatureReference:
         candles_to_array(candles),
         filled=0,
     )
-    return build_reference([series], MODEL_WINDOW, "test-v1", error_ratio=1.0)
+    return build_reference(
+        [series], MODEL_WINDOW, "test-v1", error_ratio=1.0, features=MODEL_FEATURES
+    )
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +81,7 @@ def _run(monitor: DriftMonitor, candles: Sequence[Candle]) -> list[DriftStatus]:
     statuses = []
     for candle in candles:
         history.append(candle)
-        row = feature_row(history, MODEL_WINDOW)
+        row = feature_row(history, MODEL_WINDOW, MODEL_FEATURES)
         statuses.append(monitor.update(candle.symbol, candle.interval, row, None, candle.ts_event))
     return statuses
 
@@ -89,7 +92,7 @@ def _uniform_reference(error_ratio: float | None = 1.0) -> FeatureReference:
     bins = FeatureBins(edges=tuple(float(e) for e in range(1, BINS)), proportions=(0.1,) * BINS)
     return FeatureReference(
         version="test-v1",
-        features=FEATURES,
+        features=MODEL_FEATURES,
         window=MODEL_WINDOW,
         symbols=("BTCUSDT",),
         interval="1m",
@@ -97,7 +100,7 @@ def _uniform_reference(error_ratio: float | None = 1.0) -> FeatureReference:
         last_open_time=0,
         samples=1_000,
         error_ratio=error_ratio,
-        bins=dict.fromkeys(FEATURES, bins),
+        bins=dict.fromkeys(MODEL_FEATURES, bins),
     )
 
 
@@ -137,7 +140,7 @@ def test_psi_matches_a_hand_computation() -> None:
     # every other feature spread evenly.
     monitor = _monitor(_uniform_reference(), window=10)
     for i in range(10):
-        row = np.full(len(FEATURES), i + 0.5)
+        row = np.full(len(MODEL_FEATURES), i + 0.5)
         row[0] = i % 2 + 0.5
         status = monitor.update("BTCUSDT", "1m", row, None, i)
     assert status.psi["log_return"] == pytest.approx(expected)
@@ -149,7 +152,7 @@ def test_a_window_of_the_training_rows_themselves_has_psi_zero(
     reference: FeatureReference, day: list[Candle]
 ) -> None:
     candles = bootstrap_candles(day, 3_000, seed=101)  # the reference's own candles
-    rows = feature_rows(candles_to_array(candles), MODEL_WINDOW)
+    rows = feature_rows(candles_to_array(candles), MODEL_WINDOW, MODEL_FEATURES)
     monitor = _monitor(reference, window=len(rows))
     for i, row in enumerate(rows):
         status = monitor.update("BTCUSDT", "1m", row, None, i)
@@ -213,7 +216,7 @@ def test_warming_up_until_the_window_is_full(
     assert all(s.psi == {} and s.psi_max is None for s in warming)
     assert "warming up: 239/240 feature rows" in warming[-1].reason
     full = statuses[MODEL_WINDOW + DRIFT_WINDOW - 1]
-    assert (full.state, full.rows, set(full.psi)) == ("ok", DRIFT_WINDOW, set(FEATURES))
+    assert (full.state, full.rows, set(full.psi)) == ("ok", DRIFT_WINDOW, set(MODEL_FEATURES))
     assert full.since == full.updated_at
     assert statuses[-1].since == full.since
 
@@ -246,7 +249,7 @@ def test_state_round_trips_and_resumes_identically(
     rest = []
     for candle in volatility_jump[half:]:
         history.append(candle)
-        row = feature_row(history, MODEL_WINDOW)
+        row = feature_row(history, MODEL_WINDOW, MODEL_FEATURES)
         rest.append(resumed.update(candle.symbol, candle.interval, row, None, candle.ts_event))
     assert rest == expected[half:]
     assert [e.status for e in first.drain_events() + resumed.drain_events()] == [
@@ -261,7 +264,7 @@ def test_state_round_trips_and_resumes_identically(
 
 def test_a_redelivered_candle_changes_nothing() -> None:
     monitor = _monitor(_uniform_reference(), window=10)
-    row = np.full(len(FEATURES), 0.5)
+    row = np.full(len(MODEL_FEATURES), 0.5)
     first = monitor.update("BTCUSDT", "1m", row, None, 1_000)
     assert monitor.update("BTCUSDT", "1m", row, None, 1_000) == first
     assert monitor.update("BTCUSDT", "1m", row, None, 999) == first
@@ -273,7 +276,7 @@ def test_a_redelivered_candle_changes_nothing() -> None:
 
 def _calm_rows(n: int) -> list[np.ndarray]:
     """Rows spread evenly over the uniform reference's bins: PSI exactly 0 per ten."""
-    return [np.full(len(FEATURES), i % BINS + 0.5) for i in range(n)]
+    return [np.full(len(MODEL_FEATURES), i % BINS + 0.5) for i in range(n)]
 
 
 def test_an_error_ratio_drift_alone_enters_and_leaves_with_hysteresis() -> None:
@@ -314,7 +317,7 @@ def test_an_error_ratio_drift_alone_enters_and_leaves_with_hysteresis() -> None:
 def test_error_ratio_needs_enough_scored_predictions_and_this_models_scores() -> None:
     monitor = _monitor(_uniform_reference(error_ratio=1.0), window=200)
     assert monitor.min_scored == 50  # max(30, 200 // 4)
-    row = np.full(len(FEATURES), 0.5)
+    row = np.full(len(MODEL_FEATURES), 0.5)
     status = monitor.update("BTCUSDT", "1m", row, _quality(3.0, window=49), 1)
     assert status.error_ratio_drift is None
     assert "fewer than 50 scored predictions" in status.reason
@@ -333,7 +336,7 @@ def test_error_ratio_needs_enough_scored_predictions_and_this_models_scores() ->
 def test_without_a_reference_nothing_can_drift() -> None:
     monitor = _monitor(None, window=30)
     assert monitor.model_version == "naive"
-    row = np.full(len(FEATURES), 0.5)
+    row = np.full(len(MODEL_FEATURES), 0.5)
     for i in range(5):
         status = monitor.update("BTCUSDT", "1m", row, _quality(9.0, version="naive"), i)
     assert (status.state, status.psi, status.psi_max, status.error_ratio_drift) == (
@@ -361,7 +364,7 @@ def test_restoring_into_a_smaller_window_keeps_the_newest_rows(
     _run(big, calm)
     small = DriftMonitor.from_state(big.to_state(), reference, 100, 0.25, 1.5, clock=_clock)
     last = calm[-1]
-    row = feature_row(calm[-MODEL_WINDOW - 1 :], MODEL_WINDOW)
+    row = feature_row(calm[-MODEL_WINDOW - 1 :], MODEL_WINDOW, MODEL_FEATURES)
     # One more candle (a redelivery would be refused, so the next minute's twin).
     twin = msgspec.structs.replace(last, ts_event=last.ts_event + MINUTE)
     resumed = small.update("BTCUSDT", "1m", row, None, twin.ts_event)

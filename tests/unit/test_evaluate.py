@@ -14,6 +14,7 @@ from numpy.typing import NDArray
 from makeusrich.core.errors import ModelError, TrainingError
 from makeusrich.core.schemas import Candle
 from makeusrich.inference import (
+    FEATURES,
     Z80,
     Forecast,
     NaiveForecaster,
@@ -31,13 +32,16 @@ from makeusrich.trainer.evaluate import (
     EmaForecaster,
     EwmaVolatilityForecaster,
     GarchBaseline,
+    Metrics,
     Report,
+    Scores,
     baseline_forecasters,
     evaluate,
     evaluate_paths,
     feature_windows,
     fit_train_normalisation,
     forecast_metrics,
+    judge,
     resolve_forecaster,
     walk_forward_splits,
 )
@@ -50,7 +54,8 @@ MINUTE = 60_000
 def _series(
     closes: Sequence[float], *, symbol: str = "TESTUSDT", interval: str = "1m", t0: int = T0
 ) -> CandleSeries:
-    """Candles with the given closes; open = previous close, a 0.1% high-low range."""
+    """Candles with the given closes; open = previous close, a 0.1% high-low range, 10 units
+    in 7 trades at the close, no large trade."""
     close = np.asarray(closes, dtype=np.float64)
     ohlcv = np.column_stack(
         (
@@ -60,6 +65,9 @@ def _series(
             close,
             np.full(len(close), 10.0),
             np.full(len(close), 5.0),
+            close * 10.0,
+            np.full(len(close), 7.0),
+            np.zeros(len(close)),
         )
     )
     step = {"1m": MINUTE, "5m": 5 * MINUTE}[interval]
@@ -100,6 +108,7 @@ class _Scripted:
 
     version = "scripted"
     interval: str | None = None
+    horizons = (1,)
 
     def __init__(
         self,
@@ -129,11 +138,17 @@ class _Scripted:
         width = self._band * last.close
         return Forecast(predicted_close=predicted, lower=predicted - width, upper=predicted + width)
 
-    def predict(self, candles: Sequence[Candle]) -> Forecast | None:
+    def predict(self, candles: Sequence[Candle], horizon: int = 1) -> Forecast | None:
         return self._one(candles)
 
-    def predict_batch(self, histories: Sequence[Sequence[Candle]]) -> list[Forecast | None]:
+    def predict_batch(
+        self, histories: Sequence[Sequence[Candle]], horizon: int = 1
+    ) -> list[Forecast | None]:
         return [self._one(h) for h in histories]
+
+    def predict_horizons(self, candles: Sequence[Candle]) -> list[Forecast] | None:
+        forecast = self._one(candles)
+        return None if forecast is None else [forecast]
 
 
 # --- walk-forward splits ----------------------------------------------------------------
@@ -201,10 +216,10 @@ def test_feature_windows_are_the_trainers_samples() -> None:
 
     # 49 feature rows give 39 windows of 10 that have a next return to predict.
     features = compute_features(series.ohlcv)
-    assert windows.shape == (39, 10, 4)
+    assert windows.shape == (39, 10, len(FEATURES))
     assert np.array_equal(windows[0], features[:10])
     assert np.array_equal(windows[-1], features[-11:-1])
-    assert feature_windows(series.ohlcv[:5], 10).shape == (0, 10, 4)
+    assert feature_windows(series.ohlcv[:5], 10).shape == (0, 10, len(FEATURES))
 
 
 # --- baselines --------------------------------------------------------------------------
@@ -338,7 +353,7 @@ def test_perfect_forecaster_scores_zero_error_and_full_skill() -> None:
     rng = np.random.default_rng(1)
     series = _series(100 * np.exp(np.cumsum(rng.normal(0, 1e-3, 200))))
 
-    report = evaluate(_Scripted(series, "oracle"), series)
+    report = evaluate(_Scripted(series, "oracle"), series, adaptive_step=0)
 
     m = report.overall.metrics[MODEL]
     assert (m.mae, m.rmse, m.skill) == (0.0, 0.0, 1.0)
@@ -401,7 +416,7 @@ def test_persistence_sets_the_pinball_skill_of_every_forecaster() -> None:
     rng = np.random.default_rng(5)
     series = _series(100 * np.exp(np.cumsum(rng.normal(0, 1e-3, 300))))
 
-    metrics = evaluate(_Scripted(series, "oracle"), series).overall.metrics
+    metrics = evaluate(_Scripted(series, "oracle"), series, adaptive_step=0).overall.metrics
 
     assert metrics["persistence"].pinball_skill == 0.0
     assert metrics[MODEL].pinball_bp == 0.0 and metrics[MODEL].pinball_skill == 1.0
@@ -414,7 +429,8 @@ def test_huge_interval_covers_everything() -> None:
     rng = np.random.default_rng(2)
     series = _series(100 * np.exp(np.cumsum(rng.normal(0, 1e-2, 120))))
 
-    m = evaluate(_Scripted(series, "up", band=0.5), series).overall.metrics[MODEL]
+    m = evaluate(_Scripted(series, "up", band=0.5), series,
+                 adaptive_step=0).overall.metrics[MODEL]
 
     assert m.coverage_80 == 1.0
     assert m.interval_width_bp == pytest.approx(1e4)  # 2 x 50% of the last close
@@ -543,3 +559,38 @@ def test_evaluate_paths_resolves_naive_and_champion(tmp_path: Path) -> None:
     assert resolve_forecaster("champion", empty).version == "naive"
     with pytest.raises(ModelError, match="no model 'lstm-nope'"):
         resolve_forecaster("lstm-nope", empty)
+
+
+# --- the serving rule -------------------------------------------------------------------
+
+
+def _pinballs(**pinball_bp: float) -> Scores:
+    """Scores in which only the pinball losses matter."""
+    metrics = {
+        name: Metrics(mae=1.0, rmse=1.0, skill=None, directional_accuracy=None,
+                      coverage_80=0.8, interval_width_bp=10.0, pinball_bp=value,
+                      pinball_skill=None, interval_score_bp=10.0)
+        for name, value in pinball_bp.items()
+    }
+    return Scores(forecasts=10, first_target_open_time=0, last_target_open_time=1,
+                  metrics=metrics)
+
+
+def test_a_model_serves_only_1pc_better_than_the_best_baseline_at_1_and_better_beyond() -> None:
+    verdict = judge({1: _pinballs(model=0.98, persistence=1.1, garch=1.0),
+                     5: _pinballs(model=2.99, persistence=3.2, garch=3.0)})
+    assert verdict.passes
+    assert verdict.best_baseline == {1: "garch", 5: "garch"}
+    assert verdict.margin[1] == pytest.approx(0.02)
+
+    short_at_1 = judge({1: _pinballs(model=0.995, persistence=1.1, garch=1.0)})
+    assert not short_at_1.passes  # 0.5% better: not enough
+    assert "horizon 1: +0.50% vs garch" in short_at_1.reason
+
+    worse_beyond = judge({1: _pinballs(model=0.9, garch=1.0),
+                          15: _pinballs(model=5.0, ewma_vol=4.9, garch=5.1)})
+    assert not worse_beyond.passes
+    assert worse_beyond.best_baseline[15] == "ewma_vol"
+    assert "horizon 15" in worse_beyond.reason and "horizon 1:" not in worse_beyond.reason
+    assert not judge({1: _pinballs(model=0.9, garch=1.0),
+                      5: _pinballs(model=3.0, garch=3.0)}).passes  # a tie is not better

@@ -3,6 +3,7 @@
 import csv
 import hashlib
 import itertools
+import logging
 import math
 import shutil
 import subprocess
@@ -12,9 +13,11 @@ from pathlib import Path
 import msgspec
 import pytest
 
+from kit.registry import tiny_version
 from makeusrich.core.errors import ModelError, ModelIntegrityError
 from makeusrich.core.schemas import Candle
 from makeusrich.inference import (
+    FEATURES,
     MANIFEST_FILE,
     MODEL_FILE,
     Forecast,
@@ -224,14 +227,81 @@ def test_missing_manifest_is_a_model_error(model_copy: Path) -> None:
         load_forecaster(model_copy)
 
 
-def test_manifest_with_unknown_features_is_a_model_error(model_copy: Path) -> None:
-    path = model_copy / MANIFEST_FILE
+def _edit_manifest(version_dir: Path, **changes: object) -> None:
+    path = version_dir / MANIFEST_FILE
     manifest = msgspec.json.decode(path.read_bytes())
-    manifest["features"] = ["rsi", "macd", "log_return", "log_range"]
+    manifest.update(changes)
     path.write_bytes(msgspec.json.encode(manifest))
 
-    with pytest.raises(ModelError, match="features"):
+
+def test_manifest_with_unknown_features_is_a_model_error(model_copy: Path) -> None:
+    _edit_manifest(model_copy, features=["rsi", "macd", "log_return", "log_range"])
+
+    with pytest.raises(ModelError, match=r"unknown features \['rsi', 'macd'\]"):
         load_forecaster(model_copy)
+
+
+@pytest.mark.parametrize(
+    ("features", "problem"),
+    [
+        (["log_return", "log_range", "log_range", "taker_buy_ratio"], "repeat"),
+        (["log_range", "log_return", "log_volume_rel", "taker_buy_ratio"], "supported order"),
+        ([], "no features"),
+        (["log_return", "log_range", "taker_buy_ratio"], "normalisation mean/std"),
+    ],
+)
+def test_manifest_feature_lists_that_are_refused(
+    model_copy: Path, features: list[str], problem: str
+) -> None:
+    _edit_manifest(model_copy, features=features)
+
+    with pytest.raises(ModelError, match=problem):
+        read_manifest(model_copy)
+
+
+def test_a_manifest_may_list_any_subset_of_the_supported_features(model_copy: Path) -> None:
+    subset = ["log_return", "vwap_close", "large_trade_share"]
+    _edit_manifest(model_copy, features=subset, normalisation={"mean": [0.0] * 3, "std": [1.0] * 3})
+
+    assert read_manifest(model_copy).features == tuple(subset)
+    # The bundled model.onnx still takes four features: the signature check refuses it.
+    with pytest.raises(ModelError, match=r"does not match \(batch, 30, 3\)"):
+        load_forecaster(model_copy)
+
+
+def test_a_model_of_other_features_serves_them(candles: list[Candle], tmp_path: Path) -> None:
+    features = ("log_return", "taker_buy_ratio", "vwap_close", "log_trades_rel")
+    forecaster = load_forecaster(tiny_version(tmp_path / "tiny-v1", features))
+    assert isinstance(forecaster, OnnxForecaster)
+    assert forecaster.features == features
+
+    forecast = forecaster.predict(candles[:200])
+
+    _assert_sane(forecast, candles[199].close)
+
+
+def test_candles_lacking_a_feature_get_no_forecast_logged_once(
+    candles: list[Candle], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    forecaster = load_forecaster(tiny_version(tmp_path / "tiny-v1", FEATURES))
+    klines = candles[:200]  # from klines: large_trade_quote_volume unknown
+    built = [
+        msgspec.structs.replace(c, large_trade_quote_volume=c.quote_volume / 10) for c in klines
+    ]
+
+    with caplog.at_level(logging.WARNING, logger="makeusrich.inference.model"):
+        batch = forecaster.predict_batch([klines, built, klines[:100]])
+        again = forecaster.predict(klines)
+
+    assert batch[0] is None and again is None
+    _assert_sane(batch[1], built[-1].close)
+    assert batch[2] is None
+    # Only the candles the model reads count: an unknown one before its window does not.
+    mixed = [*klines[:-30], *built[-30:]]
+    _assert_sane(forecaster.predict(mixed), mixed[-1].close)
+    (record,) = caplog.records
+    assert "needs ['large_trade_share']" in record.getMessage()
+    assert "BTCUSDT 1m" in record.getMessage()
 
 
 def test_unloadable_onnx_is_a_model_error(model_copy: Path) -> None:

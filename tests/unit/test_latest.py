@@ -20,16 +20,21 @@ PREDICTIONS = make_predictions(make_candles(_CLOSES), _CLOSES)
 class _Store:
     """What LatestPredictions reads, counting reads; ``during_read`` runs inside each one."""
 
-    def __init__(self, latest: dict[str, Prediction]) -> None:
-        self.latest = latest
+    def __init__(self, latest: dict[str, Prediction],
+                 other_horizons: Sequence[Prediction] = ()) -> None:
+        self.latest = latest  # horizon 1
+        self.other_horizons = list(other_horizons)
         self.reads = 0
         self.during_read: Callable[[], None] = lambda: None
 
-    async def latest_predictions(self, symbols: Sequence[str],
-                                 interval: str) -> dict[str, Prediction]:
+    async def latest_predictions(self, symbols: Sequence[str], interval: str,
+                                 horizon: int = 1) -> dict[str, Prediction]:
         self.reads += 1
         self.during_read()
-        return {s: p for s, p in self.latest.items() if s in symbols and p.interval == interval}
+        candidates = (self.latest.values() if horizon == 1 else
+                      [p for p in self.other_horizons if p.horizon == horizon])
+        return {p.symbol: p for p in candidates if p.symbol in symbols
+                and p.interval == interval}
 
     async def known_symbols(self) -> list[str]:
         self.reads += 1
@@ -137,6 +142,30 @@ async def test_an_unreadable_prediction_event_is_skipped_and_read_again() -> Non
     store.latest["BTCUSDT"] = PREDICTIONS[2]
     assert _open_times(await latest.get(["BTCUSDT"], "1m")) == [PREDICTIONS[2].candle_open_time]
     assert store.reads == 2
+
+
+async def test_each_horizon_has_its_own_latest_prediction() -> None:
+    candles = make_candles(_CLOSES)
+    h5 = make_predictions(candles, _CLOSES, horizon=5)
+    store = _Store({"BTCUSDT": PREDICTIONS[0]}, other_horizons=[h5[0]])
+    latest = _latest(store)
+    assert [json.loads(b)["horizon"] for b in await latest.get(["BTCUSDT"], "1m")] == [1]
+    assert [json.loads(b)["horizon"] for b in await latest.get(["BTCUSDT"], "1m", 5)] == [5]
+    assert await latest.get(["BTCUSDT"], "1m", 15) == []
+    assert store.reads == 3
+    # Events of one horizon update that horizon only, from the event's own JSON.
+    latest.take([_event(h5[2], 1)])
+    assert _open_times(await latest.get(["BTCUSDT"], "1m")) == [PREDICTIONS[0].candle_open_time]
+    assert _open_times(await latest.get(["BTCUSDT"], "1m", 5)) == [h5[2].candle_open_time]
+    latest.take([_event(PREDICTIONS[1], 2)])
+    body = json.loads((await latest.get(["BTCUSDT"], "1m"))[0])
+    assert (body["candle_open_time"], body["horizon"]) == (PREDICTIONS[1].candle_open_time, 1)
+    assert _open_times(await latest.get(["BTCUSDT"], "1m", 5)) == [h5[2].candle_open_time]
+    assert await latest.get(["BTCUSDT"], "1m", 15) == []
+    assert store.reads == 3
+    # The horizon-5 prediction targets 5 candles on.
+    five = json.loads((await latest.get(["BTCUSDT"], "1m", 5))[0])
+    assert five["target_open_time"] == five["candle_open_time"] + 5 * 60_000
 
 
 def test_json_array() -> None:

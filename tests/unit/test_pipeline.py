@@ -17,18 +17,25 @@ class StubForecaster:
     """Predicts a constant, so its predictions are told apart by value and version."""
 
     interval: str | None = None
+    horizons = (1,)
 
     def __init__(self, version: str, window: int = 3) -> None:
         self.version = version
         self.window = window
 
-    def predict(self, candles: Sequence[Candle]) -> Forecast | None:
+    def predict(self, candles: Sequence[Candle], horizon: int = 1) -> Forecast | None:
         if len(candles) < self.window + 1:
             return None
         return Forecast(predicted_close=1.0, lower=0.5, upper=1.5)
 
-    def predict_batch(self, histories: Sequence[Sequence[Candle]]) -> list[Forecast | None]:
+    def predict_batch(
+        self, histories: Sequence[Sequence[Candle]], horizon: int = 1
+    ) -> list[Forecast | None]:
         return [self.predict(candles) for candles in histories]
+
+    def predict_horizons(self, candles: Sequence[Candle]) -> list[Forecast] | None:
+        forecast = self.predict(candles)
+        return None if forecast is None else [forecast]
 
 
 def _feed(pipeline: TradePipeline, symbols: Sequence[str], minutes: int) -> dict[str, set[str]]:

@@ -12,6 +12,7 @@ from makeusrich.core.errors import ModelError
 from makeusrich.inference import (
     FEATURES,
     MANIFEST_FILE,
+    RELATIVE_FEATURES,
     bundled_models_dir,
     compute_features,
     read_manifest,
@@ -35,6 +36,8 @@ DAY = Path(__file__).parent.parent / "data" / "BTCUSDT-1m-2025-11-20.csv"
 WINDOW = 30
 MINUTE = 60_000
 BUNDLED = bundled_models_dir() / "lstm-20261126-062637-0df14f71"
+# What klines have: every feature but large_trade_share (both relative ones among them).
+KLINE_FEATURES = tuple(f for f in FEATURES if f != "large_trade_share")
 
 
 @pytest.fixture(scope="module")
@@ -45,40 +48,47 @@ def day() -> CandleSeries:
 
 def test_vectorised_rows_equal_the_live_row_of_every_window(day: CandleSeries) -> None:
     candles = kline_candles(DAY)
-    rows = feature_rows(day.ohlcv, WINDOW)
-    assert rows.shape == (len(candles) - WINDOW, len(FEATURES))
+    rows = feature_rows(day.ohlcv, WINDOW, KLINE_FEATURES)
+    assert rows.shape == (len(candles) - WINDOW, len(KLINE_FEATURES))
     for t in range(WINDOW, len(candles)):
         # The live side only ever has the history up to the candle that just closed.
-        live = feature_row(candles[: t + 1], WINDOW)
+        live = feature_row(candles[: t + 1], WINDOW, KLINE_FEATURES)
         assert live is not None
         np.testing.assert_array_equal(rows[t - WINDOW], live)
+    # A feature the candles lack gives no live row (and NaN in the vectorised ones), and no
+    # reference.
+    assert feature_row(candles, WINDOW, FEATURES) is None
+    assert np.isnan(feature_rows(day.ohlcv, WINDOW, FEATURES)[:, -1]).all()
+    with pytest.raises(ModelError, match=r"lack \['large_trade_share'\]"):
+        build_reference([day], WINDOW, "v", None, features=FEATURES)
 
 
 def test_feature_row_is_the_last_model_row_with_volume_relative_to_its_window() -> None:
     candles = kline_candles(DAY)[:100]
-    row = feature_row(candles, WINDOW)
-    features = compute_features(candles[-(WINDOW + 1) :])
+    row = feature_row(candles, WINDOW, KLINE_FEATURES)
+    features = compute_features(candles[-(WINDOW + 1) :], KLINE_FEATURES)
     assert row is not None
-    volume = FEATURES.index("log_volume_rel")
-    others = [i for i in range(len(FEATURES)) if i != volume]
+    relative = [KLINE_FEATURES.index(name) for name in RELATIVE_FEATURES]
+    others = [i for i in range(len(KLINE_FEATURES)) if i not in relative]
     np.testing.assert_array_equal(row[others], features[-1, others])
-    assert row[volume] == pytest.approx(features[-1, volume] - features[:, volume].mean())
+    for i in relative:  # volume and trade count
+        assert row[i] == pytest.approx(features[-1, i] - features[:, i].mean())
     # Only the last window + 1 candles count; fewer give no row.
-    assert np.array_equal(feature_row(candles[-(WINDOW + 1) :], WINDOW), row)
-    assert feature_row(candles[:WINDOW], WINDOW) is None
+    assert np.array_equal(feature_row(candles[-(WINDOW + 1) :], WINDOW, KLINE_FEATURES), row)
+    assert feature_row(candles[:WINDOW], WINDOW, KLINE_FEATURES) is None
 
 
 def test_deciles_split_the_training_rows_into_tenths(day: CandleSeries) -> None:
     reference = build_reference([day], WINDOW, "test-v1", 0.97)
-    rows = feature_rows(day.ohlcv, WINDOW)
+    rows = feature_rows(day.ohlcv, WINDOW, KLINE_FEATURES)
     assert reference.samples == len(rows) == len(day) - WINDOW
-    assert reference.features == FEATURES
+    assert reference.features == KLINE_FEATURES  # by default, what every candle has
     assert (reference.first_open_time, reference.last_open_time) == (
         int(day.open_time[0]),
         int(day.open_time[-1]),
     )
     edges = reference.edges_array()
-    assert edges.shape == (len(FEATURES), BINS - 1)
+    assert edges.shape == (len(KLINE_FEATURES), BINS - 1)
     assert np.all(np.diff(edges, axis=1) > 0)
     counts = np.stack([np.bincount(b, minlength=BINS) for b in bin_indices(edges, rows).T])
     np.testing.assert_allclose(reference.proportions_array(), counts / len(rows))
@@ -123,6 +133,12 @@ def test_a_missing_reference_is_none_and_a_corrupt_one_an_error(
     write_reference(tmp_path, msgspec.structs.replace(reference, features=("log_return",)))
     with pytest.raises(ModelError, match="features"):
         read_reference(tmp_path)
+    renamed = {**reference.bins, "rsi": reference.bins["log_range"]}
+    del renamed["log_range"]
+    unknown = ("log_return", "rsi", *reference.features[2:])
+    write_reference(tmp_path, msgspec.structs.replace(reference, features=unknown, bins=renamed))
+    with pytest.raises(ModelError, match=r"unknown features \['rsi'\]"):
+        read_reference(tmp_path)
 
 
 def test_the_bundled_reference_belongs_to_the_bundled_model() -> None:
@@ -131,7 +147,7 @@ def test_the_bundled_reference_belongs_to_the_bundled_model() -> None:
     assert isinstance(reference, FeatureReference)
     assert reference.version == manifest.version
     assert reference.window == manifest.window
-    assert reference.features == manifest.features == FEATURES
+    assert reference.features == manifest.features == FEATURES[:4]
     data = manifest.training_data
     assert reference.symbols == data.symbols
     assert reference.interval == data.interval
@@ -172,8 +188,13 @@ def test_reference_for_version_uses_only_the_training_span(
     )
     manifest = read_manifest(version_dir)
     assert reference == build_reference(
-        [span], manifest.window, manifest.version, manifest_error_ratio(manifest)
+        [span],
+        manifest.window,
+        manifest.version,
+        manifest_error_ratio(manifest),
+        features=manifest.features,
     )
+    assert reference.features == manifest.features  # the model's, not all the data has
     assert reference.samples == 900 - WINDOW
 
 
@@ -223,7 +244,7 @@ def test_psi_limits_are_the_99th_percentile_of_the_training_windows(day: CandleS
     window = 120
     reference = build_reference([day], WINDOW, "v", None, psi_window=window)
     assert reference.psi_window == window
-    rows = feature_rows(day.ohlcv, WINDOW)
+    rows = feature_rows(day.ohlcv, WINDOW, reference.features)
     bins = bin_indices(reference.edges_array(), rows)  # (n, features)
     # Brute force: PSI of every window of the training rows, per feature.
     window_psi = np.array([

@@ -43,7 +43,8 @@ from makeusrich.core.store import (
     parse_stream_id,
 )
 
-__all__ = ["Broadcaster", "Burst", "Chunk", "EventFilter", "Subscription", "chunk_of"]
+__all__ = ["DEFAULT_HORIZONS", "Broadcaster", "Burst", "Chunk", "EventFilter", "Subscription",
+           "chunk_of"]
 
 log = logging.getLogger(__name__)
 
@@ -56,13 +57,21 @@ _CATCH_UP_PAGE: Final = 1_000
 _BURST_MAX: Final = 1_000
 
 
+#: The prediction horizons a client gets unless it asks for others: the next candle only,
+#: all there was before predictions had a horizon.
+DEFAULT_HORIZONS: Final = frozenset({1})
+
+
 @dataclass(frozen=True, slots=True)
 class EventFilter:
-    """What one client asked for; hashable, so that clients asking the same share chunks."""
+    """What one client asked for; hashable, so that clients asking the same share chunks.
+
+    ``horizons`` applies to predictions only (None: every horizon)."""
 
     symbols: frozenset[str] | None
     types: frozenset[str]
     interval: str | None
+    horizons: frozenset[int] | None = DEFAULT_HORIZONS
 
     def accepts(self, event: StoredEvent) -> bool:
         # Alerts (e.g. a rejected model) concern the whole service: no symbol filter drops them.
@@ -71,6 +80,9 @@ class EventFilter:
             or (
                 (self.symbols is None or event.symbol in self.symbols)
                 and (self.interval is None or event.interval == self.interval)
+                # StoredEvent.horizon was read from the JSON once, for every client.
+                and (event.type != "prediction" or self.horizons is None
+                     or event.horizon in self.horizons)
             )
         )
 

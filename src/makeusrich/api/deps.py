@@ -21,7 +21,9 @@ from makeusrich.core.store import RedisStore, parse_stream_id
 
 __all__ = [
     "DEFAULT_LIMIT",
+    "MAX_HORIZON",
     "BroadcasterDep",
+    "HorizonDep",
     "IntervalDep",
     "JobIdDep",
     "JobsDep",
@@ -41,6 +43,8 @@ __all__ = [
 ]
 
 DEFAULT_LIMIT: Final = 500
+#: The largest prediction horizon a request may name, in candles (a day of 1m candles).
+MAX_HORIZON: Final = 1_440
 
 # Every dependency is ``async def``, even when it awaits nothing: FastAPI runs a plain
 # function in its thread pool, a thread hand-off per dependency and request.
@@ -190,6 +194,18 @@ async def _limit_query(
     return limit
 
 
+async def _horizon_query(
+    horizon: Annotated[
+        int,
+        Query(ge=1, le=MAX_HORIZON,
+              description="forecast horizon, in candles ahead (1: the next candle); "
+              f"1 to {MAX_HORIZON}. Which horizons have predictions depends on the model "
+              "served (e.g. 1, 5, 15 and 60)", examples=[1]),
+    ] = 1,
+) -> int:
+    return horizon
+
+
 @dataclass(frozen=True, slots=True)
 class TimeRange:
     """Inclusive bounds on open_time (epoch ms); None = unbounded."""
@@ -225,6 +241,7 @@ SymbolsDep = Annotated[tuple[str, ...] | None, Depends(_symbols_query)]
 IntervalDep = Annotated[str, Depends(_interval_query)]
 OptionalIntervalDep = Annotated[str | None, Depends(_optional_interval_query)]
 LimitDep = Annotated[int, Depends(_limit_query)]
+HorizonDep = Annotated[int, Depends(_horizon_query)]
 TimeRangeDep = Annotated[TimeRange, Depends(_time_range_query)]
 JobIdDep = Annotated[str, Depends(_job_id_path)]
 

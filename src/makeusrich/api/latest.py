@@ -1,9 +1,10 @@
-"""The newest prediction per symbol and interval, answered from memory.
+"""The newest prediction per symbol, interval and horizon, answered from memory.
 
 ``GET /v1/predictions/latest`` is what polling clients call, many times a second. Reading
 Redis for it (the symbol set, then the latest values) was most of its cost. The broadcaster
 already receives every prediction the moment it is written (:meth:`LatestPredictions.take`),
-so this process keeps the newest one per (symbol, interval), encoded once as response JSON.
+so this process keeps the newest one per (symbol, interval, horizon), encoded once as
+response JSON.
 
 The memory is trusted only while the broadcaster's subscription is live and has been since
 each entry was read: a lost subscription empties it (events may have been missed), and
@@ -40,13 +41,15 @@ def json_array(items: Iterable[bytes]) -> bytes:
 
 
 class LatestPredictions:
-    """Newest prediction JSON per (symbol, interval), and the symbols written so far."""
+    """Newest prediction JSON per (symbol, interval, horizon), and the symbols written so
+    far."""
 
     def __init__(self, store: RedisStore, live: Callable[[], bool]) -> None:
         self._store = store
         self._live = live
-        # (symbol, interval) -> (candle_open_time, PredictionOut JSON); b"" = none yet.
-        self._entries: dict[tuple[str, str], tuple[int, bytes]] = {}
+        # (symbol, interval, horizon) -> (candle_open_time, PredictionOut JSON); b"" = none
+        # yet.
+        self._entries: dict[tuple[str, str, int], tuple[int, bytes]] = {}
         # Symbols read from Redis, and those seen in events since (a read can miss one
         # written while it was under way).
         self._symbols_read: set[str] | None = None
@@ -61,7 +64,7 @@ class LatestPredictions:
                 self._symbols_seen.add(event.symbol)
             if event.type != "prediction":
                 continue
-            key = (event.symbol, event.interval)
+            key = (event.symbol, event.interval, event.horizon)
             try:
                 self._keep(key, _encoded(prediction_decoder.decode(event.data)))
             except (msgspec.DecodeError, ValueError) as exc:
@@ -88,28 +91,30 @@ class LatestPredictions:
             self._symbols_read = read
         return sorted(self._symbols_read | self._symbols_seen)
 
-    async def get(self, symbols: Sequence[str], interval: str) -> list[bytes]:
-        """The newest prediction of each of ``symbols`` that has one, as JSON, in order."""
+    async def get(self, symbols: Sequence[str], interval: str, horizon: int = 1) -> list[bytes]:
+        """The newest prediction of ``horizon`` of each of ``symbols`` that has one, as JSON,
+        in order."""
         if not self._live():
-            return await self._from_store(symbols, interval)
-        missing = [s for s in symbols if (s, interval) not in self._entries]
+            return await self._from_store(symbols, interval, horizon)
+        missing = [s for s in symbols if (s, interval, horizon) not in self._entries]
         if missing:
             generation = self._generation
-            read = await self._store.latest_predictions(missing, interval)
+            read = await self._store.latest_predictions(missing, interval, horizon)
             if generation != self._generation or not self._live():
                 # Emptied meanwhile, the other symbols' entries too: nothing here to trust.
-                return await self._from_store(symbols, interval)
+                return await self._from_store(symbols, interval, horizon)
             for symbol in missing:
-                self._keep((symbol, interval),
+                self._keep((symbol, interval, horizon),
                            _encoded(read[symbol]) if symbol in read else _MISSING)
         entries = self._entries
-        return [body for s in symbols if (body := entries[(s, interval)][1])]
+        return [body for s in symbols if (body := entries[(s, interval, horizon)][1])]
 
-    async def _from_store(self, symbols: Sequence[str], interval: str) -> list[bytes]:
-        read = await self._store.latest_predictions(symbols, interval)
+    async def _from_store(self, symbols: Sequence[str], interval: str,
+                          horizon: int) -> list[bytes]:
+        read = await self._store.latest_predictions(symbols, interval, horizon)
         return [_encoded(read[symbol])[1] for symbol in symbols if symbol in read]
 
-    def _keep(self, key: tuple[str, str], entry: tuple[int, bytes]) -> None:
+    def _keep(self, key: tuple[str, str, int], entry: tuple[int, bytes]) -> None:
         current = self._entries.get(key)
         if current is None or entry[0] > current[0]:
             self._entries[key] = entry

@@ -75,7 +75,8 @@ class CandleOut(_Out):
 
 
 class PredictionOut(_Out):
-    """A forecast of the close of the candle that opens at ``target_open_time``."""
+    """A forecast of the close of the candle that opens at ``target_open_time``, ``horizon``
+    candles after the one at ``candle_open_time``."""
 
     symbol: str
     interval: str
@@ -88,6 +89,8 @@ class PredictionOut(_Out):
     model_version: str
     made_at: int = Field(description="when the forecast was made, epoch ms")
     source: SourceOut
+    horizon: int = Field(description="candles ahead: target_open_time = candle_open_time + "
+                         "horizon * interval (1: the next candle)")
 
     @classmethod
     def from_record(cls, prediction: Prediction) -> "PredictionOut":
@@ -156,6 +159,10 @@ class ModelOut(_Out):
     metrics: dict[str, float] = Field(description="headline validation metrics")
     sha256_ok: bool = Field(description="model.onnx matches the manifest's sha256 (rechecked)")
     is_champion: bool = Field(description="promoted in champion.json")
+    baseline: bool = Field(
+        default=False,
+        description="a baseline packaged as a version (kind garch), not a trained network: "
+        "when it is the champion, no network beat the baselines by the serving rule")
     champion_for: list[str] = Field(
         default_factory=list, description="symbols this version serves as their own champion"
     )

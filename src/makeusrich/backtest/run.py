@@ -110,7 +110,8 @@ async def run_backtest(
         # Every replay builds the same candles from the same span; the first is kept.
         candles = candles or run_candles
     report(_REPLAY_SHARE, "scoring")
-    scored = score_backtest(candles, predictions, costs, long_only=long_only)
+    scored = score_backtest(candles, predictions, costs, long_only=long_only,
+                            adaptive_step=settings.conformal_step)
     report(_REPLAY_SHARE + (1 - _REPLAY_SHARE) / 2, "writing the report")
     written = await asyncio.to_thread(write_report, out_dir, scored, candles, predictions)
     files = {path.name: path for path in written.values()}

@@ -26,6 +26,7 @@ from numpy.typing import NDArray
 from makeusrich.core.errors import ConfigError
 from makeusrich.core.intervals import interval_ms
 from makeusrich.core.schemas import Candle, Prediction
+from makeusrich.inference.conformal import DEFAULT_STEP
 from makeusrich.inference.features import FloatArray
 from makeusrich.trainer.evaluate import (
     MODEL,
@@ -34,6 +35,7 @@ from makeusrich.trainer.evaluate import (
     baseline_forecasters,
     garch_bands,
     score_forecasters,
+    served_bands,
 )
 
 __all__ = [
@@ -137,13 +139,15 @@ class ModelBacktest(_ForecastScores, frozen=True, kw_only=True):
 
 class BacktestResult(msgspec.Struct, frozen=True, kw_only=True):
     """Every model's backtest, keyed by the label it was asked for (in the order given).
-    The span is the first and last scored target candle's open time (UTC epoch ms)."""
+    The span is the first and last scored target candle's open time (UTC epoch ms).
+    ``adaptive_step``: the adaptive conformal step the baselines' bands were served with."""
 
     first_target_open_time: int
     last_target_open_time: int
     costs: Costs
     long_only: bool
     models: dict[str, ModelBacktest]
+    adaptive_step: float = DEFAULT_STEP
 
     def to_json(self) -> str:
         """Indented JSON, as written to ``metrics.json``."""
@@ -179,11 +183,14 @@ def score_backtest(
     costs: Costs,
     *,
     long_only: bool = False,
+    adaptive_step: float = DEFAULT_STEP,
 ) -> BacktestResult:
     """Score each model's ``predictions`` (by label) against ``candles``; see the module
-    docstring. :class:`ConfigError` when there is nothing to score for a model or the
-    predictions do not belong to these candles."""
-    scored = _score_all(candles, predictions, costs, long_only)
+    docstring. The baselines' bands are scored as the worker would serve them, after
+    adaptive conformal with ``adaptive_step`` (the models' predictions already were).
+    :class:`ConfigError` when there is nothing to score for a model or the predictions do
+    not belong to these candles."""
+    scored = _score_all(candles, predictions, costs, long_only, adaptive_step)
     models = {label: _model_backtest(model) for label, model in scored.items()}
     return BacktestResult(
         first_target_open_time=min(m.first_target_open_time for m in models.values()),
@@ -191,6 +198,7 @@ def score_backtest(
         costs=costs,
         long_only=long_only,
         models=models,
+        adaptive_step=adaptive_step,
     )
 
 
@@ -206,7 +214,8 @@ def backtest_rows(
             f"predictions are for models {list(predictions)}, "
             f"the backtest result for {list(result.models)}"
         )
-    scored = _score_all(candles, predictions, result.costs, result.long_only)
+    scored = _score_all(candles, predictions, result.costs, result.long_only,
+                        result.adaptive_step)
     for label, model in scored.items():
         count = sum(len(s.target_time) for s in model.series)
         if count != result.models[label].forecasts:
@@ -288,6 +297,7 @@ def _score_all(
     predictions: Mapping[str, Sequence[Prediction]],
     costs: Costs,
     long_only: bool,
+    adaptive_step: float,
 ) -> dict[str, _Model]:
     if not candles:
         raise ConfigError("nothing to score: no candles given")
@@ -306,7 +316,8 @@ def _score_all(
         scored: list[_Series] = []
         for key in sorted(by_key):
             own, skipped = _own_predictions(by_key[key], label)
-            part = _score_series(key, own, skipped, series.get(key, []), need, costs, long_only)
+            part = _score_series(key, own, skipped, series.get(key, []), need, costs, long_only,
+                                 adaptive_step)
             warmup += skipped
             if part is None:
                 unscored += len(own)
@@ -351,6 +362,7 @@ def _score_series(
     need: int,
     costs: Costs,
     long_only: bool,
+    adaptive_step: float,
 ) -> _Series | None:
     index = {c.open_time: i for i, c in enumerate(candles)}
     usable: list[tuple[Prediction, int, int]] = []
@@ -393,7 +405,9 @@ def _score_series(
     kept = [u for u, ok in zip(usable, answered.tolist(), strict=True) if ok]
     last = np.array([candles[at].close for _, at, _ in kept], dtype=np.float64)
     actual = np.array([candles[target].close for _, _, target in kept], dtype=np.float64)
-    bands = {name: b[answered] for name, b in bands.items()}
+    model_band = bands.pop(MODEL)[answered]
+    bands = {MODEL: model_band, **served_bands(
+        {name: b[answered] for name, b in bands.items()}, last, actual, adaptive_step)}
     called = np.sign(bands[MODEL][:, 1] - last)
     position = np.maximum(called, 0.0) if long_only else called
     return _Series(

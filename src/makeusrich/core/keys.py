@@ -6,10 +6,17 @@ Redis (``{p}`` is ``Settings.redis_prefix``, ``mur`` by default):
 - ``{p}:candle:{symbol}:{interval}`` — stream of closed candles; entry id is
   ``{open_time}-0``, so a re-delivered candle is refused (idempotent writes) and
   ``XRANGE`` by time needs no index. Field ``d`` holds the JSON record. Capped (MAXLEN ~).
-- ``{p}:prediction:{symbol}:{interval}`` — same, for predictions, id ``{candle_open_time}-0``.
+- ``{p}:prediction:{symbol}:{interval}`` — same, for the predictions of horizon 1 (the next
+  candle), id ``{candle_open_time}-0``.
+- ``{p}:prediction:{symbol}:{interval}:h{horizon}`` — same, for the predictions of horizon
+  ``horizon`` > 1 (that many candles ahead), one stream per horizon: the predictions of
+  every horizon made at one candle share its id. Horizon 1 has no ``:h1`` suffix, so the
+  keys written before predictions had a horizon are still the horizon-1 keys.
 - ``{p}:latest:candle:{symbol}:{interval}`` / ``{p}:latest:prediction:{symbol}:{interval}``
-  — string with the newest record's JSON.
-- ``{p}:events`` — stream of every candle/prediction/alert/drift event (auto ids); the ids
+  / ``{p}:latest:prediction:{symbol}:{interval}:h{horizon}`` (horizon > 1) — string with
+  the newest record's JSON.
+- ``{p}:events`` — stream of every candle/prediction/alert/drift event (auto ids), the
+  predictions of every horizon included (their JSON's ``horizon`` says which); the ids
   are the SSE event ids, so ``Last-Event-ID`` resumes with ``XRANGE (id +``. Fields
   ``type``, ``symbol``, ``interval``, ``d`` (alerts have an empty symbol and interval).
 - ``{p}:events:live`` — pub/sub channel carrying ``{id}\\n{type}\\n{symbol}\\n{interval}\\n{d}``
@@ -61,6 +68,15 @@ Kafka topics (``{t}`` is ``Settings.topic_prefix``, empty by default): ``{t}trad
 from dataclasses import dataclass
 
 
+def _horizon_suffix(horizon: int) -> str:
+    """``""`` for horizon 1 (the keys as they were before horizons), else ``":h{horizon}"``."""
+    if horizon == 1:
+        return ""
+    if horizon < 1:
+        raise ValueError(f"a prediction horizon is a positive number of candles, not {horizon}")
+    return f":h{horizon}"
+
+
 @dataclass(frozen=True, slots=True)
 class RedisKeys:
     prefix: str = "mur"
@@ -85,11 +101,14 @@ class RedisKeys:
         base = f"{self.prefix}:worker:{worker_id}"
         return f"{base}:{instance}" if instance else base
 
-    def history(self, kind: str, symbol: str, interval: str) -> str:
-        return f"{self.prefix}:{kind}:{symbol}:{interval}"
+    def history(self, kind: str, symbol: str, interval: str, horizon: int = 1) -> str:
+        """History stream of ``kind`` records; ``horizon`` (predictions only) > 1 gets a
+        stream of its own, ``...:h{horizon}``."""
+        return f"{self.prefix}:{kind}:{symbol}:{interval}{_horizon_suffix(horizon)}"
 
-    def latest(self, kind: str, symbol: str, interval: str) -> str:
-        return f"{self.prefix}:latest:{kind}:{symbol}:{interval}"
+    def latest(self, kind: str, symbol: str, interval: str, horizon: int = 1) -> str:
+        """Newest ``kind`` record; ``horizon`` as in :meth:`history`."""
+        return f"{self.prefix}:latest:{kind}:{symbol}:{interval}{_horizon_suffix(horizon)}"
 
     def monitoring(self, kind: str, symbol: str, interval: str) -> str:
         return f"{self.prefix}:monitoring:{kind}:{symbol}:{interval}"

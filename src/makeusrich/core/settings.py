@@ -9,6 +9,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from makeusrich.core.errors import ConfigError
 from makeusrich.core.intervals import parse_intervals
 from makeusrich.core.keys import RedisKeys, Topics
+from makeusrich.core.schemas import LARGE_TRADE_QUOTE
 
 SourceSpec = str  # "auto" | "binance" | "sim" | "replay:PATH"
 
@@ -74,11 +75,19 @@ class Settings(BaseSettings):
 
     # Candles.
     grace_ms: int = 2_000
+    large_trade_quote: float = Field(
+        default=LARGE_TRADE_QUOTE, gt=0, description="a trade of at least this notional "
+        "(quote units) counts as large in a candle's large_trade_quote_volume")
 
     # Models.
     model_dir: Path | None = Field(
         default=None, description="model version directory or registry; None = bundled model"
     )
+    conformal_step: float = Field(
+        default=0.005, ge=0, le=0.5, description="adaptive conformal step of the served "
+        "80% band: after each scored forecast, each side's log width multiplier moves by "
+        "step x 0.9 on a miss and -step x 0.1 otherwise, so each side misses 10% in the long "
+        "run (0: serve the model's band as it is); inference.conformal.DEFAULT_STEP")
 
     # Storage.
     redis_prefix: str = "mur"

@@ -11,6 +11,10 @@ re-delivered record has the same id and Redis refuses it. It also refuses a reco
 than the newest one stored for that symbol/interval. That is fine because the worker
 produces each symbol/interval in order; a late out-of-order record is dropped and reported
 as a duplicate (``None``).
+
+Predictions of several horizons made at one candle share its open time, so each horizon
+has its own history stream and latest value (horizon 1 on the keys it always had, see
+:mod:`makeusrich.core.keys`); the events stream takes them all.
 """
 
 import re
@@ -115,9 +119,29 @@ def format_stream_id(key: tuple[int, int]) -> str:
     return f"{key[0]}-{key[1]}"
 
 
+class _Horizon(msgspec.Struct):
+    horizon: int = 1  # predictions written before the field existed were all horizon 1
+
+
+_horizon_decoder: Final = msgspec.json.Decoder(_Horizon)
+
+
+def _horizon_of(data: bytes) -> int:
+    """The ``horizon`` of a prediction's JSON; 1 when absent or unreadable (as an event whose
+    JSON cannot be read was always sent to every client)."""
+    try:
+        return _horizon_decoder.decode(data).horizon
+    except msgspec.DecodeError:
+        return 1
+
+
 @dataclass(frozen=True, slots=True)
 class StoredEvent:
-    """One entry of the events stream: a candle or prediction as JSON, with its stream id."""
+    """One entry of the events stream: a candle or prediction as JSON, with its stream id.
+
+    ``horizon`` is a prediction's (read from its JSON once, here, so that filters on it
+    cost a comparison); 0 for other events.
+    """
 
     id: str
     type: str
@@ -125,9 +149,12 @@ class StoredEvent:
     interval: str
     data: bytes
     key: tuple[int, int] = field(init=False, repr=False, compare=False)
+    horizon: int = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "key", parse_stream_id(self.id))
+        object.__setattr__(self, "horizon",
+                           _horizon_of(self.data) if self.type == "prediction" else 0)
 
 
 def parse_event_message(payload: bytes | str) -> StoredEvent:
@@ -240,12 +267,10 @@ class RedisStore:
         return self._event_id(await self._write_script(keys=keys, args=args))
 
     async def write_prediction(self, prediction: Prediction) -> str | None:
-        """Store a prediction (history id = ``candle_open_time``); same contract as
-        :meth:`write_candle`."""
-        keys, args = self._write_args(
-            "prediction", prediction.symbol, prediction.interval,
-            prediction.candle_open_time, encode(prediction),
-        )
+        """Store a prediction (history id = ``candle_open_time``, in the history of its
+        ``horizon``); same contract as :meth:`write_candle`, per horizon: the predictions of
+        several horizons made at one candle are all stored."""
+        keys, args = self._prediction_args(prediction)
         return self._event_id(await self._write_script(keys=keys, args=args))
 
     async def write_alert(self, alert: Alert) -> str:
@@ -292,21 +317,26 @@ class RedisStore:
                     keys, args = self._write_args("candle", record.symbol, record.interval,
                                                   record.open_time, encode(record))
                 else:
-                    keys, args = self._write_args(
-                        "prediction", record.symbol, record.interval,
-                        record.candle_open_time, encode(record),
-                    )
+                    keys, args = self._prediction_args(record)
                 await self._write_script(keys=keys, args=args, client=pipe)
             results = await pipe.execute()
         return [self._event_id(result) for result in results]
 
+    def _prediction_args(
+        self, prediction: Prediction
+    ) -> tuple[list[str], list[str | bytes | int]]:
+        return self._write_args("prediction", prediction.symbol, prediction.interval,
+                                prediction.candle_open_time, encode(prediction),
+                                horizon=prediction.horizon)
+
     def _write_args(
-        self, kind: EventType, symbol: str, interval: str, open_time_ms: int | None, data: bytes
+        self, kind: EventType, symbol: str, interval: str, open_time_ms: int | None,
+        data: bytes, *, horizon: int = 1,
     ) -> tuple[list[str], list[str | bytes | int]]:
         """Script keys and arguments; ``open_time_ms`` None writes no history."""
         keys = [
-            self._keys.history(kind, symbol, interval),
-            self._keys.latest(kind, symbol, interval),
+            self._keys.history(kind, symbol, interval, horizon),
+            self._keys.latest(kind, symbol, interval, horizon),
             self._keys.symbols,
             self._keys.events,
         ]
@@ -350,10 +380,12 @@ class RedisStore:
         start_ms: int | None = None,
         end_ms: int | None = None,
         limit: int = 500,
+        *,
+        horizon: int = 1,
     ) -> list[Prediction]:
-        """Predictions oldest first, ranged on ``candle_open_time``; same rules as
-        :meth:`candles`."""
-        key = self._keys.history("prediction", symbol, interval)
+        """Predictions of ``horizon`` oldest first, ranged on ``candle_open_time``; same
+        rules as :meth:`candles`."""
+        key = self._keys.history("prediction", symbol, interval, horizon)
         return await self._history(key, start_ms, end_ms, limit, _predictions_decoder)
 
     async def _history(
@@ -380,13 +412,14 @@ class RedisStore:
         return None if raw is None else candle_decoder.decode(raw)
 
     async def latest_predictions(
-        self, symbols: Sequence[str], interval: str
+        self, symbols: Sequence[str], interval: str, horizon: int = 1
     ) -> dict[str, Prediction]:
-        """Newest prediction per symbol in one round trip; symbols without one are absent."""
+        """Newest prediction of ``horizon`` per symbol in one round trip; symbols without
+        one are absent."""
         if not symbols:
             return {}
         raws = await self._client.mget(
-            [self._keys.latest("prediction", symbol, interval) for symbol in symbols]
+            [self._keys.latest("prediction", symbol, interval, horizon) for symbol in symbols]
         )
         return {
             symbol: prediction_decoder.decode(raw)

@@ -3,13 +3,18 @@
 from makeusrich.inference.features import (
     FEATURES,
     OHLCV_COLUMNS,
+    RELATIVE_FEATURES,
+    TRADE_ONLY_FEATURES,
     Normalisation,
+    available_features,
     candles_to_array,
     compute_features,
+    feature_problems,
     log_returns,
     prepare_windows,
 )
 from makeusrich.inference.model import (
+    BASELINE_KINDS,
     MANIFEST_FILE,
     MODEL_FILE,
     QUANTILES,
@@ -43,12 +48,15 @@ from makeusrich.inference.registry import (
 from makeusrich.inference.scoring import interval_score, pinball
 
 __all__ = [
+    "BASELINE_KINDS",
     "CHAMPION_FILE",
     "FEATURES",
     "MANIFEST_FILE",
     "MODEL_FILE",
     "OHLCV_COLUMNS",
     "QUANTILES",
+    "RELATIVE_FEATURES",
+    "TRADE_ONLY_FEATURES",
     "Z80",
     "Architecture",
     "ChampionPointer",
@@ -67,10 +75,12 @@ __all__ = [
     "TrainingData",
     "VersionDetails",
     "VersionInfo",
+    "available_features",
     "bundled_models_dir",
     "candles_to_array",
     "check_parity",
     "compute_features",
+    "feature_problems",
     "interval_score",
     "load_forecaster",
     "log_returns",

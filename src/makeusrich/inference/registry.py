@@ -39,6 +39,7 @@ import msgspec
 from makeusrich.core.errors import ModelError, RegistryError
 from makeusrich.core.schemas import now_ms
 from makeusrich.inference.model import (
+    BASELINE_KINDS,
     MANIFEST_FILE,
     MODEL_FILE,
     Manifest,
@@ -124,6 +125,11 @@ class VersionInfo:
     @property
     def ok(self) -> bool:
         return self.problem is None
+
+    @property
+    def is_baseline(self) -> bool:
+        """A baseline packaged as a version (GARCH), not a trained network."""
+        return self.kind in BASELINE_KINDS
 
 
 @dataclass(frozen=True, slots=True)

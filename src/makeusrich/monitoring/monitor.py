@@ -74,7 +74,8 @@ class Monitor:
             self._pending[(symbol, interval)] = prediction
         drift = self._drift_monitor(symbol, serving)
         reference = drift.reference
-        row = None if reference is None else feature_row(history, reference.window)
+        row = (None if reference is None
+               else feature_row(history, reference.window, reference.features))
         status = drift.update(symbol, interval, row, scored, candle.close_time)
         return Observation(quality.snapshot(symbol, interval), status, drift.drain_events())
 

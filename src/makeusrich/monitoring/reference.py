@@ -6,10 +6,11 @@ the 10 bins they make (the outer two are open-ended). A value ``x`` falls in bin
 the number of edges ``<= x``, on both sides, so a tie on an edge always lands in the same bin.
 
 A row is what the live side can compute on every closed candle ``t``: the last row of
-:func:`makeusrich.inference.compute_features` over candles ``t - window .. t``, with
-``log_volume_rel`` made relative to the mean over those ``window`` feature rows exactly as
-:func:`makeusrich.inference.prepare_windows` does for the model's input (before the
-normalisation). Raw ``log1p(volume)`` would compare one symbol's volume scale with another's.
+:func:`makeusrich.inference.compute_features` (the model's features) over candles
+``t - window .. t``, with ``log_volume_rel`` and ``log_trades_rel`` made relative to their
+mean over those ``window`` feature rows exactly as :func:`makeusrich.inference.prepare_windows`
+does for the model's input (before the normalisation). Raw ``log1p(volume)`` would compare
+one symbol's volume scale with another's.
 """
 
 import dataclasses
@@ -29,7 +30,14 @@ from numpy.typing import NDArray
 from makeusrich.core.errors import ModelError
 from makeusrich.core.intervals import interval_ms
 from makeusrich.core.schemas import Candle
-from makeusrich.inference.features import FEATURES, FloatArray, candles_to_array, compute_features
+from makeusrich.inference.features import (
+    RELATIVE_FEATURES,
+    FloatArray,
+    available_features,
+    candles_to_array,
+    compute_features,
+    feature_problems,
+)
 from makeusrich.inference.model import Manifest, read_manifest
 
 # The trainer package imports this module (to write references), and the worker should not
@@ -57,7 +65,6 @@ __all__ = [
 REFERENCE_FILE = "reference.json"
 #: Bins per feature: the deciles of the training rows.
 BINS = 10
-_VOLUME = FEATURES.index("log_volume_rel")
 _VOLUME_COLUMN = 4  # in OHLCV_COLUMNS
 _SUM_TOLERANCE = 1e-6
 
@@ -121,50 +128,69 @@ def bin_indices(edges: FloatArray, rows: FloatArray) -> NDArray[np.int64]:
     return counts
 
 
-def feature_row(history: Sequence[Candle], window: int) -> FloatArray | None:
-    """The feature row of the last candle of ``history`` (``len(FEATURES)`` values), from
-    its last ``window + 1`` candles; None when there are fewer. ``history``: consecutive
-    candles of one series, oldest first (a list or the pipeline's deque)."""
+def _relative_columns(features: Sequence[str]) -> list[int]:
+    return [i for i, name in enumerate(features) if name in RELATIVE_FEATURES]
+
+
+def feature_row(
+    history: Sequence[Candle], window: int, features: Sequence[str]
+) -> FloatArray | None:
+    """The row of ``features`` of the last candle of ``history``, from its last
+    ``window + 1`` candles; None when there are fewer, or when they lack a feature (NaN:
+    ``large_trade_share`` of candles made from klines). ``history``: consecutive candles of
+    one series, oldest first (a list or the pipeline's deque)."""
     if window < 1 or len(history) < window + 1:
         return None
     # islice, not a slice: the pipeline keeps its history in a deque.
     recent = list(itertools.islice(history, len(history) - window - 1, None))
-    features = compute_features(candles_to_array(recent))
-    row: FloatArray = features[-1].copy()
-    row[_VOLUME] -= features[:, _VOLUME].mean()
-    return row
+    rows = compute_features(candles_to_array(recent), features)
+    row: FloatArray = rows[-1].copy()
+    for i in _relative_columns(features):  # column by column: the floats of feature_rows
+        row[i] -= rows[:, i].mean()
+    return row if np.isfinite(row).all() else None
 
 
-def feature_rows(ohlcv: FloatArray, window: int) -> FloatArray:
+def feature_rows(ohlcv: FloatArray, window: int, features: Sequence[str]) -> FloatArray:
     """:func:`feature_row` of every candle ``t >= window`` of consecutive candles ``ohlcv``
-    (``(n, 6)``, see :data:`makeusrich.inference.OHLCV_COLUMNS`), vectorised:
-    ``(max(n - window, 0), len(FEATURES))``."""
+    (see :data:`makeusrich.inference.OHLCV_COLUMNS`), vectorised:
+    ``(max(n - window, 0), len(features))``; NaN where candles lack a feature."""
     if window < 1:
         raise ValueError(f"window must be at least 1, got {window}")
     if len(ohlcv) < window + 1:
-        return np.empty((0, len(FEATURES)))
-    features = compute_features(ohlcv)  # row j describes candle j + 1
-    rows = features[window - 1 :].copy()
+        return np.empty((0, len(features)))
+    all_rows = compute_features(ohlcv, features)  # row j describes candle j + 1
+    rows = all_rows[window - 1 :].copy()
     # Mean over each candle's own window of feature rows (j - window + 1 .. j), taken per
     # window rather than from a running sum so the floats match feature_row's.
-    rows[:, _VOLUME] -= sliding_window_view(features[:, _VOLUME], window).mean(axis=-1)
+    for i in _relative_columns(features):
+        rows[:, i] -= sliding_window_view(all_rows[:, i], window).mean(axis=-1)
     return rows
 
 
 def build_reference(
     series: Sequence["CandleSeries"], window: int, version: str, error_ratio: float | None,
-    psi_window: int = DEFAULT_PSI_WINDOW,
+    psi_window: int = DEFAULT_PSI_WINDOW, features: Sequence[str] | None = None,
 ) -> FeatureReference:
     """The reference of ``version`` from the feature rows of every candle with a full
-    window in ``series`` (one interval; each segment on its own, never across a gap)."""
+    window in ``series`` (one interval; each segment on its own, never across a gap).
+    ``features``: the model's (None: every supported one that all of ``series`` have)."""
     intervals = {s.interval for s in series}
     if len(intervals) != 1:
         raise ModelError(f"a reference needs candles of one interval, got {sorted(intervals)}")
     used = [s for s in series if len(s) > window]
     if not used:
         raise ModelError(f"no series has the {window + 1} consecutive candles a row needs")
-    per_series = [feature_rows(s.ohlcv, window) for s in used]
+    if features is None:
+        have = [available_features(s.ohlcv) for s in used]
+        features = tuple(name for name in have[0] if all(name in h for h in have))
+    per_series = [feature_rows(s.ohlcv, window, features) for s in used]
     rows = np.concatenate(per_series)
+    lacking = [name for i, name in enumerate(features) if not np.isfinite(rows[:, i]).all()]
+    if lacking:
+        raise ModelError(
+            f"the candles lack {lacking} (candles made from klines have no "
+            "large_trade_quote_volume): pass candles the pipeline built from trades"
+        )
     deciles = np.arange(1, BINS) / BINS
     edges = np.quantile(rows, deciles, axis=0).T  # (features, BINS - 1)
     counts = np.stack(
@@ -174,7 +200,7 @@ def build_reference(
     limits = _psi_limits(per_series, edges, proportions, psi_window)
     return FeatureReference(
         version=version,
-        features=FEATURES,
+        features=tuple(features),
         window=window,
         symbols=tuple(sorted({s.symbol for s in used})),
         interval=intervals.pop(),
@@ -187,7 +213,7 @@ def build_reference(
                 edges=tuple(edges[i].tolist()), proportions=tuple(proportions[i].tolist()),
                 psi_limit=None if limits is None else float(limits[i]),
             )
-            for i, name in enumerate(FEATURES)
+            for i, name in enumerate(features)
         },
         psi_window=None if limits is None else psi_window,
     )
@@ -274,7 +300,8 @@ def reference_from_manifest(
             f"{manifest.version}; pass the data it was trained on"
         )
     return build_reference(
-        chosen, manifest.window, manifest.version, manifest_error_ratio(manifest)
+        chosen, manifest.window, manifest.version, manifest_error_ratio(manifest),
+        features=manifest.features,
     )
 
 
@@ -321,9 +348,7 @@ def read_reference(version_dir: Path) -> FeatureReference | None:
 
 
 def _problems(reference: FeatureReference) -> list[str]:
-    problems = []
-    if reference.features != FEATURES:
-        problems.append(f"features {list(reference.features)} != supported {list(FEATURES)}")
+    problems = feature_problems(reference.features)
     if set(reference.bins) != set(reference.features):
         problems.append(f"bins for {sorted(reference.bins)}, features {list(reference.features)}")
     if reference.window < 1:

@@ -12,7 +12,8 @@ restored from the changelog.
 Delivery is at-least-once by default; duplicates are harmless because the builders drop
 trade ids they have seen and Redis refuses a candle id it already holds. The ``candles``,
 ``predictions`` and ``trades-dlq`` topics can therefore hold a record more than once (after
-a restart or a rebalance): their consumers key on (symbol, interval, open_time). On Apache
+a restart or a rebalance): their consumers key on (symbol, interval, open_time; and horizon
+for predictions). On Apache
 Kafka, ``Settings.processing_guarantee = "exactly_once"`` runs Faust's transactions (see
 :mod:`makeusrich.stream._transactions`): read_committed consumers see each record once.
 
@@ -323,7 +324,8 @@ def create_app(settings: Settings, forecaster: Forecaster | None = None,
         shared, own = forecaster, {}
     metrics = WorkerMetrics() if metrics is None else metrics
     pipeline = TradePipeline(settings.intervals, settings.grace_ms, shared,
-                             MonitorConfig.from_settings(settings))
+                             MonitorConfig.from_settings(settings), settings.conformal_step,
+                             large_trade_quote=settings.large_trade_quote)
     metrics.model_served(None, shared.version)
     metrics.count_duplicates(lambda: pipeline.duplicates)
     store = RedisStore.from_settings(settings)

@@ -14,7 +14,9 @@ Semantics (per symbol and interval):
 - ``open_time`` is aligned to the interval in UTC; ``close_time = open_time + interval - 1``.
 - open/close are the first/last trade by trade id (ids increase per symbol on Binance, and the
   ingestor publishes in id order), high/low the extremes, volume/quote volume the sums,
-  taker-buy volumes the sums over trades whose buyer was the taker (``is_buyer_maker`` false).
+  taker-buy volumes the sums over trades whose buyer was the taker (``is_buyer_maker`` false),
+  ``large_trade_quote_volume`` the quote volume of trades whose ``quote_qty`` (their notional,
+  price * qty) is at least ``large_trade_quote`` (never above ``quote_volume``).
 - A candle closes once the watermark (highest ``ts_event`` seen) passes its end plus
   ``grace_ms``; until then out-of-order trades still land in it.
 - A trade for an already closed candle is *late*: counted and reported to the caller (which
@@ -24,6 +26,8 @@ Semantics (per symbol and interval):
 """
 
 import enum
+import itertools
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,7 +35,7 @@ import numpy as np
 import numpy.typing as npt
 
 from makeusrich.core.intervals import interval_ms as _interval_ms
-from makeusrich.core.schemas import Candle, Source, Trade, TradeBatch, now_ms
+from makeusrich.core.schemas import LARGE_TRADE_QUOTE, Candle, Source, Trade, TradeBatch, now_ms
 
 __all__ = ["CandleBuilder", "TradeColumns", "UpdateResult"]
 
@@ -106,25 +110,45 @@ class _OpenCandle:
     """Mutable accumulator; slots keep the per-trade update to a few attribute writes."""
 
     __slots__ = (
-        "close", "high", "low", "open", "quote_volume", "taker_buy_quote_volume",
-        "taker_buy_volume", "trades", "volume",
+        "close", "high", "large_trade_quote_volume", "low", "open", "quote_volume",
+        "taker_buy_quote_volume", "taker_buy_volume", "trades", "volume",
     )
 
     def __init__(self, price: float) -> None:
         self.open = self.high = self.low = self.close = price
         self.volume = self.quote_volume = 0.0
         self.taker_buy_volume = self.taker_buy_quote_volume = 0.0
+        # NaN = unknown (a candle restored from a snapshot taken before the field existed);
+        # sums keep it NaN, and the closed candle says None.
+        self.large_trade_quote_volume = 0.0
         self.trades = 0
+
+
+# An open candle in a snapshot: its values in this order. Snapshots taken before
+# large_trade_quote_volume existed end before it.
+_STATE = (
+    "close", "high", "low", "open", "quote_volume", "taker_buy_quote_volume",
+    "taker_buy_volume", "trades", "volume", "large_trade_quote_volume",
+)
+
+
+def _known(large_trade_quote_volume: float) -> float | None:
+    """An open candle's large-trade volume as a candle or snapshot holds it (None: unknown)."""
+    return None if math.isnan(large_trade_quote_volume) else large_trade_quote_volume
 
 
 class CandleBuilder:
     """Builds the candles of one symbol at one interval from its trades."""
 
-    def __init__(self, symbol: str, interval: str, grace_ms: int) -> None:
+    def __init__(
+        self, symbol: str, interval: str, grace_ms: int,
+        large_trade_quote: float = LARGE_TRADE_QUOTE,
+    ) -> None:
         self.symbol = symbol
         self.interval = interval
         self.interval_ms = _interval_ms(interval)
         self.grace_ms = grace_ms
+        self.large_trade_quote = large_trade_quote
         self.watermark_ms = -1
         self.last_trade_id = -1
         self.late_trades = 0
@@ -162,6 +186,8 @@ class CandleBuilder:
         candle.close = price
         candle.volume += trade.qty
         candle.quote_volume += trade.quote_qty
+        if trade.quote_qty >= self.large_trade_quote:
+            candle.large_trade_quote_volume += trade.quote_qty
         candle.trades += 1
         if not trade.is_buyer_maker:
             candle.taker_buy_volume += trade.qty
@@ -214,10 +240,13 @@ class CandleBuilder:
             order = np.argsort(open_ms, kind="stable")  # stable: arrival order per candle
             open_ms, trades = open_ms[order], trades.select(order)
         taker = ~trades.is_buyer_maker
-        # Sums in arrival order; adding 0.0 for maker trades leaves a float sum unchanged.
+        large = trades.quote_qty >= self.large_trade_quote
+        # Sums in arrival order; adding 0.0 for the trades a sum leaves out (maker trades,
+        # small ones) leaves a float sum unchanged.
         amounts = np.column_stack((trades.qty, trades.quote_qty,
                                    np.where(taker, trades.qty, 0.0),
-                                   np.where(taker, trades.quote_qty, 0.0)))
+                                   np.where(taker, trades.quote_qty, 0.0),
+                                   np.where(large, trades.quote_qty, 0.0)))
         price = trades.price
         starts = np.flatnonzero(np.diff(open_ms)) + 1
         bounds = zip([0, *starts.tolist()], [*starts.tolist(), len(open_ms)], strict=True)
@@ -232,10 +261,10 @@ class CandleBuilder:
             candle.close = float(prices[-1])
             totals = np.add.accumulate(np.vstack((
                 [candle.volume, candle.quote_volume, candle.taker_buy_volume,
-                 candle.taker_buy_quote_volume],
+                 candle.taker_buy_quote_volume, candle.large_trade_quote_volume],
                 amounts[start:end])), axis=0)[-1].tolist()
             (candle.volume, candle.quote_volume, candle.taker_buy_volume,
-             candle.taker_buy_quote_volume) = totals
+             candle.taker_buy_quote_volume, candle.large_trade_quote_volume) = totals
             candle.trades += end - start
 
     def advance(self, ts_event: int) -> None:
@@ -273,13 +302,14 @@ class CandleBuilder:
             assert price is not None, "a series starts at a candle with trades"
             return Candle(
                 self.symbol, self.interval, open_ms, close_ms, price, price, price, price,
-                0.0, 0.0, 0, 0.0, 0.0, self._source, close_ms, now,
+                0.0, 0.0, 0, 0.0, 0.0, self._source, close_ms, now, 0.0,
             )
         self._last_close = candle.close
         return Candle(
             self.symbol, self.interval, open_ms, close_ms, candle.open, candle.high,
             candle.low, candle.close, candle.volume, candle.quote_volume, candle.trades,
             candle.taker_buy_volume, candle.taker_buy_quote_volume, self._source, close_ms, now,
+            _known(candle.large_trade_quote_volume),
         )
 
     # Snapshots let a restarted worker resume mid-candle (stored in a Faust table).
@@ -293,16 +323,20 @@ class CandleBuilder:
             "last_close": self._last_close,
             "source": self._source,
             "open": {
-                str(open_ms): [getattr(c, name) for name in _OpenCandle.__slots__]
+                str(open_ms): [*(getattr(c, name) for name in _STATE[:-1]),
+                               _known(c.large_trade_quote_volume)]
                 for open_ms, c in self._open.items()
             },
         }
 
     @classmethod
     def restore(
-        cls, symbol: str, interval: str, grace_ms: int, state: dict[str, Any]
+        cls, symbol: str, interval: str, grace_ms: int, state: dict[str, Any],
+        large_trade_quote: float = LARGE_TRADE_QUOTE,
     ) -> "CandleBuilder":
-        builder = cls(symbol, interval, grace_ms)
+        """The builder :meth:`snapshot` saved; an open candle of a snapshot taken before
+        ``large_trade_quote_volume`` existed gets it unknown (its candle closes with None)."""
+        builder = cls(symbol, interval, grace_ms, large_trade_quote)
         builder.watermark_ms = state["watermark_ms"]
         builder.last_trade_id = state["last_trade_id"]
         builder.late_trades = state["late_trades"]
@@ -312,7 +346,7 @@ class CandleBuilder:
         builder._source = state["source"]
         for open_ms, values in state["open"].items():
             candle = _OpenCandle(0.0)
-            for name, value in zip(_OpenCandle.__slots__, values, strict=True):
-                setattr(candle, name, value)
+            for name, value in itertools.zip_longest(_STATE, values):
+                setattr(candle, name, math.nan if value is None else value)
             builder._open[int(open_ms)] = candle
         return builder

@@ -6,6 +6,7 @@ end-of-stream; ``process_batch``: a batch's columns) and ships what ``drain()`` 
 tests and benchmarks drive it directly.
 """
 
+import math
 import time
 from collections import deque
 from collections.abc import Iterable
@@ -15,8 +16,16 @@ from typing import Any
 import msgspec
 import numpy as np
 
-from makeusrich.core.schemas import Candle, EndOfStream, Prediction, Trade, now_ms
+from makeusrich.core.schemas import (
+    LARGE_TRADE_QUOTE,
+    Candle,
+    EndOfStream,
+    Prediction,
+    Trade,
+    now_ms,
+)
 from makeusrich.inference import Forecaster, NaiveForecaster
+from makeusrich.inference.conformal import DEFAULT_STEP, AdaptiveConformal
 from makeusrich.monitoring import Monitor, MonitorConfig, Observation
 from makeusrich.stream.candles import CandleBuilder, TradeColumns, UpdateResult
 
@@ -38,13 +47,17 @@ class Outputs:
 class TradePipeline:
     """Per-symbol candle building and inference for a set of intervals.
 
-    ``forecaster`` serves every symbol without a model of its own (``set_forecaster``)."""
+    ``forecaster`` serves every symbol without a model of its own (``set_forecaster``).
+    Served bands go through adaptive conformal with ``conformal_step`` (0: as the model
+    gives them). ``large_trade_quote``: the candle builders' large-trade threshold."""
 
     def __init__(
         self, intervals: Iterable[str], grace_ms: int, forecaster: Forecaster,
-        monitoring: MonitorConfig | None = None,
+        monitoring: MonitorConfig | None = None, conformal_step: float = DEFAULT_STEP,
+        *, large_trade_quote: float = LARGE_TRADE_QUOTE,
     ) -> None:
         self.intervals = tuple(intervals)
+        self.large_trade_quote = large_trade_quote
         # Live quality and drift, on every closed candle (None: not monitored).
         self.monitor = None if monitoring is None else Monitor(monitoring)
         self.grace_ms = grace_ms
@@ -53,6 +66,7 @@ class TradePipeline:
         # Until a series has a model's full window, and for intervals the model was not
         # trained on, the persistence baseline answers (labelled model_version "naive").
         self._baseline = NaiveForecaster()
+        self.conformal = AdaptiveConformal(conformal_step)
         self.duplicates = 0
         self._builders: dict[str, tuple[CandleBuilder, ...]] = {}
         self._history: dict[tuple[str, str], deque[Candle]] = {}
@@ -62,7 +76,8 @@ class TradePipeline:
         builders = self._builders.get(symbol)
         if builders is None:
             builders = self._builders[symbol] = tuple(
-                CandleBuilder(symbol, interval, self.grace_ms) for interval in self.intervals
+                CandleBuilder(symbol, interval, self.grace_ms, self.large_trade_quote)
+                for interval in self.intervals
             )
         return builders
 
@@ -106,7 +121,7 @@ class TradePipeline:
             self.add_candle(candle)
 
     def add_candle(self, candle: Candle) -> None:
-        """Fold in a closed candle: keep it for the forecaster and predict the next close.
+        """Fold in a closed candle: keep it for the forecaster and predict the closes ahead.
         The builders' candles come through here; a replay of archived candles calls it
         directly."""
         key = (candle.symbol, candle.interval)
@@ -115,13 +130,13 @@ class TradePipeline:
             history = self._history[key] = deque(maxlen=self._history_len())
         history.append(candle)
         self._out.candles.append(candle)
+        self.conformal.observe(candle.symbol, candle.interval, candle.open_time, candle.close)
         serving = self._serving(candle)
-        prediction = self._predict(candle, history, serving)
-        if prediction is not None:
-            self._out.predictions.append(prediction)
-        if self.monitor is not None:
-            self._out.monitoring.append(self.monitor.observe(candle, history, serving,
-                                                             prediction))
+        predictions = self._predict(candle, history, serving)
+        self._out.predictions.extend(predictions)
+        if self.monitor is not None:  # live quality is of the next close (horizon 1)
+            self._out.monitoring.append(self.monitor.observe(
+                candle, history, serving, predictions[0] if predictions else None))
 
     def forecaster_for(self, symbol: str) -> Forecaster:
         """The model that predicts ``symbol``: its own, else the shared one."""
@@ -157,33 +172,50 @@ class TradePipeline:
 
     def _predict(
         self, candle: Candle, history: deque[Candle], forecaster: Forecaster
-    ) -> Prediction | None:
+    ) -> list[Prediction]:
+        """One prediction per horizon the serving model has (horizon 1 first), or none."""
         recent = list(history)[-(forecaster.window + 1) :]
         started_s = time.perf_counter()
-        forecast = forecaster.predict(recent)
-        if forecast is None:
+        forecasts = forecaster.predict_horizons(recent)
+        if forecasts is None:  # the model's window is not full yet
+            horizons = forecaster.horizons
             forecaster = self._baseline
-            forecast = forecaster.predict(recent)
-        if forecast is None:
-            return None
+            forecasts = [f for f in (forecaster.predict(recent, h) for h in horizons)
+                         if f is not None]
+        if not forecasts:
+            return []
         self._out.inference_s.append((forecaster.version, time.perf_counter() - started_s))
         made_at = now_ms()
         step_ms = candle.close_time + 1 - candle.open_time
-        return Prediction(
-            symbol=candle.symbol,
-            interval=candle.interval,
-            candle_open_time=candle.open_time,
-            target_open_time=candle.open_time + step_ms,
-            last_close=candle.close,
-            predicted_close=forecast.predicted_close,
-            lower=forecast.lower,
-            upper=forecast.upper,
-            model_version=forecaster.version,
-            made_at=made_at,
-            source=candle.source,
-            ts_event=candle.close_time,
-            ts_ingest=made_at,
-        )
+        predictions = []
+        for forecast in forecasts:
+            target_open_time = candle.open_time + forecast.horizon * step_ms
+            lower, predicted, upper = (
+                candle.close * math.exp(q)
+                for q in self.conformal.adjust(
+                    candle.symbol, candle.interval, forecaster.version, forecast.horizon,
+                    target_open_time, candle.close,
+                    [_log_ratio(value, candle.close) for value in
+                     (forecast.lower, forecast.predicted_close, forecast.upper)],
+                )
+            )
+            predictions.append(Prediction(
+                symbol=candle.symbol,
+                interval=candle.interval,
+                candle_open_time=candle.open_time,
+                target_open_time=target_open_time,
+                last_close=candle.close,
+                predicted_close=predicted,
+                lower=lower,
+                upper=upper,
+                model_version=forecaster.version,
+                made_at=made_at,
+                source=candle.source,
+                ts_event=candle.close_time,
+                ts_ingest=made_at,
+                horizon=forecast.horizon,
+            ))
+        return predictions
 
     @property
     def has_output(self) -> bool:
@@ -198,6 +230,7 @@ class TradePipeline:
         self._builders.pop(symbol, None)
         for interval in self.intervals:
             self._history.pop((symbol, interval), None)
+        self.conformal.forget(symbol)
         if self.monitor is not None:
             self.monitor.forget(symbol)
 
@@ -210,14 +243,16 @@ class TradePipeline:
                 for interval in self.intervals
             },
             "monitor": None if self.monitor is None else self.monitor.snapshot(symbol),
+            "conformal": self.conformal.snapshot(symbol),
         }
 
     def restore(self, symbol: str, state: dict[str, Any]) -> None:
         saved = state.get("builders", {})
         self._builders[symbol] = tuple(
-            CandleBuilder.restore(symbol, interval, self.grace_ms, saved[interval])
+            CandleBuilder.restore(symbol, interval, self.grace_ms, saved[interval],
+                                  self.large_trade_quote)
             if interval in saved
-            else CandleBuilder(symbol, interval, self.grace_ms)
+            else CandleBuilder(symbol, interval, self.grace_ms, self.large_trade_quote)
             for interval in self.intervals
         )
         for interval, candles in state.get("history", {}).items():
@@ -225,5 +260,11 @@ class TradePipeline:
                 self._history[(symbol, interval)] = deque(
                     msgspec.convert(candles, list[Candle]), maxlen=self._history_len()
                 )
+        self.conformal.restore(symbol, state.get("conformal", {}))
         if self.monitor is not None and state.get("monitor") is not None:
             self.monitor.restore(symbol, state["monitor"], self.forecaster_for(symbol))
+
+
+def _log_ratio(value: float, close: float) -> float:
+    # A band edge at or below zero (absurd, but a model may say it) stays as far below.
+    return math.log(value / close) if value > 0 < close else -math.inf

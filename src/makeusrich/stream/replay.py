@@ -468,7 +468,8 @@ async def _replay_candles(
     await asyncio.to_thread(ensure_topics, run)
     shared, own = load_serving_models(run)
     pipeline = TradePipeline(run.intervals, run.grace_ms, shared,
-                             MonitorConfig.from_settings(run))
+                             MonitorConfig.from_settings(run), run.conformal_step,
+                             large_trade_quote=run.large_trade_quote)
     for symbol, model in own.items():
         pipeline.set_forecaster(model, symbol)
     store = RedisStore.from_settings(run)

@@ -4,9 +4,10 @@ Layout (hive-style, one directory per symbol, interval and UTC day of ``open_tim
 
     archive_dir/symbol=BTCUSDT/interval=1m/date=2025-11-20/part-<first_open>-<last_open>.parquet
 
-Each part holds every :class:`Candle` field, rows sorted by ``open_time`` and unique within
-the part. Parts are written to a hidden temporary file, fsync'd and renamed into place, so a
-reader never sees a half-written part. Parts may overlap (a candle re-delivered after a
+Each part holds every :class:`Candle` field (parts written before ``large_trade_quote_volume``
+existed lack it: :func:`read_part` gives it as null), rows sorted by ``open_time`` and unique
+within the part. Parts are written to a hidden temporary file, fsync'd and renamed into place,
+so a reader never sees a half-written part. Parts may overlap (a candle re-delivered after a
 crash lands in a second part): readers de-duplicate by (symbol, interval, open_time).
 
 :func:`run_archiver` fills the archive from the ``candles`` topic; :func:`backfill` in
@@ -46,11 +47,14 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: Arrow schema of an archive part: the fields of :class:`Candle`, in order.
+_ARROW_TYPES = {int: pa.int64(), float: pa.float64(), float | None: pa.float64()}
+#: Arrow schema of an archive part: the fields of :class:`Candle`, in order (every column
+#: nullable; ``large_trade_quote_volume`` is null where unknown).
 CANDLE_SCHEMA = pa.schema(
-    (f.name, pa.int64() if f.type is int else pa.float64() if f.type is float else pa.string())
-    for f in msgspec.structs.fields(Candle)
+    (f.name, _ARROW_TYPES.get(f.type, pa.string())) for f in msgspec.structs.fields(Candle)
 )
+# Fields added to Candle later, with a default: parts written before lack their column.
+_ADDED = {f.name: f.default for f in msgspec.structs.fields(Candle) if not f.required}
 _POLL_MAX_MS = 500  # bounds how long a stop request waits for the poll to return
 
 
@@ -65,11 +69,15 @@ def last_of_each(keys: NDArray[np.int64]) -> NDArray[np.intp]:
 
 def read_part(path: Path) -> pa.Table:
     """One Parquet part as a table with :data:`CANDLE_SCHEMA`; ``ValueError`` (including
-    pyarrow's ``ArrowInvalid``) if it is not one."""
+    pyarrow's ``ArrowInvalid``) if it is not one. A part written before a field was added
+    to :class:`Candle` gets that column with the field's default (None: null)."""
     table = pq.ParquetFile(path).read()
     missing = set(CANDLE_SCHEMA.names) - set(table.column_names)
-    if missing:
+    if missing - set(_ADDED):
         raise ValueError(f"{path} is not a candle archive part: no {sorted(missing)} columns")
+    for name in sorted(missing):
+        column = pa.array([_ADDED[name]] * table.num_rows, CANDLE_SCHEMA.field(name).type)
+        table = table.append_column(name, column)
     return table.select(CANDLE_SCHEMA.names).cast(CANDLE_SCHEMA)
 
 

@@ -21,23 +21,36 @@ from numpy.typing import NDArray
 from makeusrich.core.errors import ConfigError, TrainingError
 from makeusrich.core.intervals import SUPPORTED_INTERVALS, interval_ms
 from makeusrich.core.schemas import candle_decoder
-from makeusrich.inference.features import OHLCV_COLUMNS, FloatArray
+from makeusrich.inference.features import OHLCV_COLUMNS, FloatArray, candle_values
 from makeusrich.trainer.archive import last_of_each, read_part
 
-# data.binance.vision kline columns used: open_time, open, high, low, close, volume and
-# taker_buy_base_volume, in OHLCV_COLUMNS order after open_time.
-_KLINE_COLUMNS = (0, 1, 2, 3, 4, 5, 9)
+# data.binance.vision kline columns used: open_time, open, high, low, close, volume,
+# taker_buy_base_volume, quote_volume and count (trades), in OHLCV_COLUMNS order after
+# open_time; klines have no large_trade_quote_volume (NaN: unknown).
+_KLINE_COLUMNS = (0, 1, 2, 3, 4, 5, 9, 7, 8)
 _KLINE_NAME = re.compile(r"^(?P<symbol>[A-Z0-9]+)-(?P<interval>\d+[smhd])-")
 _SUFFIXES = (".csv", ".zip", ".jsonl", ".parquet")
 # Epoch milliseconds stay below this until the year 5138; microseconds are far above it.
 _MICROSECONDS_ABOVE = 10**14
 _CLOSE = OHLCV_COLUMNS.index("close")
-_VOLUMES = [OHLCV_COLUMNS.index("volume"), OHLCV_COLUMNS.index("taker_buy_volume")]
+# What a gap-filled candle has none of: zero, as the pipeline's empty candles.
+_VOLUMES = [
+    OHLCV_COLUMNS.index(name)
+    for name in (
+        "volume",
+        "taker_buy_volume",
+        "quote_volume",
+        "trades",
+        "large_trade_quote_volume",
+    )
+]
 
 
 @dataclass(frozen=True)
 class CandleSeries:
-    """Consecutive candles of one symbol and interval; ``open_time`` in epoch ms."""
+    """Consecutive candles of one symbol and interval; ``open_time`` in epoch ms, ``ohlcv``
+    their array form (:data:`OHLCV_COLUMNS`), with NaN where ``large_trade_quote_volume`` is
+    unknown (candles from klines, or archived before the field existed)."""
 
     symbol: str
     interval: str
@@ -132,7 +145,7 @@ def _read_klines(path: Path, groups: dict[tuple[str, str], _Rows]) -> None:
         interval = match["interval"] if match else _infer_interval(open_time, source)
         rows = groups.setdefault((symbol, interval), _Rows([], []))
         rows.open_time.append(open_time)
-        rows.ohlcv.append(table[:, 1:])
+        rows.ohlcv.append(np.column_stack((table[:, 1:], np.full(len(table), np.nan))))
 
 
 def _read_jsonl(path: Path, groups: dict[tuple[str, str], _Rows]) -> None:
@@ -145,8 +158,7 @@ def _read_jsonl(path: Path, groups: dict[tuple[str, str], _Rows]) -> None:
                 c = candle_decoder.decode(line)
             except msgspec.DecodeError as exc:
                 raise TrainingError(f"{path}:{number} is not a candle: {exc}") from exc
-            values = (c.open, c.high, c.low, c.close, c.volume, c.taker_buy_volume)
-            found[(c.symbol, c.interval)].append((c.open_time, values))
+            found[(c.symbol, c.interval)].append((c.open_time, candle_values(c)))
     for key, items in found.items():
         rows = groups.setdefault(key, _Rows([], []))
         rows.open_time.append(np.array([t for t, _ in items], dtype=np.int64))
@@ -161,8 +173,10 @@ def _read_parquet(path: Path, groups: dict[tuple[str, str], _Rows]) -> None:
     symbol = table.column("symbol").to_numpy(zero_copy_only=False)
     interval = table.column("interval").to_numpy(zero_copy_only=False)
     open_time = table.column("open_time").to_numpy()
-    # Candle's field names are the OHLCV column names.
-    ohlcv = np.column_stack([table.column(name).to_numpy() for name in OHLCV_COLUMNS])
+    # Candle's field names are the OHLCV column names; a null (unknown) value becomes NaN.
+    ohlcv = np.column_stack(
+        [table.column(name).to_numpy().astype(np.float64) for name in OHLCV_COLUMNS]
+    )
     # A part the archive wrote holds one (symbol, interval); any other file may hold more.
     for key in sorted(set(zip(symbol.tolist(), interval.tolist(), strict=True))):
         mine = (symbol == key[0]) & (interval == key[1])

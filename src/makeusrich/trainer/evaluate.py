@@ -12,6 +12,7 @@ Only numpy, onnxruntime and (for GARCH) arch are needed, never torch.
 """
 
 import logging
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -26,6 +27,7 @@ from numpy.typing import NDArray
 from makeusrich.core.errors import ModelError, TrainingError
 from makeusrich.core.intervals import interval_ms
 from makeusrich.core.schemas import Candle
+from makeusrich.inference.conformal import DEFAULT_STEP, adaptive_log_quantiles
 from makeusrich.inference.features import (
     OHLCV_COLUMNS,
     FloatArray,
@@ -48,6 +50,7 @@ from makeusrich.inference.scoring import interval_score, pinball
 from makeusrich.trainer.data import CandleSeries, load_series
 
 __all__ = [
+    "MIN_MARGIN",
     "MODEL",
     "DriftForecaster",
     "EmaForecaster",
@@ -58,6 +61,8 @@ __all__ = [
     "Scores",
     "Split",
     "SymbolScores",
+    "Verdict",
+    "WeekScores",
     "baseline_forecasters",
     "evaluate",
     "evaluate_paths",
@@ -65,8 +70,11 @@ __all__ = [
     "fit_train_normalisation",
     "forecast_metrics",
     "garch_bands",
+    "holdout_start",
+    "judge",
     "resolve_forecaster",
     "score_forecasters",
+    "served_bands",
     "walk_forward_splits",
 ]
 
@@ -77,6 +85,8 @@ MODEL = "model"
 _CLOSE = OHLCV_COLUMNS.index("close")
 _CHUNK = 4096  # histories per predict_batch call; bounds memory on long spans
 _BP = 1e4
+_WEEK_MS = 7 * 86_400_000
+_MONDAY_SHIFT_MS = 3 * 86_400_000
 # Two returns are the fewest that say anything about their spread.
 _MIN_CANDLES = 3
 
@@ -140,11 +150,12 @@ def _returns(closes: FloatArray) -> FloatArray:
 def _forecast_batch(
     histories: Sequence[Sequence[Candle]],
     window: int,
-    log_quantiles: Callable[[FloatArray], FloatArray],
+    log_quantiles: Callable[[FloatArray, int], FloatArray],
+    horizon: int,
 ) -> list[Forecast | None]:
-    """Forecasts from the last ``window + 1`` closes of each history (fewer when it is
-    shorter, None below three), ``log_quantiles`` mapping closes ``(batch, k)`` to the
-    10%/50%/90% next log returns ``(batch, 3)``."""
+    """Forecasts ``horizon`` candles ahead from the last ``window + 1`` closes of each
+    history (fewer when it is shorter, None below three), ``log_quantiles`` mapping closes
+    ``(batch, k)`` and the horizon to the 10%/50%/90% log returns ``(batch, 3)``."""
     results: list[Forecast | None] = [None] * len(histories)
     by_length: dict[int, list[int]] = {}
     for i, candles in enumerate(histories):
@@ -154,25 +165,26 @@ def _forecast_batch(
     # Equal-length histories stack into one array: one vectorised pass per length.
     for length, rows in by_length.items():
         closes = np.array([[c.close for c in histories[i][-length:]] for i in rows])
-        bands = closes[:, -1:] * np.exp(log_quantiles(closes))
+        bands = closes[:, -1:] * np.exp(log_quantiles(closes, horizon))
         for i, (lower, mid, upper) in zip(rows, bands.tolist(), strict=True):
-            results[i] = Forecast(predicted_close=mid, lower=lower, upper=upper)
+            results[i] = Forecast(predicted_close=mid, lower=lower, upper=upper, horizon=horizon)
     return results
 
 
-def _naive_log_quantiles(closes: FloatArray) -> FloatArray:
-    return naive_log_quantiles(_returns(closes))
+def _naive_log_quantiles(closes: FloatArray, horizon: int) -> FloatArray:
+    return naive_log_quantiles(_returns(closes), horizon)
 
 
 class _Persistence(NaiveForecaster):
     """The naive forecaster with a vectorised ``predict_batch``: an evaluation calls it on
     every candle of a span."""
 
-    def predict_batch(self, histories: Sequence[Sequence[Candle]]) -> list[Forecast | None]:
-        results = _forecast_batch(histories, self.window, _naive_log_quantiles)
+    def predict_batch(self, histories: Sequence[Sequence[Candle]],
+                      horizon: int = 1) -> list[Forecast | None]:
+        results = _forecast_batch(histories, self.window, _naive_log_quantiles, horizon)
         # Below three candles the naive forecaster bands by the last candle's range instead.
         return [
-            self.predict(candles) if forecast is None else forecast
+            self.predict(candles, horizon) if forecast is None else forecast
             for forecast, candles in zip(results, histories, strict=True)
         ]
 
@@ -180,44 +192,55 @@ class _Persistence(NaiveForecaster):
 class _CloseBaseline:
     """A forecaster from the last ``window + 1`` closes (None below three): a centre log
     return per subclass, with the naive forecaster's 80% band from the standard deviation
-    of the recent log returns around it."""
+    of the recent log returns around it (scaled by the square root of the horizon, as for
+    a random walk). It forecasts any horizon."""
 
     version: str
     interval: str | None = None  # serves every interval
+    horizons: tuple[int, ...] = (1,)
 
     def __init__(self, window: int = 30) -> None:
         self.window = window
 
-    def _centre(self, closes: FloatArray, returns: FloatArray) -> FloatArray:
-        """Median next log return per row of ``closes`` ``(batch, k)``."""
+    def _centre(self, closes: FloatArray, returns: FloatArray, horizon: int) -> FloatArray:
+        """Median log return ``horizon`` candles ahead per row of ``closes`` ``(batch, k)``."""
         raise NotImplementedError
 
-    def log_quantiles(self, closes: FloatArray) -> FloatArray:
-        """10%/50%/90% next log returns ``(batch, 3)`` from closes ``(batch, k)``."""
+    def log_quantiles(self, closes: FloatArray, horizon: int = 1) -> FloatArray:
+        """10%/50%/90% log returns ``(batch, 3)`` ``horizon`` candles ahead from closes
+        ``(batch, k)``."""
         returns = _returns(closes)
-        return naive_log_quantiles(returns) + self._centre(closes, returns)[:, None]
+        return naive_log_quantiles(returns, horizon) + self._centre(
+            closes, returns, horizon)[:, None]
 
-    def predict(self, candles: Sequence[Candle]) -> Forecast | None:
-        return self.predict_batch([candles])[0]
+    def predict(self, candles: Sequence[Candle], horizon: int = 1) -> Forecast | None:
+        return self.predict_batch([candles], horizon)[0]
 
-    def predict_batch(self, histories: Sequence[Sequence[Candle]]) -> list[Forecast | None]:
-        return _forecast_batch(histories, self.window, self.log_quantiles)
+    def predict_batch(self, histories: Sequence[Sequence[Candle]],
+                      horizon: int = 1) -> list[Forecast | None]:
+        return _forecast_batch(histories, self.window, self.log_quantiles, horizon)
+
+    def predict_horizons(self, candles: Sequence[Candle]) -> list[Forecast] | None:
+        forecasts = [self.predict(candles, h) for h in self.horizons]
+        return None if None in forecasts else [f for f in forecasts if f is not None]
 
 
 class DriftForecaster(_CloseBaseline):
-    """Drift: next close = last close x exp(mean log return over the window)."""
+    """Drift: close ``horizon`` candles ahead = last close x exp(horizon x mean log return
+    over the window)."""
 
     version = "drift"
 
-    def _centre(self, closes: FloatArray, returns: FloatArray) -> FloatArray:
-        centre: FloatArray = returns.mean(axis=1)
+    def _centre(self, closes: FloatArray, returns: FloatArray, horizon: int) -> FloatArray:
+        centre: FloatArray = horizon * returns.mean(axis=1)
         return centre
 
 
 class EwmaVolatilityForecaster(_CloseBaseline):
-    """Persistence with an EWMA volatility band (RiskMetrics): no move, ± Z80 sigma, where
-    sigma² is the exponentially weighted mean (``decay`` per candle, weights normalised over
-    the window) of the squared log returns, so recent moves widen the band sooner."""
+    """Persistence with an EWMA volatility band (RiskMetrics): no move, ± Z80 sigma x
+    sqrt(horizon), where sigma² is the exponentially weighted mean (``decay`` per candle,
+    weights normalised over the window) of the squared log returns, so recent moves widen
+    the band sooner."""
 
     version = "ewma_vol"
 
@@ -225,19 +248,20 @@ class EwmaVolatilityForecaster(_CloseBaseline):
         super().__init__(window)
         self.decay = decay
 
-    def log_quantiles(self, closes: FloatArray) -> FloatArray:
+    def log_quantiles(self, closes: FloatArray, horizon: int = 1) -> FloatArray:
         returns = _returns(closes)
         weights = self.decay ** np.arange(returns.shape[1] - 1, -1, -1, dtype=np.float64)
-        return no_move_log_quantiles(np.sqrt(returns**2 @ (weights / weights.sum())))
+        variance = returns**2 @ (weights / weights.sum())
+        return no_move_log_quantiles(np.sqrt(horizon * variance))
 
 
 class EmaForecaster(_CloseBaseline):
-    """EMA: next close = exponential moving average of the window's closes, with smoothing
-    2 / (window + 1) and weights normalised over the window (no seed value)."""
+    """EMA: every later close = exponential moving average of the window's closes, with
+    smoothing 2 / (window + 1) and weights normalised over the window (no seed value)."""
 
     version = "ema"
 
-    def _centre(self, closes: FloatArray, returns: FloatArray) -> FloatArray:
+    def _centre(self, closes: FloatArray, returns: FloatArray, horizon: int) -> FloatArray:
         alpha = 2.0 / (self.window + 1)
         weights = (1.0 - alpha) ** np.arange(closes.shape[1] - 1, -1, -1, dtype=np.float64)
         ema = closes @ (weights / weights.sum())
@@ -246,8 +270,9 @@ class EmaForecaster(_CloseBaseline):
 
 
 class GarchBaseline:
-    """GARCH(1,1) volatility around no move: the next log return's 10%/90% quantiles are
-    ± Z80 sigma, sigma² forecast by a zero-mean, normal GARCH(1,1) (``arch``).
+    """GARCH(1,1) volatility around no move: the 10%/90% quantiles of the log return
+    ``horizon`` candles ahead are ± Z80 sigma, sigma² the sum of the next ``horizon``
+    variances forecast by a zero-mean, normal GARCH(1,1) (``arch``).
 
     It needs more history than a window, so it forecasts a whole series at once
     (:meth:`log_quantiles`). Its parameters are refitted every ``refit_every`` forecasts on
@@ -262,9 +287,10 @@ class GarchBaseline:
                  min_fit: int = 500) -> None:
         self.refit_every, self.fit_window, self.min_fit = refit_every, fit_window, min_fit
 
-    def log_quantiles(self, closes: FloatArray, at: NDArray[np.int64]) -> FloatArray:
-        """10%/50%/90% log returns ``(len(at), 3)`` of closes[t + 1] over closes[t] for each
-        (ascending) candle index t in ``at``, from the closes up to t only."""
+    def log_quantiles(self, closes: FloatArray, at: NDArray[np.int64],
+                      horizon: int = 1) -> FloatArray:
+        """10%/50%/90% log returns ``(len(at), 3)`` of closes[t + horizon] over closes[t]
+        for each (ascending) candle index t in ``at``, from the closes up to t only."""
         from arch import arch_model  # imported here: scipy and pandas, for GARCH only
 
         returns = np.diff(np.log(closes)) * _BP  # returns[i]: from close i to close i + 1
@@ -279,19 +305,23 @@ class GarchBaseline:
                                 rescale=False).fit(disp="off", show_warning=False)
             if fitted.convergence_flag != 0:
                 continue
-            # Forecast made at candle t: the variance of returns[t], from returns[:t].
+            # Forecast made at candle t: the variances of returns[t .. t + horizon - 1],
+            # from returns[:t].
             model = arch_model(returns[lo:last], mean="Zero", vol="GARCH", p=1, q=1,
                                rescale=False)
             variance = model.fix(fitted.params).forecast(
-                horizon=1, start=first - 1 - lo, reindex=False).variance.to_numpy()[:, 0]
-            sigma[first_row : first_row + len(rows)] = np.sqrt(variance[rows - first]) / _BP
+                horizon=horizon, start=first - 1 - lo, reindex=False).variance.to_numpy()
+            sigma[first_row : first_row + len(rows)] = (
+                np.sqrt(variance[rows - first].sum(axis=1)) / _BP)
         return no_move_log_quantiles(sigma)
 
 
-def garch_bands(closes: FloatArray, at: NDArray[np.int64], persistence: FloatArray) -> FloatArray:
-    """:class:`GarchBaseline`'s bands (lower, predicted, upper) of closes[t + 1] for the
-    ascending candle indices ``at``; ``persistence``'s band (same rows) where it has none."""
-    band = closes[at, None] * np.exp(GarchBaseline().log_quantiles(closes, at))
+def garch_bands(closes: FloatArray, at: NDArray[np.int64], persistence: FloatArray,
+                horizon: int = 1) -> FloatArray:
+    """:class:`GarchBaseline`'s bands (lower, predicted, upper) of closes[t + horizon] for
+    the ascending candle indices ``at``; ``persistence``'s band (same rows) where it has
+    none."""
+    band = closes[at, None] * np.exp(GarchBaseline().log_quantiles(closes, at, horizon))
     return np.where(np.isnan(band), persistence, band)
 
 
@@ -336,14 +366,26 @@ class Metrics(msgspec.Struct, frozen=True):
     interval_score_bp: float
 
 
+class WeekScores(msgspec.Struct, frozen=True, kw_only=True):
+    """One UTC week's targets (``week``: its Monday, YYYY-MM-DD): per forecaster, the share
+    of closes inside the 80% interval and the mean pinball loss in basis points."""
+
+    week: str
+    forecasts: int
+    coverage_80: dict[str, float]
+    pinball_bp: dict[str, float]
+
+
 class Scores(msgspec.Struct, frozen=True, kw_only=True):
     """Metrics of every forecaster on the same ``forecasts`` target candles (open times in
-    UTC epoch ms); :data:`MODEL` is the evaluated forecaster, the rest are baselines."""
+    UTC epoch ms); :data:`MODEL` is the evaluated forecaster, the rest are baselines.
+    ``weeks``: coverage and pinball per UTC week of the targets, oldest first."""
 
     forecasts: int
     first_target_open_time: int
     last_target_open_time: int
     metrics: dict[str, Metrics]
+    weeks: list[WeekScores] = []
 
 
 class SymbolScores(Scores, frozen=True, kw_only=True):
@@ -351,12 +393,51 @@ class SymbolScores(Scores, frozen=True, kw_only=True):
     interval: str
 
 
+#: The serving rule: a model must score a pinball loss at least this much (relative) below
+#: the best baseline's at horizon 1, and below it at every other horizon, or a baseline
+#: serves instead.
+MIN_MARGIN = 0.01
+
+
+class Verdict(msgspec.Struct, frozen=True, kw_only=True):
+    """The serving rule applied to a report. Per horizon: the baseline with the lowest
+    pinball loss and the model's ``margin`` = 1 - model / that baseline's pinball
+    (positive: the model is better). ``passes``: margin >= :data:`MIN_MARGIN` at horizon 1
+    and > 0 at every other; else ``reason`` says where it fell short."""
+
+    passes: bool
+    best_baseline: dict[int, str]
+    margin: dict[int, float]
+    reason: str
+
+
+def judge(by_horizon: dict[int, Scores]) -> Verdict:
+    """:class:`Verdict` of :data:`MODEL` against the baselines in ``by_horizon`` (horizon
+    -> scores; it must hold horizon 1)."""
+    best, margin, short = {}, {}, []
+    for horizon, scores in sorted(by_horizon.items()):
+        baselines = {n: m.pinball_bp for n, m in scores.metrics.items() if n != MODEL}
+        best[horizon] = min(baselines, key=baselines.__getitem__)
+        ours, theirs = scores.metrics[MODEL].pinball_bp, baselines[best[horizon]]
+        margin[horizon] = 1.0 - ours / theirs if theirs > 0 else 0.0
+        ok = margin[horizon] >= MIN_MARGIN if horizon == 1 else margin[horizon] > 0
+        if not ok:
+            needs = f">= {MIN_MARGIN:+.0%}" if horizon == 1 else "> 0"
+            short.append(f"horizon {horizon}: {margin[horizon]:+.2%} vs {best[horizon]} "
+                         f"(needs {needs})")
+    reason = ("beats the best baseline by the rule" if not short
+              else "a baseline serves: " + "; ".join(short))
+    return Verdict(passes=not short, best_baseline=best, margin=margin, reason=reason)
+
+
 class Report(msgspec.Struct, frozen=True, kw_only=True):
     """Evaluation of one model. ``overall`` pools every forecast, so in MAE, RMSE and skill
     symbols with higher prices weigh more. ``training_first_open_time`` ..
     ``training_last_open_time``: the candles the model was trained to forecast, i.e. its
     training data up to its validation span, which training held out. ``overlaps_training``:
-    a target candle lies there (same symbol and interval), so its scores are optimistic."""
+    a target candle lies there (same symbol and interval), so its scores are optimistic.
+    All of that is for forecasts of the next close (horizon 1); ``ahead`` pools every
+    symbol's forecasts of each further horizon the model serves (candles ahead -> scores)."""
 
     model: str
     start_open_time: int | None
@@ -366,13 +447,22 @@ class Report(msgspec.Struct, frozen=True, kw_only=True):
     training_last_open_time: int | None
     symbols: list[SymbolScores]
     overall: Scores
+    ahead: dict[int, Scores] = {}
+
+    @property
+    def verdict(self) -> Verdict:
+        """The serving rule over horizon 1 and every horizon ahead."""
+        return judge({1: self.overall, **self.ahead})
 
     def to_dict(self) -> dict[str, Any]:
-        result: dict[str, Any] = msgspec.to_builtins(self)
+        # String keys (horizons), as in JSON.
+        result: dict[str, Any] = msgspec.to_builtins(self, str_keys=True)
+        if MODEL in self.overall.metrics:
+            result["verdict"] = msgspec.to_builtins(self.verdict, str_keys=True)
         return result
 
     def to_json(self) -> str:
-        return msgspec.json.format(msgspec.json.encode(self).decode(), indent=2)
+        return msgspec.json.format(msgspec.json.encode(self.to_dict()).decode(), indent=2)
 
     def render(self) -> str:
         """A compact text table per symbol, and overall when there are several."""
@@ -386,9 +476,13 @@ class Report(msgspec.Struct, frozen=True, kw_only=True):
         sections: list[tuple[str, Scores]] = [(f"{s.symbol} {s.interval}", s) for s in self.symbols]
         if len(self.symbols) > 1:
             sections.append(("overall", self.overall))
+        sections += [(f"{horizon} candles ahead", scores)
+                     for horizon, scores in self.ahead.items()]
         for title, scores in sections:
             lines.append("")
             lines.extend(_render_scores(title, scores))
+        if MODEL in self.overall.metrics:
+            lines += ["", f"verdict: {self.verdict.reason}"]
         return "\n".join(lines)
 
 
@@ -420,6 +514,9 @@ def _render_scores(title: str, scores: Scores) -> list[str]:
             f"{m.interval_width_bp:>10.2f}{m.mae:>12.6g}{_signed(m.skill):>9}"
             f"{_percent(m.directional_accuracy):>11}"
         )
+    if len(scores.weeks) > 1:
+        lines.append(f"  {MODEL} 80% coverage per week: " + ", ".join(
+            f"{w.week} {_percent(w.coverage_80[MODEL])}" for w in scores.weeks))
     return lines
 
 
@@ -438,7 +535,6 @@ class _Scored:
 
 def _candles(series: CandleSeries, first: int, last: int) -> list[Candle]:
     step = interval_ms(series.interval)
-    # load_series keeps neither quote volume nor trade count; no forecaster reads them.
     return [
         Candle(
             symbol=series.symbol,
@@ -450,15 +546,17 @@ def _candles(series: CandleSeries, first: int, last: int) -> list[Candle]:
             low=low,
             close=c,
             volume=v,
-            quote_volume=0.0,
-            trades=0,
+            quote_volume=quote,
+            trades=int(trades),
             taker_buy_volume=taker_buy,
+            # load_series keeps no taker-buy quote volume; no forecaster reads it.
             taker_buy_quote_volume=0.0,
             source="replay",
             ts_event=open_time + step - 1,
             ts_ingest=open_time + step - 1,
+            large_trade_quote_volume=None if math.isnan(large) else large,
         )
-        for open_time, (o, h, low, c, v, taker_buy) in zip(
+        for open_time, (o, h, low, c, v, taker_buy, quote, trades, large) in zip(
             series.open_time[first : last + 1].tolist(),
             series.ohlcv[first : last + 1].tolist(),
             strict=True,
@@ -474,15 +572,33 @@ def _bands(forecasts: list[Forecast | None]) -> FloatArray:
     ).reshape(len(forecasts), 3)
 
 
+def served_bands(bands: Mapping[str, FloatArray], last: FloatArray, actual: FloatArray,
+                 step: float, horizon: int = 1) -> dict[str, FloatArray]:
+    """Each forecaster's consecutive bands of one series (rows: lower, predicted, upper of
+    ``actual`` closes ``horizon`` candles ahead, made at ``last`` closes) as the worker
+    serves them, through live adaptive conformal
+    (:class:`makeusrich.inference.conformal.AdaptiveConformal`, ``step``), so offline
+    scores are the served ones."""
+    if step == 0:
+        return dict(bands)
+    target = np.log(actual / last)
+    return {
+        name: last[:, None] * np.exp(adaptive_log_quantiles(
+            np.log(band / last[:, None]), target, step, horizon))
+        for name, band in bands.items()
+    }
+
+
 def _score_series(
-    series: CandleSeries, forecasters: dict[str, Forecaster], start: int, end: int
+    series: CandleSeries, forecasters: dict[str, Forecaster], start: int, end: int,
+    adaptive_step: float, horizon: int,
 ) -> _Scored | None:
     need = max(f.window for f in forecasters.values()) + 1
     times = series.open_time
-    # A forecast made at candle t targets t + 1; both must lie in the span, while the
+    # A forecast made at candle t targets t + horizon; both must lie in the span, while the
     # history before t may reach back before it (that is the past, not a leak).
-    t = np.arange(need - 1, len(series) - 1)
-    t = t[(times[t] >= start) & (times[t + 1] <= end)]
+    t = np.arange(need - 1, len(series) - horizon)
+    t = t[(times[t] >= start) & (times[t + horizon] <= end)]
     if not len(t):
         return None
     offset = int(t[0]) - need + 1
@@ -492,17 +608,20 @@ def _score_series(
         ends = (t[chunk : chunk + _CHUNK] - offset).tolist()
         histories = [candles[e - need + 1 : e + 1] for e in ends]
         for name, forecaster in forecasters.items():
-            raw[name].extend(forecaster.predict_batch(histories))
+            raw[name].extend(forecaster.predict_batch(histories, horizon))
     bands = {name: _bands(forecasts) for name, forecasts in raw.items()}
-    bands[GarchBaseline.version] = garch_bands(series.ohlcv[:, _CLOSE], t, bands["persistence"])
+    bands[GarchBaseline.version] = garch_bands(
+        series.ohlcv[:, _CLOSE], t, bands["persistence"], horizon)
     # Every forecaster is scored on the same candles: drop any one of them could not answer.
     answered = np.all([np.isfinite(b).all(axis=1) for b in bands.values()], axis=0)
     t = t[answered]
+    last, actual = series.ohlcv[t, _CLOSE], series.ohlcv[t + horizon, _CLOSE]
     return _Scored(
-        target_time=times[t + 1],
-        last=series.ohlcv[t, _CLOSE],
-        actual=series.ohlcv[t + 1, _CLOSE],
-        bands={name: b[answered] for name, b in bands.items()},
+        target_time=times[t + horizon],
+        last=last,
+        actual=actual,
+        bands=served_bands({name: b[answered] for name, b in bands.items()}, last, actual,
+                           adaptive_step, horizon),
     )
 
 
@@ -547,6 +666,25 @@ def score_forecasters(
             for name, b in bands.items()}
 
 
+def _weeks(target_time: NDArray[np.int64], bands: Mapping[str, FloatArray], last: FloatArray,
+           actual: FloatArray) -> list[WeekScores]:
+    # The epoch began on a Thursday: shifted by three days, weeks start on Mondays.
+    monday = (target_time + _MONDAY_SHIFT_MS) // _WEEK_MS * _WEEK_MS - _MONDAY_SHIFT_MS
+    weeks = []
+    for start in np.unique(monday).tolist():
+        rows = monday == start
+        inside = {name: (actual[rows] >= b[rows, 0]) & (actual[rows] <= b[rows, 2])
+                  for name, b in bands.items()}
+        weeks.append(WeekScores(
+            week=datetime.fromtimestamp(start / 1000, UTC).strftime("%Y-%m-%d"),
+            forecasts=int(rows.sum()),
+            coverage_80={name: float(i.mean()) for name, i in inside.items()},
+            pinball_bp={name: float(np.mean(pinball(b[rows], last[rows], actual[rows])))
+                        for name, b in bands.items()},
+        ))
+    return weeks
+
+
 def _scores(parts: Sequence[_Scored]) -> dict[str, Any]:
     target_time = np.concatenate([p.target_time for p in parts])
     last = np.concatenate([p.last for p in parts])
@@ -557,6 +695,7 @@ def _scores(parts: Sequence[_Scored]) -> dict[str, Any]:
         "first_target_open_time": int(target_time.min()),
         "last_target_open_time": int(target_time.max()),
         "metrics": score_forecasters(bands, last, actual),
+        "weeks": _weeks(target_time, bands, last, actual),
     }
 
 
@@ -579,19 +718,33 @@ def _overlaps(
     return bool(((target_time >= first) & (target_time <= last)).any())
 
 
+def _groups(all_series: Sequence[CandleSeries], forecasters: dict[str, Forecaster], start: int,
+            end: int, adaptive_step: float, horizon: int) -> dict[tuple[str, str], list[_Scored]]:
+    groups: dict[tuple[str, str], list[_Scored]] = {}
+    for s in all_series:
+        scored = _score_series(s, forecasters, start, end, adaptive_step, horizon)
+        if scored is not None and len(scored.target_time):
+            groups.setdefault((s.symbol, s.interval), []).append(scored)
+    return groups
+
+
 def evaluate(
     forecaster: Forecaster,
     series: CandleSeries | Sequence[CandleSeries],
     *,
     start_open_time: int | None = None,
     end_open_time: int | None = None,
+    adaptive_step: float = DEFAULT_STEP,
 ) -> Report:
-    """Score ``forecaster`` and the baselines on every next close of ``series``.
+    """Score ``forecaster`` and the baselines on every close of ``series`` they forecast.
 
     For each candle t with enough history for all of them (the largest window + 1
-    candles), each forecasts close[t + 1] from candles up to t only. With a span (UTC
-    epoch ms, inclusive), only forecasts whose candle t and target t + 1 both lie in it
-    are scored. :class:`ModelError` when the model was trained on another interval,
+    candles), each forecasts close[t + 1] from candles up to t only, and likewise
+    close[t + h] for every other horizon h the model serves (:attr:`Report.ahead`). With a
+    span (UTC epoch ms, inclusive), only forecasts whose candle t and target both lie in it
+    are scored. Every forecaster's bands are scored as served, after live adaptive
+    conformal with ``adaptive_step`` (0: as the forecasters give them).
+    :class:`ModelError` when the model was trained on another interval,
     :class:`TrainingError` when nothing can be scored.
     """
     all_series = [series] if isinstance(series, CandleSeries) else list(series)
@@ -604,17 +757,18 @@ def evaluate(
     forecasters = {MODEL: forecaster, **baseline_forecasters()}
     start = -(2**63) if start_open_time is None else start_open_time
     end = 2**63 - 1 if end_open_time is None else end_open_time
-    groups: dict[tuple[str, str], list[_Scored]] = {}
-    for s in all_series:
-        scored = _score_series(s, forecasters, start, end)
-        if scored is not None and len(scored.target_time):
-            groups.setdefault((s.symbol, s.interval), []).append(scored)
+    groups = _groups(all_series, forecasters, start, end, adaptive_step, 1)
     if not groups:
         need = max(f.window for f in forecasters.values()) + 2
         raise TrainingError(
             f"nothing to score: no {need} consecutive candles in the span "
             "(a history for every forecaster and the next candle)"
         )
+    ahead = {}
+    for horizon in forecaster.horizons[1:]:
+        later = _groups(all_series, forecasters, start, end, adaptive_step, horizon)
+        if later:
+            ahead[horizon] = Scores(**_scores([p for parts in later.values() for p in parts]))
     manifest = getattr(forecaster, "manifest", None)
     manifest = manifest if isinstance(manifest, Manifest) else None
     overlaps = any(
@@ -640,6 +794,7 @@ def evaluate(
             for (symbol, interval), parts in sorted(groups.items())
         ],
         overall=Scores(**_scores([p for parts in groups.values() for p in parts])),
+        ahead=ahead,
     )
 
 
@@ -662,6 +817,13 @@ def resolve_forecaster(model: str, registry_dir: Path | None = None) -> Forecast
     return load_forecaster(candidate)
 
 
+def holdout_start(series: Sequence[CandleSeries], fraction: float) -> int:
+    """The open time from which the last ``fraction`` of the span of ``series`` lies."""
+    last_open = max(int(s.open_time[-1]) for s in series)
+    first_open = min(int(s.open_time[0]) for s in series)
+    return int(np.floor(last_open - (last_open - first_open) * fraction))
+
+
 def evaluate_paths(
     model: str,
     data: Sequence[Path | str],
@@ -669,13 +831,21 @@ def evaluate_paths(
     *,
     start_open_time: int | None = None,
     end_open_time: int | None = None,
+    holdout: float | None = None,
+    adaptive_step: float = DEFAULT_STEP,
 ) -> Report:
     """:func:`evaluate` the model named as in :func:`resolve_forecaster` on candle files,
-    directories or globs (see :func:`load_series`)."""
+    directories or globs (see :func:`load_series`); ``holdout``: only on the last such
+    fraction of their span (from :func:`holdout_start`, or ``start_open_time`` if later)."""
     forecaster = resolve_forecaster(model, registry_dir)
+    all_series = load_series(data)
+    if holdout is not None:
+        start = holdout_start(all_series, holdout)
+        start_open_time = start if start_open_time is None else max(start, start_open_time)
     return evaluate(
         forecaster,
-        load_series(data),
+        all_series,
         start_open_time=start_open_time,
         end_open_time=end_open_time,
+        adaptive_step=adaptive_step,
     )

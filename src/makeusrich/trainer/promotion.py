@@ -1,18 +1,19 @@
 """The promotion rule: a challenger becomes champion only if its forecasts score a lower
-mean pinball loss (:func:`makeusrich.trainer.evaluate.pinball`, a proper score of the served
-quantiles) than the current champion's on the same recent hold-out span; otherwise it stays
-in the registry, unserved."""
+mean pinball loss (a proper score of the served quantiles) than the current champion's on
+the same recent hold-out span, and, when it is a network, only if it also passes the
+serving rule there (:func:`makeusrich.trainer.evaluate.judge`: at least 1% better than the
+best baseline at horizon 1 and better at every other horizon it serves); otherwise it stays
+in the registry, unserved. A baseline packaged as a version (``garch``) needs only to beat
+the champion: it is what serves when no network earns its place."""
 
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from makeusrich.core.errors import TrainingError
-from makeusrich.inference import OnnxForecaster, Registry, read_manifest
+from makeusrich.inference import BASELINE_KINDS, OnnxForecaster, Registry, read_manifest
 from makeusrich.trainer.data import load_series
-from makeusrich.trainer.evaluate import MODEL, evaluate
+from makeusrich.trainer.evaluate import MODEL, evaluate, holdout_start
 
 __all__ = ["Decision", "decide_promotion"]
 
@@ -31,31 +32,33 @@ def decide_promotion(
     registry: Registry, challenger: str, data: Sequence[Path | str],
     symbol: str | None = None,
 ) -> Decision:
-    """Compare ``challenger`` with the champion on the last 15% of ``data`` (by open time).
+    """Judge ``challenger`` by the serving rule and against the champion on the last 15%
+    of ``data`` (by open time).
 
     With ``symbol``: with that symbol's champion (its own, else the shared one), on that
     symbol's series only."""
     champion = registry.champion(symbol)
-    if champion is None:
-        return Decision(True, "no champion yet")
     if champion == challenger:
         return Decision(False, f"{challenger} is already the champion")
     series = [s for s in load_series(data) if symbol is None or s.symbol == symbol]
     if not series:
         raise TrainingError(f"no {symbol} candles in the hold-out data")
-    last_open = max(int(s.open_time[-1]) for s in series)
-    first_open = min(int(s.open_time[0]) for s in series)
-    start = int(np.floor(last_open - (last_open - first_open) * HOLDOUT_FRACTION))
+    start = holdout_start(series, HOLDOUT_FRACTION)
     # Never score the challenger on candles it was fitted on.
-    trained = read_manifest(registry.root / challenger).training_data
-    start = max(start, trained.validation_first_target_open_time)
-    scores = {
-        version: evaluate(OnnxForecaster(registry.root / version), series,
-                          start_open_time=start).overall.metrics[MODEL].pinball_bp
-        for version in (challenger, champion)
-    }
-    ours, theirs = scores[challenger], scores[champion]
+    manifest = read_manifest(registry.root / challenger)
+    start = max(start, manifest.training_data.validation_first_target_open_time)
     span = f"hold-out from open_time {start} ({len(series)} series)"
+    report = evaluate(OnnxForecaster(registry.root / challenger), series,
+                      start_open_time=start)
+    ours = report.overall.metrics[MODEL].pinball_bp
+    verdict = report.verdict
+    if not verdict.passes and manifest.architecture.kind not in BASELINE_KINDS:
+        return Decision(False, f"{challenger} fails the serving rule on {span}: "
+                        f"{verdict.reason}", ours)
+    if champion is None:
+        return Decision(True, f"no champion yet; {verdict.reason}", ours)
+    theirs = evaluate(OnnxForecaster(registry.root / champion), series,
+                      start_open_time=start).overall.metrics[MODEL].pinball_bp
     if ours < theirs:
         return Decision(True, f"pinball {ours:.4f} bp < champion {champion}'s {theirs:.4f} bp "
                         f"on {span}", ours, theirs)

@@ -48,6 +48,7 @@ def _fields(info: VersionInfo, serving: str | None) -> dict[str, Any]:
         "metrics": info.metrics,
         "sha256_ok": info.sha256_ok,
         "is_champion": info.is_champion,
+        "baseline": info.is_baseline,
         "champion_for": list(info.champion_for),
         "serving": info.version == serving,
         "problem": info.problem,

@@ -1,10 +1,12 @@
-"""``/v1/predictions``: the newest forecast per symbol and the forecast history."""
+"""``/v1/predictions``: the newest forecast per symbol and the forecast history, of one
+horizon (``?horizon=``, 1 by default: the next candle)."""
 
 from typing import Any, Final
 
 from fastapi import APIRouter, HTTPException, Response
 
 from makeusrich.api.deps import (
+    HorizonDep,
     IntervalDep,
     LatestDep,
     LimitDep,
@@ -29,20 +31,25 @@ _ERRORS: Final[dict[int | str, dict[str, Any]]] = {
 }
 
 
+def _series(symbol: str, interval: str, horizon: int) -> str:
+    return f"{symbol} {interval}" if horizon == 1 else f"{symbol} {interval} horizon {horizon}"
+
+
 @router.get("/latest", response_model=list[PredictionOut], responses=_ERRORS)
 async def latest_predictions(
     symbols: SymbolsDep,
     interval: IntervalDep,
+    horizon: HorizonDep,
     settings: SettingsDep,
     latest: LatestDep,
 ) -> Response:
-    """The newest prediction of each symbol (all known symbols by default).
+    """The newest prediction of each symbol (all known symbols by default) for ``horizon``.
 
     Symbols without a prediction yet are left out.
     """
     wanted = list(symbols) if symbols is not None else await all_symbols(settings, latest)
     # Already-encoded JSON (see api/latest.py): returning a Response skips re-validation.
-    return Response(json_array(await latest.get(wanted, interval)),
+    return Response(json_array(await latest.get(wanted, interval, horizon)),
                     media_type="application/json")
 
 
@@ -56,12 +63,12 @@ async def latest_predictions(
     },
 )
 async def latest_prediction(
-    symbol: SymbolDep, interval: IntervalDep, latest: LatestDep
+    symbol: SymbolDep, interval: IntervalDep, horizon: HorizonDep, latest: LatestDep
 ) -> Response:
-    """The newest prediction for one symbol."""
-    found = await latest.get([symbol], interval)
+    """The newest prediction for one symbol and ``horizon``."""
+    found = await latest.get([symbol], interval, horizon)
     if not found:
-        raise HTTPException(404, f"no prediction yet for {symbol} {interval}")
+        raise HTTPException(404, f"no prediction yet for {_series(symbol, interval, horizon)}")
     return Response(found[0], media_type="application/json")
 
 
@@ -73,13 +80,14 @@ async def latest_prediction(
 async def prediction_history(
     symbol: SymbolDep,
     interval: IntervalDep,
+    horizon: HorizonDep,
     limit: LimitDep,
     window: TimeRangeDep,
     store: StoreDep,
 ) -> list[PredictionOut]:
-    """Past predictions, oldest first; ``start``/``end`` are inclusive on
+    """Past predictions of ``horizon``, oldest first; ``start``/``end`` are inclusive on
     ``candle_open_time``. Same ``limit`` rules as the candles endpoint."""
     predictions = await store.predictions(
-        symbol, interval, window.start_ms, window.end_ms, limit
+        symbol, interval, window.start_ms, window.end_ms, limit, horizon=horizon
     )
     return PredictionOut.from_records(predictions)

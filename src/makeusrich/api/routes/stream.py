@@ -1,5 +1,9 @@
 """``GET /v1/stream``: Server-Sent Events of new candles and predictions.
 
+Predictions are sent for horizon 1 only (the next candle, as before predictions had a
+horizon) unless ``horizons`` names others; the filter is part of the client's
+:class:`EventFilter`, so clients asking the same still share each burst's encoded frames.
+
 Resuming with ``Last-Event-ID`` delivers exactly the missed events: the client subscribes
 to the broadcaster *first*, then reads the backlog from the Redis events stream, then
 takes live bursts while skipping every id it has already passed. An event published
@@ -29,6 +33,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from makeusrich.api.broadcast import (
+    DEFAULT_HORIZONS,
     Broadcaster,
     Burst,
     Chunk,
@@ -37,6 +42,7 @@ from makeusrich.api.broadcast import (
     chunk_of,
 )
 from makeusrich.api.deps import (
+    MAX_HORIZON,
     BroadcasterDep,
     LastEventIdDep,
     OptionalIntervalDep,
@@ -97,6 +103,35 @@ async def _events_query(
             422, f"unknown event type '{unknown[0]}'; use one of {', '.join(EVENT_TYPES)}"
         )
     return wanted
+
+
+_HORIZONS_HELP: Final = (f"use whole numbers of candles from 1 to {MAX_HORIZON}, "
+                         "comma-separated or repeated, or 'all'")
+
+
+async def _horizons_query(
+    horizons: Annotated[
+        list[str] | None,
+        Query(description="prediction horizons to send, in candles ahead: comma-separated "
+              "and/or repeated (e.g. `1,5,15,60`), or `all`; default: 1 only (the next "
+              "candle). Other event types are not filtered by it"),
+    ] = None,
+) -> frozenset[int] | None:
+    """The horizons asked for; None for all of them."""
+    parts = [part.strip() for value in horizons or () for part in value.split(",")]
+    parts = [part for part in parts if part]
+    if not parts:
+        return DEFAULT_HORIZONS
+    if any(part.lower() == "all" for part in parts):
+        return None
+    wanted: set[int] = set()
+    for part in parts:
+        # isascii: str.isdigit() also takes digits int() refuses (e.g. superscripts).
+        value = int(part) if part.isascii() and part.isdigit() else 0
+        if not 1 <= value <= MAX_HORIZON:
+            raise HTTPException(422, f"invalid horizon '{part}'; {_HORIZONS_HELP}")
+        wanted.add(value)
+    return DEFAULT_HORIZONS if wanted == DEFAULT_HORIZONS else frozenset(wanted)
 
 
 def _live_chunk(bursts: list[Burst], event_filter: EventFilter,
@@ -213,12 +248,12 @@ class _LiveEvents(Response):
     responses={
         200: {
             "content": {"text/event-stream": {}},
-            "description": "SSE: `id` = events-stream id, `event` = candle|prediction, "
-            "`data` = the record JSON",
+            "description": "SSE: `id` = events-stream id, `event` = candle|prediction|alert|"
+            "drift, `data` = the record JSON (a prediction's names its `horizon`)",
         },
         400: {"description": "malformed Last-Event-ID"},
         404: {"description": "unknown symbol, or interval not built here"},
-        **unprocessable("an unsupported interval or event type"),
+        **unprocessable("an unsupported interval, event type or horizon"),
         503: {"description": "the live-event subscription to Redis is down"},
     },
 )
@@ -228,13 +263,15 @@ async def stream(
     symbols: SymbolsDep,
     interval: OptionalIntervalDep,
     events: Annotated[frozenset[str], Depends(_events_query)],
+    horizons: Annotated[frozenset[int] | None, Depends(_horizons_query)],
     resume_from: LastEventIdDep,
     metrics: ApiMetricsDep,
 ) -> _LiveEvents:
-    """Live events; with ``Last-Event-ID`` first the events missed since that id.
+    """Live events; with ``Last-Event-ID`` first the events missed since that id (those the
+    filters take).
 
     Heartbeat comments keep idle connections open. Without ``Last-Event-ID`` only events
-    from now on are sent.
+    from now on are sent. Predictions: horizon 1 only unless ``horizons`` says otherwise.
     """
     if not broadcaster.ready:
         raise HTTPException(503, "live events unavailable: the Redis subscription is down")
@@ -242,5 +279,6 @@ async def stream(
         symbols=None if symbols is None else frozenset(symbols),
         types=events,
         interval=interval,
+        horizons=horizons,
     )
     return _LiveEvents(store, broadcaster, event_filter, resume_from, metrics)
