@@ -89,6 +89,12 @@ test-latest: | $(UV)
 bench: install-dev
 	$(BIN)/python -m bench $(ARGS)
 
+# Forecast quality: trains the bundled default's candidates on ../shared, picks the champion
+# by the serving rule, rewrites the README's table (not part of `make bench`: ~15 min).
+# ARGS=--install also replaces the bundled models.
+forecasts: install-dev
+	$(BIN)/python -m bench.forecasts $(ARGS)
+
 # One API worker under SSE clients and polling load (not part of `make bench`).
 load: install-dev
 	$(BIN)/python -m bench.load $(ARGS)

@@ -72,8 +72,8 @@ def _latency(version_dir: Path, calls: int) -> dict[str, float]:
         window=manifest.window,
         hidden=manifest.architecture.hidden,
         layers=manifest.architecture.layers,
-        target_scale=1.0,
-        initial_quantiles=[0.0] * 3,
+        target_scales=[1.0] * len(manifest.horizons),
+        initial_quantiles=[0.0] * 3 * len(manifest.horizons),
     ).eval()
     sample = np.asarray(manifest.parity.input, dtype=np.float32)
     result: dict[str, float] = {}

@@ -220,7 +220,7 @@ def _cmd_trainer(args: argparse.Namespace) -> None:
     if settings.trainer_metrics_port is not None:
         serve_metrics(metrics, settings.api_host, settings.trainer_metrics_port)
     run_schedule(settings, data, Path(registry), every_s=every_s, arch=args.arch,
-                 epochs=args.epochs, runs=args.runs, metrics=metrics)
+                 epochs=args.epochs, runs=args.runs, metrics=metrics, horizons=args.horizons)
 
 
 def _cmd_record(args: argparse.Namespace) -> None:
@@ -846,6 +846,8 @@ def _parser() -> argparse.ArgumentParser:
     trainer.add_argument("--registry", type=Path, help="default: MUR_MODEL_DIR or bundled")
     trainer.add_argument("--arch", default="lstm", choices=ARCHITECTURES)
     trainer.add_argument("--epochs", type=int, default=10)
+    trainer.add_argument("--horizons", type=_int_list, default=(1,), metavar="H,H,...",
+                         help="candles ahead to forecast, as mur train's (default 1)")
     trainer.add_argument("--runs", type=int, help="stop after this many runs")
     trainer.add_argument("--retrain-on-drift", action="store_true", default=None,
                          help="start a run at once when a worker raises a drift event "

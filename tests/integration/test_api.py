@@ -35,7 +35,8 @@ MINUTE_MS = 60_000
 T0_MS = 1_700_000_040_000
 CANDLE_FIELDS = {
     "open_time", "close_time", "open", "high", "low", "close", "volume", "quote_volume",
-    "trades", "taker_buy_volume", "taker_buy_quote_volume", "symbol", "interval", "source",
+    "trades", "taker_buy_volume", "taker_buy_quote_volume", "large_trade_quote_volume",
+    "symbol", "interval", "source",
 }
 PREDICTION_FIELDS = {
     "symbol", "interval", "candle_open_time", "target_open_time", "last_close",
@@ -51,6 +52,7 @@ def make_candle(i: int = 0, symbol: str = "BTCUSDT", interval: str = "1m") -> Ca
         close=101.25 + i, volume=3.5, quote_volume=350.0, trades=7, taker_buy_volume=1.5,
         taker_buy_quote_volume=150.0, source="sim", ts_event=open_time + MINUTE_MS - 1,
         ts_ingest=open_time + MINUTE_MS + 5,
+        large_trade_quote_volume=None if i % 2 else 120.0,  # unknown for klines' candles
     )
 
 
@@ -207,6 +209,7 @@ async def test_candles_oldest_first_with_ranges(
     assert set(body[0]) == CANDLE_FIELDS
     expected = {name: getattr(candles[0], name) for name in CANDLE_FIELDS}
     assert body[0] == expected
+    assert [row["large_trade_quote_volume"] for row in body[:2]] == [120.0, None]
     assert isinstance(body[0]["close"], float) and isinstance(body[0]["trades"], int)
 
     # Case-insensitive symbol, default interval, newest `limit` oldest first.

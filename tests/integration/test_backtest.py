@@ -70,8 +70,8 @@ def test_two_models_in_one_report(settings: Settings, tmp_path: Path) -> None:
         series = model["series"][0]
         assert series["buy_and_hold"]["candles"] == series["strategy"]["candles"]
     # A shifted return mean biases every forecast: the worse model must score worse.
-    assert (metrics["models"][worse.name]["metrics"]["model"]["mae"]
-            > metrics["models"][good.name]["metrics"]["model"]["mae"])
+    assert (metrics["models"][worse.name]["metrics"]["model"]["pinball_bp"]
+            > metrics["models"][good.name]["metrics"]["model"]["pinball_bp"])
 
     table = pq.read_table(out / "predictions.parquet").to_pylist()
     assert {row["model"] for row in table} == {good.name, worse.name}

@@ -217,9 +217,12 @@ def test_worker_metrics(worker_settings: Settings, worker: subprocess.Popen[byte
     publisher.send(EndOfStream("BTCUSDT", trades[-1].ts_event, now_ms(), "replay"))
     publisher.close()
 
+    horizons = len(load_forecaster(None).horizons)
+
     def done() -> bool:
         samples = _worker_scrape_or_empty(settings)
-        return (get(samples, "mur_predictions_total", symbol="BTCUSDT", interval="1m") == 30
+        return (get(samples, "mur_predictions_total", symbol="BTCUSDT", interval="1m")
+                == 30 * horizons
                 and get(samples, "mur_dead_letters_total", reason="late") == 1)
 
     wait_until(done, "the worker's metrics to show every candle and dead letter")
@@ -231,7 +234,8 @@ def test_worker_metrics(worker_settings: Settings, worker: subprocess.Popen[byte
     assert total(samples, "mur_dead_letters_total") == 3 + 1
     assert get(samples, "mur_late_trades_total", symbol="BTCUSDT") == 1
     assert get(samples, "mur_candles_closed_total", symbol="BTCUSDT", interval="1m") == 30
-    assert get(samples, "mur_predictions_total", symbol="BTCUSDT", interval="1m") == 30
+    # One a horizon of the bundled model per closed candle; one model call per candle.
+    assert get(samples, "mur_predictions_total", symbol="BTCUSDT", interval="1m") == 30 * horizons
     assert total(samples, "mur_inference_latency_seconds_count") == 30
     assert total(samples, "mur_inference_latency_seconds_sum") > 0
     assert get(samples, "mur_duplicate_trades_total") == 0

@@ -16,6 +16,7 @@ from makeusrich.core.embedded import EmbeddedService
 from makeusrich.core.settings import Settings
 from makeusrich.core.store import RedisStore
 from makeusrich.inference import (
+    BASELINE_KINDS,
     MANIFEST_FILE,
     MODEL_FILE,
     Registry,
@@ -29,7 +30,7 @@ OLD = "lstm-20250101-000000-aaaaaaaa"
 NEW = "lstm-20250301-000000-bbbbbbbb"
 MODEL_FIELDS = {
     "version", "kind", "created_at", "window", "symbols", "interval", "metrics", "sha256_ok",
-    "is_champion", "champion_for", "serving", "problem",
+    "is_champion", "champion_for", "serving", "problem", "baseline",
 }
 
 
@@ -85,7 +86,7 @@ async def test_list_models(client: httpx.AsyncClient, root: Path, store: RedisSt
         "window": source.window, "symbols": list(source.training_data.symbols),
         "interval": source.training_data.interval, "metrics": None,
         "sha256_ok": True, "is_champion": False, "champion_for": [], "serving": False,
-        "problem": None,
+        "problem": None, "baseline": source.architecture.kind in BASELINE_KINDS,
     }
     assert body[0]["metrics"]["skill"] == source.metrics["skill"]
 
@@ -151,8 +152,23 @@ async def test_bundled_models_by_default(start_api: Callable[..., str]) -> None:
     async with httpx.AsyncClient(base_url=start_api(), timeout=10) as client:
         body = (await client.get("/v1/models")).json()
     bundled = sorted(p.name for p in bundled_models_dir().iterdir() if (p / MANIFEST_FILE).exists())
-    assert [row["version"] for row in body] == bundled
+    assert sorted(row["version"] for row in body) == bundled
     assert all(row["sha256_ok"] for row in body)
+    # The rule chose the champion; the listing says whether a baseline won.
+    (champion,) = [row for row in body if row["is_champion"]]
+    assert champion["version"] == Registry(bundled_models_dir()).champion()
+    assert champion["baseline"] == (champion["kind"] in BASELINE_KINDS)
+
+
+async def test_a_baseline_champion_says_so(start_api: Callable[..., str], tmp_path: Path) -> None:
+    add_version(tmp_path, "lstm-20250101-000000-aaaaaaaa", kind="lstm")
+    add_version(tmp_path, "garch-20250102-000000-bbbbbbbb", kind="garch")
+    Registry(tmp_path).promote("garch-20250102-000000-bbbbbbbb", "no network passed the rule")
+    async with httpx.AsyncClient(base_url=start_api(model_dir=tmp_path), timeout=10) as client:
+        body = {row["version"]: row for row in (await client.get("/v1/models")).json()}
+    garch, lstm = body["garch-20250102-000000-bbbbbbbb"], body["lstm-20250101-000000-aaaaaaaa"]
+    assert (garch["is_champion"], garch["baseline"], garch["kind"]) == (True, True, "garch")
+    assert (lstm["is_champion"], lstm["baseline"]) == (False, False)
 
 
 async def test_broken_registry_is_500(start_api: Callable[..., str], tmp_path: Path) -> None:

@@ -25,7 +25,16 @@ def registry(tmp_path: Path) -> Registry:
 
 def test_first_version_becomes_champion(registry: Registry) -> None:
     decision = decide_promotion(registry, "lstm-20250101-000000-aaaaaaaa", [DAY])
-    assert decision.promote and decision.reason == "no champion yet"
+    assert decision.promote and decision.reason.startswith("no champion yet")
+
+
+def test_a_network_that_fails_the_serving_rule_is_refused(tmp_path: Path) -> None:
+    # A network kind with a shifted return mean: worse than the baselines at every horizon.
+    network = "lstm-20250103-000000-cccccccc"
+    add_version(tmp_path, network, kind="lstm", shift_return_mean=0.01)
+    decision = decide_promotion(Registry(tmp_path), network, [DAY])
+    assert not decision.promote
+    assert "fails the serving rule" in decision.reason and "horizon 1:" in decision.reason
 
 
 def test_a_worse_challenger_is_refused_and_a_better_one_promoted(registry: Registry) -> None:

@@ -21,6 +21,7 @@ from makeusrich.core.embedded import EmbeddedService
 from makeusrich.core.errors import ConfigError, RegistryError, SourceFormatError
 from makeusrich.core.schemas import EndOfStream, Trade, TradeBatch, encode, encode_batch
 from makeusrich.core.settings import Settings
+from makeusrich.inference import load_forecaster
 from makeusrich.stream.publisher import ensure_topics
 from makeusrich.stream.replay import (
     ReplaySpec,
@@ -108,10 +109,14 @@ def test_replay_of_a_file_equals_the_live_path_and_leaves_live_data_alone(
     live_candles = history(client, live, "candle")
     live_predictions = history(client, live, "prediction")
     assert len(live_candles) == 60
-    assert {p["model_version"] for p in live_predictions} - {"naive"}, "the LSTM never served"
+    assert {p["model_version"] for p in live_predictions} - {"naive"}, "the model never served"
     assert _comparable(history(client, run, "candle")) == _comparable(live_candles)
-    assert _comparable(history(client, run, "prediction")) == _comparable(live_predictions)
-    assert (result.candles, result.predictions) == (60, len(live_predictions))
+    horizons = load_forecaster(None).horizons
+    for horizon in horizons:
+        assert (_comparable(history(client, run, "prediction", horizon=horizon))
+                == _comparable(history(client, live, "prediction", horizon=horizon)))
+    # One prediction a horizon per closed candle.
+    assert (result.candles, result.predictions) == (60, len(live_predictions) * len(horizons))
 
     # Isolation: the live keys and topics are exactly as they were, the run's are its own.
     assert _snapshot(client, live.redis_prefix) == before

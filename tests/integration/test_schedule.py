@@ -82,16 +82,18 @@ def test_first_run_is_promoted_and_the_second_decided_by_the_rule(
     assert (first.candles, second.candles) == (FIRST_CANDLES, 1440)
     assert second.last_open_time == first.last_open_time + (1440 - FIRST_CANDLES) * MINUTE
 
-    assert first.promoted and first.decision == "no champion yet"
-    assert first.champion is None and first.pinball_bp is None
-    assert second.champion == first.version
-    assert second.pinball_bp is not None and second.champion_pinball_bp is not None
-    assert second.promoted == (second.pinball_bp < second.champion_pinball_bp)
-    assert ("promoted" if second.promoted else "kept unserved") in second.render()
+    # An LSTM of one epoch on a day does not beat GARCH(1,1) by 1%: the serving rule keeps
+    # both runs unserved, with no champion to compare against.
+    for summary in (first, second):
+        assert summary.champion is None and not summary.promoted
+        assert summary.decision is not None
+        assert "fails the serving rule" in summary.decision and "horizon 1:" in summary.decision
+        assert summary.pinball_bp is not None and summary.champion_pinball_bp is None
+        assert "kept unserved" in summary.render()
 
     # A losing version stays in the registry too. (Both may share a second: compare sets.)
     assert set(registry.versions()) == {first.version, second.version}
-    assert registry.champion() == (second.version if second.promoted else first.version)
+    assert registry.champion() is None
 
 
 @pytest.mark.train
@@ -110,9 +112,9 @@ def test_the_runs_are_counted_in_the_trainer_metrics(
     assert runs("promoted") == promoted and runs("kept") == 2 - promoted
     assert runs("failed") == runs("promoted", "drift") == 0
     assert sample(samples, "mur_trainer_promotions_total") == promoted
-    assert series(samples, "mur_trainer_promoted_version_info") == [
-        {"version": registry.champion()}
-    ]
+    champion = registry.champion()
+    assert series(samples, "mur_trainer_promoted_version_info") == (
+        [] if champion is None else [{"version": champion}])
     assert sample(samples, "mur_trainer_last_run_duration_seconds") == second.duration_s
     last_success_s = sample(samples, "mur_trainer_last_success_timestamp_seconds")
     assert last_success_s is not None and second.started_at / 1000 <= last_success_s <= time.time()

@@ -15,13 +15,17 @@ def bundled_version_dir() -> Path:
     return bundled.root / str(bundled.selected())
 
 
-def add_version(registry: Path, name: str, *, shift_return_mean: float = 0.0) -> Path:
+def add_version(registry: Path, name: str, *, shift_return_mean: float = 0.0,
+                kind: str | None = None) -> Path:
     """The bundled model as version ``name`` (sha256 covers model.onnx only, so the edited
-    manifest stays valid); a shifted return mean makes it a worse forecaster."""
+    manifest stays valid); a shifted return mean makes it a worse forecaster; ``kind``
+    relabels its architecture (e.g. as a network, or as the garch baseline)."""
     target = Path(shutil.copytree(bundled_version_dir(), registry / name))
     manifest = json.loads((target / MANIFEST_FILE).read_text())
     manifest["version"] = name
     manifest["normalisation"]["mean"][0] += shift_return_mean
+    if kind is not None:
+        manifest["architecture"]["kind"] = kind
     (target / MANIFEST_FILE).write_text(json.dumps(manifest))
     return target
 
@@ -67,6 +71,8 @@ def tiny_version(directory: Path, features: Sequence[str]) -> Path:
         normalisation={"mean": [0.0] * count, "std": [1.0] * count},
         sha256=hashlib.sha256((directory / MODEL_FILE).read_bytes()).hexdigest(),
         parity=None,
+        horizons=[1],  # its graph has one quantile head
+        calibration=[],
     )
     (directory / MANIFEST_FILE).write_text(json.dumps(manifest))
     return directory

@@ -65,10 +65,22 @@ def wait_until(predicate: Callable[[], bool], what: str, timeout_s: float = 90) 
 
 
 def history(client: redis.Redis, settings: Settings, kind: str, symbol: str = "BTCUSDT",
-            interval: str = "1m") -> list[dict[str, Any]]:
-    """Every candle or prediction record stored for one series, oldest first."""
-    key = settings.redis_keys.history(kind, symbol, interval)
+            interval: str = "1m", horizon: int = 1) -> list[dict[str, Any]]:
+    """Every candle or prediction record (of ``horizon``) stored for one series, oldest
+    first."""
+    key = settings.redis_keys.history(kind, symbol, interval, horizon)
     return [msgspec.json.decode(fields[b"d"]) for _, fields in client.xrange(key)]
+
+
+def _all_horizons(client: redis.Redis, settings: Settings, symbol: str,
+                  interval: str) -> list[dict[str, Any]]:
+    """Every horizon's predictions of one series, in the order the worker makes them: by
+    candle, then horizon."""
+    further = client.keys(settings.redis_keys.history("prediction", symbol, interval) + ":h*")
+    horizons = [1, *(int(key.rsplit(b":h", 1)[1]) for key in further)]
+    records = [record for horizon in horizons
+               for record in history(client, settings, "prediction", symbol, interval, horizon)]
+    return sorted(records, key=lambda record: (record["candle_open_time"], record["horizon"]))
 
 
 def _decoded(raw: dict[bytes, bytes]) -> dict[str, int]:
@@ -159,11 +171,12 @@ def without_wall_clock(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]
 
 
 def stored_outputs(client: redis.Redis, settings: Settings) -> Outputs:
-    """Every candle and prediction history of ``settings``' symbols and intervals, without
-    wall-clock fields."""
+    """Every candle and prediction (all horizons) history of ``settings``' symbols and
+    intervals, without wall-clock fields."""
     return {
         (kind, symbol, interval): without_wall_clock(
-            history(client, settings, kind, symbol, interval))
+            history(client, settings, kind, symbol, interval) if kind == "candle"
+            else _all_horizons(client, settings, symbol, interval))
         for kind in _OPEN_TIME for symbol in settings.symbols for interval in settings.intervals
     }
 

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from numpy.typing import NDArray
 
+from kit.registry import tiny_version
 from makeusrich.core.errors import ModelError, TrainingError
 from makeusrich.core.schemas import Candle
 from makeusrich.inference import (
@@ -22,6 +23,7 @@ from makeusrich.inference import (
     bundled_models_dir,
     compute_features,
     interval_score,
+    load_forecaster,
     pinball,
     read_manifest,
 )
@@ -594,3 +596,12 @@ def test_a_model_serves_only_1pc_better_than_the_best_baseline_at_1_and_better_b
     assert "horizon 15" in worse_beyond.reason and "horizon 1:" not in worse_beyond.reason
     assert not judge({1: _pinballs(model=0.9, garch=1.0),
                       5: _pinballs(model=3.0, garch=3.0)}).passes  # a tie is not better
+
+
+def test_a_model_needing_a_feature_the_candles_lack_says_so(tmp_path: Path) -> None:
+    model = load_forecaster(tiny_version(tmp_path / "tiny-v1", ["log_return",
+                                                                 "large_trade_share"]))
+    series = _series([100.0 + i % 3 for i in range(80)])
+    series.ohlcv[:, -1] = np.nan  # as from klines: large-trade volume unknown
+    with pytest.raises(ModelError, match=r"needs \['large_trade_share'\].*klines"):
+        evaluate(model, series)

@@ -23,6 +23,7 @@ from makeusrich.inference import (
     Forecast,
     NaiveForecaster,
     OnnxForecaster,
+    Registry,
     bundled_models_dir,
     load_forecaster,
     read_manifest,
@@ -130,7 +131,8 @@ def test_bundled_model_is_the_default(candles: list[Candle]) -> None:
     assert isinstance(forecaster, OnnxForecaster)
     assert forecaster.path.parent == bundled_models_dir()
     assert forecaster.version == forecaster.path.name
-    assert forecaster.version.startswith("lstm-")
+    assert forecaster.version == Registry(bundled_models_dir()).champion()  # chosen by the rule
+    assert forecaster.horizons == (1, 5, 15, 60)
     assert forecaster.manifest.training_data.symbols == ("BTCUSDT",)
     assert (forecaster.path / MODEL_FILE).stat().st_size < 1_000_000
 

@@ -60,6 +60,10 @@ class CandleOut(_Out):
     trades: int = Field(description="number of trades")
     taker_buy_volume: float
     taker_buy_quote_volume: float
+    large_trade_quote_volume: float | None = Field(
+        default=None,
+        description="quote volume of trades of at least MUR_LARGE_TRADE_QUOTE each; null for "
+        "candles made from klines, which do not say")
     symbol: str
     interval: str
     source: SourceOut = Field(description="where the trades came from")

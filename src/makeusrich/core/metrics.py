@@ -235,7 +235,7 @@ class WorkerMetrics:
             "mur_candles_closed_total", "Candles closed and written",
             ("symbol", "interval"), registry=registry)
         self.predictions = Counter(
-            "mur_predictions_total", "Predictions made and written",
+            "mur_predictions_total", "Predictions made and written (one per horizon)",
             ("symbol", "interval"), registry=registry)
         self.candle_close_latency = Histogram(
             "mur_candle_close_latency_seconds", "Wall time from the ingest of the trade that "

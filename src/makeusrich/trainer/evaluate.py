@@ -30,6 +30,7 @@ from makeusrich.core.schemas import Candle
 from makeusrich.inference.conformal import DEFAULT_STEP, adaptive_log_quantiles
 from makeusrich.inference.features import (
     OHLCV_COLUMNS,
+    TRADE_ONLY_FEATURES,
     FloatArray,
     Normalisation,
     compute_features,
@@ -744,15 +745,24 @@ def evaluate(
     span (UTC epoch ms, inclusive), only forecasts whose candle t and target both lie in it
     are scored. Every forecaster's bands are scored as served, after live adaptive
     conformal with ``adaptive_step`` (0: as the forecasters give them).
-    :class:`ModelError` when the model was trained on another interval,
-    :class:`TrainingError` when nothing can be scored.
+    :class:`ModelError` when the model was trained on another interval or needs a feature
+    the candles lack, :class:`TrainingError` when nothing can be scored.
     """
     all_series = [series] if isinstance(series, CandleSeries) else list(series)
+    needs = getattr(forecaster, "features", ())
     for s in all_series:
         if forecaster.interval is not None and s.interval != forecaster.interval:
             raise ModelError(
                 f"model {forecaster.version} forecasts {forecaster.interval} candles; "
                 f"{s.symbol} has {s.interval} candles"
+            )
+        lacking = [f for f in needs if f in TRADE_ONLY_FEATURES and np.isnan(
+            s.ohlcv[:, OHLCV_COLUMNS.index(TRADE_ONLY_FEATURES[f])]).all()]
+        if lacking:  # it would answer nothing: say why rather than "nothing to score"
+            raise ModelError(
+                f"model {forecaster.version} needs {lacking}, which the {s.symbol} "
+                f"{s.interval} candles lack (candles made from klines have no "
+                "large_trade_quote_volume); evaluate it on the pipeline's own candles"
             )
     forecasters = {MODEL: forecaster, **baseline_forecasters()}
     start = -(2**63) if start_open_time is None else start_open_time
