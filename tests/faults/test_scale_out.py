@@ -20,7 +20,6 @@ from kit.worker import (
     event_counts,
     expected_events,
     group_stats,
-    history,
     namespaced_settings,
     reference_outputs,
     stored_outputs,
@@ -74,17 +73,22 @@ class _Feed(threading.Thread):
 
 
 def _complete(client: redis.Redis, settings: Settings, reference: Outputs) -> bool:
-    return all(len(history(client, settings, kind, symbol, interval)) == len(records)
-               for (kind, symbol, interval), records in reference.items())
+    stored = stored_outputs(client, settings)
+    return all(len(stored[key]) == len(records) for key, records in reference.items())
+
+
+def _key(record: dict[str, Any], open_time: str) -> tuple[Any, ...]:
+    # A prediction is one of a candle's horizons; a candle has none.
+    return (record["symbol"], record["interval"], record[open_time], record.get("horizon"))
 
 
 def _deduplicated(settings: Settings, topic: str, open_time: str) -> dict[Any, list[Any]]:
-    """The records of an output topic grouped by (symbol, interval, open time), without
-    wall-clock fields."""
+    """The records of an output topic grouped by (symbol, interval, open time, horizon),
+    without wall-clock fields."""
     copies: dict[Any, list[Any]] = defaultdict(list)
     for record in topic_records(settings, topic):
         value = without_wall_clock([msgspec.json.decode(record.value)])[0]
-        copies[value["symbol"], value["interval"], value[open_time]].append(value)
+        copies[_key(value, open_time)].append(value)
     return copies
 
 
@@ -143,8 +147,8 @@ def test_workers_join_and_die_while_trades_flow(
                                    ("prediction", group.topics.predictions,
                                     "candle_open_time")):
         copies = _deduplicated(group, topic, open_time)
-        expected = {(symbol, interval, record[open_time]): record
-                    for (k, symbol, interval), records in reference.items() if k == kind
+        expected = {_key(record, open_time): record
+                    for (k, _, _), records in reference.items() if k == kind
                     for record in records}
         assert copies.keys() == expected.keys()
         assert all(value == expected[key] for key, values in copies.items()
