@@ -31,7 +31,8 @@ from makeusrich.trainer.evaluate import MODEL
 
 HORIZONS = (1, 5, 15, 60)
 #: (architecture, train() options): a network's defaults, the TFT on every 4th window
-#: (its attention costs 5x the LSTM's time per window), GARCH on a 30-candle window.
+#: (13x the LSTM's time per epoch in bench.models; on every window it also overfits: h1
+#: pinball 1.7510 against 1.7436), GARCH on the default 30-candle window.
 CANDIDATES: tuple[tuple[str, dict[str, Any]], ...] = (
     ("lstm", {}),
     ("tft", {"stride": 4}),

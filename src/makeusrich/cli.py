@@ -37,7 +37,10 @@ from makeusrich.core.errors import ConfigError, IngestError, MakeUsRichError, St
 from makeusrich.core.intervals import parse_intervals
 from makeusrich.core.settings import Settings
 from makeusrich.inference.features import FEATURES
-from makeusrich.trainer import ARCHITECTURES  # importing the trainer does not import torch
+from makeusrich.trainer import (  # importing the trainer does not import torch
+    ARCHITECTURES,
+    BASELINE_ARCHITECTURES,
+)
 
 if TYPE_CHECKING:
     from makeusrich.backtest import BacktestResult
@@ -773,7 +776,8 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--data", nargs="+", required=True,
                        help="kline CSV/zip files, pipeline candle JSONL, dirs or globs")
     train.add_argument("--out", required=True, help="registry directory for the new version")
-    train.add_argument("--arch", default="lstm", choices=ARCHITECTURES)
+    train.add_argument("--arch", default="lstm",
+                       choices=ARCHITECTURES + BASELINE_ARCHITECTURES)
     train.add_argument("--symbols", type=_symbol_list, help="train on these symbols only")
     train.add_argument("--features", type=_name_list,
                        help="comma-separated model features (default: every supported one "

@@ -6,10 +6,16 @@ TrainingError when it is missing.
 
 from makeusrich.trainer.data import CandleSeries, load_series
 from makeusrich.trainer.schedule import RunSummary, parse_duration, run_schedule
-from makeusrich.trainer.train import ARCHITECTURES, EXPORT_TOLERANCE, train
+from makeusrich.trainer.train import (
+    ARCHITECTURES,
+    BASELINE_ARCHITECTURES,
+    EXPORT_TOLERANCE,
+    train,
+)
 
 __all__ = [
     "ARCHITECTURES",
+    "BASELINE_ARCHITECTURES",
     "EXPORT_TOLERANCE",
     "CandleSeries",
     "RunSummary",

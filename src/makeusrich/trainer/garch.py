@@ -56,7 +56,7 @@ class GarchModel(nn.Module):
         self.seed_weight = float(beta**window)
         self.constant = float(omega * decay.sum())
         # E sigma²[T+k] = phi^(k-1) sigma²[T+1] + omega sum_(j<k-1) phi^j; summed over
-        # k = 1..h: variance_sum sigma²[T+1] + omega_sum omega (no division: phi may be 1).
+        # k = 1..h: variance_sum x sigma²[T+1] + omega_sum (no division: phi may be 1).
         powers = persistence ** np.arange(max(horizons), dtype=np.float64)
         self.register_buffer("variance_sum", torch.tensor(
             [powers[:h].sum() for h in horizons], dtype=torch.float32))
