@@ -14,7 +14,7 @@ pipeline built from trades know their large trades (:data:`TRADE_ONLY_FEATURES`)
 """
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -112,6 +112,13 @@ def available_features(candles: Sequence[Candle] | FloatArray) -> tuple[str, ...
     return tuple(name for name in FEATURES if name not in lacking)
 
 
+def common_features(arrays: Iterable[FloatArray]) -> tuple[str, ...]:
+    """The features that every one of the candle arrays ``arrays`` has the data for (see
+    :func:`available_features`), in :data:`FEATURES` order."""
+    have = [available_features(array) for array in arrays]
+    return tuple(name for name in FEATURES if all(name in names for names in have))
+
+
 def _as_array(candles: Sequence[Candle] | FloatArray) -> FloatArray:
     data = candles if isinstance(candles, np.ndarray) else candles_to_array(candles)
     data = np.asarray(data, dtype=np.float64)
@@ -178,12 +185,17 @@ def compute_features(
     return np.column_stack([columns[name] for name in features]).reshape(len(rows), len(features))
 
 
+def relative_columns(features: Sequence[str]) -> list[int]:
+    """Positions in ``features`` of those made relative to their window
+    (:data:`RELATIVE_FEATURES`)."""
+    return [i for i, name in enumerate(features) if name in RELATIVE_FEATURES]
+
+
 def _relative(windows: FloatArray, features: Sequence[str]) -> FloatArray:
     relative = np.array(windows, dtype=np.float64, copy=True)
-    for i, name in enumerate(features):
-        if name in RELATIVE_FEATURES:
-            column = relative[..., i]
-            column -= column.mean(axis=-1, keepdims=True)
+    for i in relative_columns(features):
+        column = relative[..., i]
+        column -= column.mean(axis=-1, keepdims=True)
     return relative
 
 

@@ -31,12 +31,12 @@ from makeusrich.core.errors import ModelError
 from makeusrich.core.intervals import interval_ms
 from makeusrich.core.schemas import Candle
 from makeusrich.inference.features import (
-    RELATIVE_FEATURES,
     FloatArray,
-    available_features,
     candles_to_array,
+    common_features,
     compute_features,
     feature_problems,
+    relative_columns,
 )
 from makeusrich.inference.model import Manifest, read_manifest
 
@@ -128,10 +128,6 @@ def bin_indices(edges: FloatArray, rows: FloatArray) -> NDArray[np.int64]:
     return counts
 
 
-def _relative_columns(features: Sequence[str]) -> list[int]:
-    return [i for i, name in enumerate(features) if name in RELATIVE_FEATURES]
-
-
 def feature_row(
     history: Sequence[Candle], window: int, features: Sequence[str]
 ) -> FloatArray | None:
@@ -145,7 +141,7 @@ def feature_row(
     recent = list(itertools.islice(history, len(history) - window - 1, None))
     rows = compute_features(candles_to_array(recent), features)
     row: FloatArray = rows[-1].copy()
-    for i in _relative_columns(features):  # column by column: the floats of feature_rows
+    for i in relative_columns(features):  # column by column: the floats of feature_rows
         row[i] -= rows[:, i].mean()
     return row if np.isfinite(row).all() else None
 
@@ -162,7 +158,7 @@ def feature_rows(ohlcv: FloatArray, window: int, features: Sequence[str]) -> Flo
     rows = all_rows[window - 1 :].copy()
     # Mean over each candle's own window of feature rows (j - window + 1 .. j), taken per
     # window rather than from a running sum so the floats match feature_row's.
-    for i in _relative_columns(features):
+    for i in relative_columns(features):
         rows[:, i] -= sliding_window_view(all_rows[:, i], window).mean(axis=-1)
     return rows
 
@@ -181,8 +177,7 @@ def build_reference(
     if not used:
         raise ModelError(f"no series has the {window + 1} consecutive candles a row needs")
     if features is None:
-        have = [available_features(s.ohlcv) for s in used]
-        features = tuple(name for name in have[0] if all(name in h for h in have))
+        features = common_features(s.ohlcv for s in used)
     per_series = [feature_rows(s.ohlcv, window, features) for s in used]
     rows = np.concatenate(per_series)
     lacking = [name for i, name in enumerate(features) if not np.isfinite(rows[:, i]).all()]

@@ -38,6 +38,7 @@ from makeusrich.inference.features import (
     FloatArray,
     Normalisation,
     available_features,
+    common_features,
     compute_features,
     prepare_windows,
 )
@@ -353,8 +354,7 @@ def _features(
 ) -> tuple[str, ...]:
     """The features to train on, in the supported order: ``features``, or (None) every
     supported one that all of ``all_series`` have."""
-    have = [(f"{s.symbol} {s.interval}", available_features(s.ohlcv)) for s in all_series]
-    available = tuple(f for f in FEATURES if all(f in names for _, names in have))
+    available = common_features(s.ohlcv for s in all_series)
     if features is None:
         return available
     wanted = [features] if isinstance(features, str) else list(features)
@@ -363,6 +363,7 @@ def _features(
         raise TrainingError(f"unknown features {unknown}; supported: {list(FEATURES)}")
     if not wanted:
         raise TrainingError("features is empty; pass None for every available one")
+    have = [(f"{s.symbol} {s.interval}", available_features(s.ohlcv)) for s in all_series]
     for name in wanted:
         lacking = sorted({series for series, names in have if name not in names})
         if lacking:
