@@ -162,6 +162,14 @@ def sha256_of(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def horizon_problems(horizons: Sequence[int]) -> list[str]:
+    """What keeps ``horizons`` from being a model's (empty when nothing): they must be
+    ascending, unique and start at 1."""
+    if not horizons or horizons[0] != 1 or list(horizons) != sorted(set(horizons)):
+        return [f"horizons {list(horizons)} must be ascending, unique and start at 1"]
+    return []
+
+
 def read_manifest(version_dir: Path) -> Manifest:
     """Read and check a version directory's manifest; :class:`ModelError` if unusable."""
     path = version_dir / MANIFEST_FILE
@@ -182,10 +190,9 @@ def read_manifest(version_dir: Path) -> Manifest:
         problems.append("normalisation mean/std do not match the feature count")
     elif not all(s > 0 for s in stats.std):
         problems.append("normalisation std must be positive")
-    horizons = manifest.horizons
-    if not horizons or horizons[0] != 1 or list(horizons) != sorted(set(horizons)):
-        problems.append(f"horizons {list(horizons)} must be ascending, unique and start at 1")
-    if manifest.calibration and [c.horizon for c in manifest.calibration] != list(horizons):
+    problems.extend(horizon_problems(manifest.horizons))
+    if manifest.calibration and [c.horizon for c in manifest.calibration] != list(
+            manifest.horizons):
         problems.append("calibration must have one entry per horizon, in horizons order")
     if problems:
         raise ModelError(f"{path} is not usable: {'; '.join(problems)}")

@@ -54,6 +54,7 @@ from makeusrich.inference.model import (
     OnnxIO,
     Parity,
     TrainingData,
+    horizon_problems,
     naive_log_quantiles,
     sha256_of,
 )
@@ -436,8 +437,9 @@ def train(
     if not 0 <= calibration_fraction < 1 - validation_fraction:
         raise TrainingError("need 0 <= calibration < 1 - validation")
     horizons = tuple(horizons)
-    if not horizons or horizons[0] != 1 or list(horizons) != sorted(set(horizons)):
-        raise TrainingError(f"horizons {list(horizons)} must be ascending, unique, start at 1")
+    bad_horizons = horizon_problems(horizons)
+    if bad_horizons:
+        raise TrainingError("; ".join(bad_horizons))
     if layers is not None and layers < 1:
         raise TrainingError("need layers >= 1 (or None for the architecture's default)")
     started = time.perf_counter()
