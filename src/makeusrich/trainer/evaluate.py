@@ -646,7 +646,7 @@ def forecast_metrics(
         rmse=float(np.sqrt(np.mean(error**2))),
         skill=1.0 - mae / mae_base if mae_base > 0 else None,
         directional_accuracy=float(hits.mean()) if len(hits) else None,
-        coverage_80=float(np.mean((actual >= lower) & (actual <= upper))),
+        coverage_80=float(np.mean(_inside(band, actual))),
         interval_width_bp=float(np.mean((upper - lower) / last) * _BP),
         pinball_bp=loss,
         pinball_skill=(1.0 - loss / pinball_base_bp
@@ -667,6 +667,12 @@ def score_forecasters(
             for name, b in bands.items()}
 
 
+def _inside(band: FloatArray, actual: FloatArray) -> NDArray[np.bool_]:
+    """Which closes ``actual`` lie inside their band's 80% interval [lower, upper]."""
+    inside: NDArray[np.bool_] = (actual >= band[:, 0]) & (actual <= band[:, 2])
+    return inside
+
+
 def _weeks(target_time: NDArray[np.int64], bands: Mapping[str, FloatArray], last: FloatArray,
            actual: FloatArray) -> list[WeekScores]:
     # The epoch began on a Thursday: shifted by three days, weeks start on Mondays.
@@ -674,8 +680,7 @@ def _weeks(target_time: NDArray[np.int64], bands: Mapping[str, FloatArray], last
     weeks = []
     for start in np.unique(monday).tolist():
         rows = monday == start
-        inside = {name: (actual[rows] >= b[rows, 0]) & (actual[rows] <= b[rows, 2])
-                  for name, b in bands.items()}
+        inside = {name: _inside(b[rows], actual[rows]) for name, b in bands.items()}
         weeks.append(WeekScores(
             week=datetime.fromtimestamp(start / 1000, UTC).strftime("%Y-%m-%d"),
             forecasts=int(rows.sum()),

@@ -40,6 +40,7 @@ from makeusrich.inference.features import (
     available_features,
     common_features,
     compute_features,
+    log_returns,
     prepare_windows,
 )
 from makeusrich.inference.model import (
@@ -274,7 +275,7 @@ def _fit_garch(
     from makeusrich.trainer.model import pinball_loss
 
     close = OHLCV_COLUMNS.index("close")
-    returns = np.concatenate([np.diff(np.log(s.ohlcv[s.open_time < before, close]))
+    returns = np.concatenate([log_returns(s.ohlcv[s.open_time < before, close])
                               for s in all_series])
     model = fit_garch(returns, window, horizons, normalisation,
                       normalisation.features.index("log_return"))
