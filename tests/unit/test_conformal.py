@@ -125,6 +125,30 @@ def test_tracker_state_survives_a_snapshot() -> None:
     assert bands(resumed) == bands(whole)
 
 
+def test_a_snapshot_restored_over_later_state_replaces_it() -> None:
+    candles = make_candles(random_closes(300, seed=11, sigma=0.003))
+    whole = TradePipeline(["1m"], 0, NaiveForecaster(horizons=(1, 5)), conformal_step=0.05)
+    ahead = TradePipeline(["1m"], 0, NaiveForecaster(horizons=(1, 5)), conformal_step=0.05)
+    # Snapshot before any horizon-5 target closed: its multipliers are not in it yet.
+    for candle in candles[:3]:
+        whole.add_candle(candle)
+        ahead.add_candle(candle)
+    state = ahead.snapshot("BTCUSDT")
+    for candle in candles[3:50]:  # folded on, then the same partition is assigned again
+        ahead.add_candle(candle)
+    ahead.restore("BTCUSDT", state)
+    whole.drain()
+    ahead.drain()
+    for candle in candles[3:]:
+        whole.add_candle(candle)
+        ahead.add_candle(candle)
+
+    def bands(pipeline: TradePipeline) -> list[tuple[float, ...]]:
+        return [(p.lower, p.upper) for p in pipeline.drain().predictions]
+
+    assert bands(ahead) == bands(whole)
+
+
 def test_a_forecast_is_scored_only_against_its_own_target_candle() -> None:
     tracker = AdaptiveConformal(0.5)
     band = [-0.01, 0.0, 0.01]

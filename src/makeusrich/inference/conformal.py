@@ -211,6 +211,10 @@ class AdaptiveConformal:
         }
 
     def restore(self, symbol: str, state: Mapping[str, Any]) -> None:
+        """Resume ``symbol`` from :meth:`snapshot`, replacing what it holds now: a worker
+        restores over a symbol it kept folding (the same partition assigned again), and
+        multipliers that moved since the snapshot would step twice on the replay."""
+        self.forget(symbol)
         for interval, version, horizon, lower, upper in state.get("theta", []):
             self._theta[(symbol, interval, version, horizon)] = (float(lower), float(upper))
         for interval, bands in state.get("pending", {}).items():
